@@ -1,0 +1,159 @@
+"""Architecture of a Llama-family decoder, and the named presets.
+
+One flat dataclass describes Llama 2/3/3.1/3.2, Mistral and Qwen2-style models.
+Each field carries a one-line docstring (read by `cptron <cmd> --help`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from cptron.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    """Llama-family decoder architecture."""
+
+    preset: Optional[str] = None
+    """Start from this named preset (tiny, llama2-7b, llama3-8b, llama3.1-8b, llama3.2-1b, mistral-7b, qwen2.5-0.5b); other fields override it."""
+    family: Literal["llama", "mistral", "qwen2"] = "llama"
+    """Hugging Face architecture the model exports as (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)."""
+    dim: int = 64
+    """Hidden size (d_model)."""
+    n_layers: int = 2
+    """Number of transformer blocks."""
+    n_heads: int = 4
+    """Number of query heads."""
+    n_kv_heads: Optional[int] = None
+    """Number of key/value heads (grouped-query attention); None means n_heads."""
+    head_dim: Optional[int] = None
+    """Per-head size; None means dim // n_heads."""
+    ffn_hidden_dim: int = 176
+    """Inner size of the SwiGLU MLP (HF intermediate_size)."""
+    vocab_size: int = 2048
+    """Number of real tokens in the vocabulary."""
+    pad_vocab_to_multiple_of: int = 1
+    """Pad the embedding and output rows to a multiple of this (for tensor parallelism and kernels); padded logits are masked."""
+    norm_eps: float = 1e-5
+    """Epsilon of every RMSNorm."""
+    rope_theta: float = 10000.0
+    """RoPE base wavelength."""
+    rope_type: Literal["default", "linear", "llama3"] = "default"
+    """RoPE frequency scaling: default (none), linear (position interpolation) or llama3 (Llama 3.1 wavelength-dependent)."""
+    rope_factor: float = 1.0
+    """Scaling factor of the linear and llama3 rope types."""
+    rope_low_freq_factor: float = 1.0
+    """llama3 rope: wavelengths above original_max_position_embeddings / low_freq_factor are divided by rope_factor."""
+    rope_high_freq_factor: float = 4.0
+    """llama3 rope: wavelengths below original_max_position_embeddings / high_freq_factor are kept."""
+    rope_original_max_position_embeddings: int = 8192
+    """llama3 rope: context length of the model before scaling."""
+    max_seq_len: int = 2048
+    """Longest sequence the model is meant for (HF max_position_embeddings)."""
+    tie_embeddings: bool = False
+    """Share the input embedding matrix with the output projection."""
+    qkv_bias: bool = False
+    """Add a bias to the q/k/v projections (Qwen2)."""
+    sliding_window: Optional[int] = None
+    """Each token attends to at most this many most recent tokens (itself included); None means full causal attention."""
+    init_std: float = 0.02
+    """Standard deviation of the normal initialization; output projections are scaled by 1/sqrt(2 * n_layers)."""
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.dim // self.n_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_to_multiple_of
+        return int(math.ceil(self.vocab_size / m) * m)
+
+    def num_params(self, include_embedding: bool = True) -> int:
+        """Parameter count (the padded vocabulary counts; tied weights count once)."""
+        d, hd = self.dim, self.head_size
+        q, kv = self.n_heads * hd, self.kv_heads * hd
+        attn = d * q + 2 * d * kv + q * d + (q + 2 * kv if self.qkv_bias else 0)
+        mlp = 3 * d * self.ffn_hidden_dim
+        total = self.n_layers * (attn + mlp + 2 * d) + d
+        emb = self.padded_vocab_size * d
+        if include_embedding:
+            total += emb
+        total += 0 if self.tie_embeddings else emb
+        return total
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first field whose value is impossible."""
+        def need(ok: bool, field: str, value, expected: str) -> None:
+            if not ok:
+                raise ConfigError(f"model.{field}={value!r} is invalid: expected {expected}")
+
+        for name in ("dim", "n_layers", "n_heads", "ffn_hidden_dim", "vocab_size",
+                     "pad_vocab_to_multiple_of", "max_seq_len", "rope_original_max_position_embeddings"):
+            need(getattr(self, name) >= 1, name, getattr(self, name), "an integer >= 1")
+        need(self.n_kv_heads is None or self.n_kv_heads >= 1, "n_kv_heads", self.n_kv_heads, "None or >= 1")
+        need(self.n_heads % self.kv_heads == 0, "n_kv_heads", self.n_kv_heads,
+             f"a divisor of model.n_heads={self.n_heads}")
+        need(self.head_dim is None or (self.head_dim >= 2 and self.head_dim % 2 == 0), "head_dim",
+             self.head_dim, "None or an even integer >= 2")
+        need(self.head_dim is not None or self.dim % self.n_heads == 0, "dim", self.dim,
+             f"a multiple of model.n_heads={self.n_heads} (or set model.head_dim)")
+        need(self.head_size % 2 == 0, "head_dim", self.head_size, "an even per-head size (RoPE rotates pairs)")
+        need(self.norm_eps > 0, "norm_eps", self.norm_eps, "a float > 0")
+        need(self.rope_theta > 0, "rope_theta", self.rope_theta, "a float > 0")
+        need(self.rope_factor > 0, "rope_factor", self.rope_factor, "a float > 0")
+        if self.rope_type == "llama3":
+            need(self.rope_high_freq_factor > self.rope_low_freq_factor > 0, "rope_high_freq_factor",
+                 self.rope_high_freq_factor, f"a float > model.rope_low_freq_factor={self.rope_low_freq_factor} > 0")
+        need(self.sliding_window is None or self.sliding_window >= 1, "sliding_window",
+             self.sliding_window, "None or an integer >= 1")
+        need(self.init_std > 0, "init_std", self.init_std, "a float > 0")
+
+
+def _llama3_rope(factor: float) -> dict:
+    return dict(rope_type="llama3", rope_factor=factor, rope_low_freq_factor=1.0,
+                rope_high_freq_factor=4.0, rope_original_max_position_embeddings=8192)
+
+
+# Published architectures. Values follow each model's released config.json.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(family="llama", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden_dim=176,
+                 vocab_size=2048, max_seq_len=256, rope_theta=10000.0),
+    "llama2-7b": dict(family="llama", dim=4096, n_layers=32, n_heads=32, n_kv_heads=32,
+                      ffn_hidden_dim=11008, vocab_size=32000, norm_eps=1e-5, rope_theta=10000.0,
+                      max_seq_len=4096),
+    "llama3-8b": dict(family="llama", dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                      ffn_hidden_dim=14336, vocab_size=128256, norm_eps=1e-5, rope_theta=500000.0,
+                      max_seq_len=8192),
+    "llama3.1-8b": dict(family="llama", dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                        ffn_hidden_dim=14336, vocab_size=128256, norm_eps=1e-5, rope_theta=500000.0,
+                        max_seq_len=131072, **_llama3_rope(8.0)),
+    "llama3.2-1b": dict(family="llama", dim=2048, n_layers=16, n_heads=32, n_kv_heads=8,
+                        ffn_hidden_dim=8192, vocab_size=128256, norm_eps=1e-5, rope_theta=500000.0,
+                        max_seq_len=131072, tie_embeddings=True, **_llama3_rope(32.0)),
+    "mistral-7b": dict(family="mistral", dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                       ffn_hidden_dim=14336, vocab_size=32000, norm_eps=1e-5, rope_theta=10000.0,
+                       max_seq_len=32768, sliding_window=4096),
+    "qwen2.5-0.5b": dict(family="qwen2", dim=896, n_layers=24, n_heads=14, n_kv_heads=2,
+                         ffn_hidden_dim=4864, vocab_size=151936, norm_eps=1e-6, rope_theta=1000000.0,
+                         max_seq_len=32768, tie_embeddings=True, qkv_bias=True),
+}
+
+
+def model_config_from_preset(name: str, **overrides) -> ModelConfig:
+    """The preset `name` with `overrides` applied, validated."""
+    if name not in PRESETS:
+        raise ConfigError(f"model.preset={name!r} is unknown: expected one of {sorted(PRESETS)}")
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    for key in overrides:
+        if key not in fields:
+            raise ConfigError(f"model.{key} is not a field of ModelConfig: expected one of {sorted(fields)}")
+    cfg = ModelConfig(**{**PRESETS[name], "preset": name, **overrides})
+    cfg.validate()
+    return cfg

@@ -1,0 +1,35 @@
+"""cptron: continual pretraining of Llama-family models.
+
+Install torch first (`pip install torch==2.13.0` on CPU machines), then
+`pip install -e .[dev]`. The torch requirement is a floor, never a newer pin,
+so an installed CPU build is kept.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="cptron",
+    version="0.1.0",
+    description="Continual pretraining of Llama-family models with vocabulary extension, "
+    "replay and 3D parallelism on PyTorch distributed",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["cptron", "cptron.*"]),
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.6",
+        "transformers>=4.45",
+        "safetensors>=0.4",
+        "sentencepiece",
+        "tokenizers",
+        "numpy",
+        "pyyaml",
+        "tqdm",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "psutil", "hypothesis"],
+        "wandb": ["wandb"],
+        "deepspeed": ["deepspeed"],
+    },
+    entry_points={"console_scripts": ["cptron=cptron.cli:main"]},
+)
