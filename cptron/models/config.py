@@ -62,6 +62,11 @@ class ModelConfig:
     init_std: float = 0.02
     """Standard deviation of the normal initialization; output projections are scaled by 1/sqrt(2 * n_layers)."""
 
+    @classmethod
+    def from_preset(cls, name: str) -> "ModelConfig":
+        """The named preset from PRESETS, validated (used by cptron.config for `--model.preset`)."""
+        return model_config_from_preset(name)
+
     @property
     def kv_heads(self) -> int:
         return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads

@@ -1,0 +1,452 @@
+"""Typed dataclass configs: defaults < YAML file < dotted command-line overrides.
+
+Each component owns a small dataclass whose fields carry a one-line attribute
+docstring (a string literal on the line after the field). A job config nests
+them: a field whose type is a dataclass is a *section*, set in YAML as a nested
+mapping and on the command line as `--section.field value`. A section with a
+`preset` field and a `from_preset(name)` classmethod starts from that preset
+whenever the preset is given; its other explicitly given fields override it.
+Every value is checked at start-up, and errors name the dotted field.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import functools
+import inspect
+import pathlib
+import textwrap
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any, Literal, Union
+
+import yaml
+
+from cptron.errors import ConfigError
+
+_TRUE = ("true", "1", "yes", "y", "on")
+_FALSE = ("false", "0", "no", "n", "off")
+_NONE = ("none", "null")
+_BARE = object()  # an option given without a value: `--flag` means true
+
+
+class _Bad(Exception):
+    """A value does not fit a type; the caller turns it into a ConfigError."""
+
+
+# ---------------------------------------------------------------- introspection
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings of the dataclass `cls`'s fields, base classes included."""
+    return dict(_field_docs(cls))
+
+
+@functools.lru_cache(maxsize=None)
+def _field_docs(cls: type) -> dict[str, str]:
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):  # subclasses override their bases' docs
+        if klass is object:
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):  # built in a REPL or by exec: no source
+            continue
+        node = next((n for n in tree.body if isinstance(n, ast.ClassDef)), None)
+        body = node.body if node is not None else []
+        for stmt, nxt in zip(body, body[1:]):
+            if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+                    and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                    and isinstance(nxt.value.value, str)):
+                docs[stmt.target.id] = inspect.cleandoc(nxt.value.value)
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in docs.items() if k in names}
+
+
+@functools.lru_cache(maxsize=None)
+def _hints(cls: type) -> dict[str, Any]:
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # an unresolvable forward reference: fall back to what is there
+        hints = {}
+    return {f.name: hints.get(f.name, f.type) for f in dataclasses.fields(cls)}
+
+
+def _init_fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls) if f.init}
+
+
+def _is_section(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def _dotted_fields(cls: type, prefix: str = "") -> list[str]:
+    """Every settable leaf field of `cls` as a dotted name."""
+    out = []
+    for name in _init_fields(cls):
+        tp = _hints(cls)[name]
+        out += _dotted_fields(tp, f"{prefix}{name}.") if _is_section(tp) else [prefix + name]
+    return out
+
+
+def _suggest(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(close)}?" if close else ""
+
+
+# ---------------------------------------------------------------- value conversion
+
+def _is_union(tp: Any) -> bool:
+    return typing.get_origin(tp) in (Union, types.UnionType)
+
+
+def _expected(tp: Any) -> str:
+    """What a value of type `tp` must look like, for error messages."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if _is_union(tp):
+        parts = [_expected(a) for a in args if a is not type(None)]
+        return " or ".join(parts + (["none"] if type(None) in args else []))
+    if origin is Literal:
+        return f"one of {list(args)}"
+    if origin in (list, tuple, set, frozenset) or tp in (list, tuple):
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return f"{len(args)} comma-separated values ({', '.join(_expected(a) for a in args)})"
+        item = _expected(args[0]) if args else "anything"
+        return f"a list (comma-separated on the command line) whose items are each {item}"
+    if origin is dict or tp is dict:
+        return "a mapping (k=v,k2=v2 on the command line)"
+    if _is_section(tp):
+        return f"a mapping of {tp.__name__} fields"
+    return {bool: "a boolean (true/false/yes/no/1/0)", int: "an integer", float: "a float",
+            str: "a string", pathlib.Path: "a path"}.get(tp, f"a {getattr(tp, '__name__', tp)}")
+
+
+def _convert(tp: Any, raw: Any, name: str, source: str | None = None) -> Any:
+    """`raw` (a CLI string or a YAML value) as type `tp`, or ConfigError naming `name`."""
+    if raw is _BARE:
+        if tp is bool or (_is_union(tp) and bool in typing.get_args(tp)):
+            return True
+        raise ConfigError(f"--{name}: missing value: expected {_expected(tp)}")
+    try:
+        return _coerce(tp, raw, name)
+    except _Bad:
+        where = f" (in {source})" if source else ""
+        raise ConfigError(f"{name}={raw!r} is invalid: expected {_expected(tp)}{where}") from None
+
+
+def _coerce(tp: Any, raw: Any, name: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any or tp is object:
+        return raw
+    if _is_union(tp):
+        if type(None) in args and (raw is None or (isinstance(raw, str) and raw.strip().lower() in _NONE)):
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, raw, name)
+            except _Bad:
+                pass
+        raise _Bad
+    if origin is Literal:
+        match = [c for c in args if (raw == c and type(raw) is type(c)) or (type(raw) is str and raw == str(c))]
+        return match[0] if match else _fail()
+    if tp in (bool, int, float):
+        return _coerce_number(tp, raw)
+    if tp is str:  # no numbers or booleans: YAML reads `1.10` as 1.1 and `no` as False; quote them
+        return raw if isinstance(raw, str) else _fail()
+    if tp is pathlib.Path:
+        return pathlib.Path(raw) if isinstance(raw, (str, pathlib.PurePath)) else _fail()
+    if origin in (list, tuple, set, frozenset) or tp in (list, tuple):
+        if isinstance(raw, str):
+            items = [x.strip() for x in raw.split(",")] if raw.strip() else []
+        else:
+            items = list(raw) if isinstance(raw, (list, tuple)) else _fail()
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(items) != len(args):
+                raise _Bad
+            return tuple(_coerce(a, x, f"{name}[{i}]") for i, (a, x) in enumerate(zip(args, items)))
+        item_tp = args[0] if args else Any
+        out = [_coerce(item_tp, x, f"{name}[{i}]") for i, x in enumerate(items)]
+        return (origin or tp)(out)
+    if origin is dict or tp is dict:
+        key_tp, val_tp = args or (Any, Any)
+        if isinstance(raw, str):
+            pairs = [p.split("=", 1) for p in raw.split(",") if p.strip()]
+            if any(len(p) != 2 for p in pairs):
+                raise _Bad
+            raw = {k.strip(): v.strip() for k, v in pairs}
+        if not isinstance(raw, Mapping):
+            raise _Bad
+        return {_coerce(key_tp, k, name): _coerce(val_tp, v, f"{name}.{k}") for k, v in raw.items()}
+    if _is_section(tp):  # e.g. items of a list of dataclasses, given in YAML
+        if isinstance(raw, tp):
+            return raw
+        return _build(tp, name + ".", None, raw, {}, None) if isinstance(raw, Mapping) else _fail()
+    if isinstance(tp, type):
+        return raw if isinstance(raw, tp) else _fail()
+    return raw
+
+
+def _coerce_number(tp: type, raw: Any) -> Any:
+    text = raw.strip().lower() if isinstance(raw, str) else None
+    if tp is bool:
+        if isinstance(raw, bool) or (type(raw) is int and raw in (0, 1)):
+            return bool(raw)
+        return text in _TRUE if text in _TRUE + _FALSE else _fail()
+    if isinstance(raw, bool):
+        raise _Bad
+    if isinstance(raw, int) or (tp is float and isinstance(raw, float)):
+        return tp(raw)
+    try:
+        return tp(text) if text is not None else _fail()  # int("3.5") fails, as intended
+    except ValueError:
+        raise _Bad from None
+
+
+def _fail() -> Any:
+    raise _Bad
+
+
+# ---------------------------------------------------------------- building
+
+def _build(cls: type, prefix: str, base: Any, yaml_map: Any, cli_map: dict, source: str | None) -> Any:
+    """An instance of `cls` from `base` (or the class defaults), then YAML, then CLI values."""
+    where = f" (in {source})" if source else ""
+    yaml_map = {} if yaml_map is None else yaml_map
+    if not isinstance(yaml_map, Mapping):
+        section = prefix[:-1] or "the top level"
+        raise ConfigError(f"{section} must be a mapping of {cls.__name__} fields, got {yaml_map!r}{where}")
+    fields, hints = _init_fields(cls), _hints(cls)
+    for key in yaml_map:
+        if key not in fields:
+            hint = _suggest(f"{prefix}{key}", [prefix + n for n in fields])
+            raise ConfigError(f"{prefix}{key} is not a field of {cls.__name__}{hint} "
+                              f"(expected one of {sorted(fields)}){where}")
+    from_preset = getattr(cls, "from_preset", None)
+    if "preset" in fields and callable(from_preset):
+        raw = cli_map.get("preset", yaml_map.get("preset", dataclasses.MISSING))
+        if raw is not dataclasses.MISSING:
+            preset = _convert(hints["preset"], raw, prefix + "preset", None if "preset" in cli_map else source)
+            if preset is not None:
+                try:
+                    base = from_preset(preset)
+                except ConfigError as e:
+                    if f"{prefix}preset" in str(e):
+                        raise
+                    raise ConfigError(f"{prefix}preset={preset!r} is invalid: {e}") from e
+    values = {}
+    for name, f in fields.items():
+        tp, dotted = hints[name], prefix + name
+        if _is_section(tp):
+            sub_base = getattr(base, name) if base is not None else _field_default(f)
+            sub_base = None if sub_base is dataclasses.MISSING else sub_base
+            values[name] = _build(tp, dotted + ".", sub_base, yaml_map.get(name), cli_map.get(name, {}), source)
+        elif name in cli_map:
+            values[name] = _convert(tp, cli_map[name], dotted)
+        elif name in yaml_map:
+            values[name] = _convert(tp, yaml_map[name], dotted, source)
+        elif base is not None:
+            values[name] = getattr(base, name)
+        else:
+            default = _field_default(f)
+            if default is dataclasses.MISSING:
+                raise ConfigError(f"{dotted} is required: expected {_expected(tp)} (as --{dotted} or in YAML)")
+            values[name] = default
+    return cls(**values)
+
+
+def validate_config(obj: Any) -> None:
+    """Call `validate()` on every dataclass in `obj`, sections before their parent."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        for item in (value if isinstance(value, (list, tuple)) else [value]):
+            if dataclasses.is_dataclass(item) and not isinstance(item, type):
+                validate_config(item)
+    if callable(getattr(obj, "validate", None)):
+        obj.validate()
+
+
+def _parse_argv(cls: type, argv: list[str], allow_positional_yaml: bool) -> tuple[str | None, dict]:
+    """(positional YAML path or None, nested dict of CLI overrides) from `argv`."""
+    yaml_path, tree, i = None, {}, 0
+    known = _dotted_fields(cls)
+    while i < len(argv):
+        token = argv[i]
+        i += 1
+        if not token.startswith("--") or token == "--":
+            if allow_positional_yaml and yaml_path is None and not tree:
+                yaml_path = token
+                continue
+            raise ConfigError(f"unexpected positional argument {token!r}: expected --section.field value"
+                              + (" (a YAML path may only come first)" if allow_positional_yaml else ""))
+        key, eq, raw = token[2:].partition("=")
+        if not eq:
+            if i < len(argv) and not argv[i].startswith("--"):
+                raw, i = argv[i], i + 1
+            else:
+                raw = _BARE
+        key = key.replace("-", "_")
+        node, klass, parts = tree, cls, key.split(".")
+        for depth, part in enumerate(parts):
+            fields = _init_fields(klass)
+            tp = _hints(klass)[part] if part in fields else None
+            last = depth == len(parts) - 1
+            if tp is None or (not last and not _is_section(tp)):
+                raise ConfigError(f"--{key}: unknown field {key!r}{_suggest(key, known)} (see --help)")
+            if last and _is_section(tp):
+                raise ConfigError(f"--{key}: {key!r} is a section: set its fields as --{key}.<field>")
+            if last:
+                node[part] = raw
+            else:
+                node, klass = node.setdefault(part, {}), tp
+    return yaml_path, tree
+
+
+def load_yaml(path: str) -> dict:
+    """The mapping in the YAML file `path` (an empty file is an empty mapping)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config file {path} must hold a mapping of fields, got {type(data).__name__}")
+    return dict(data)
+
+
+def parse_config(cls: type, argv: list[str], yaml_path: str | None = None, prog: str = "cptron", *,
+                 allow_positional_yaml: bool = False, description: str | None = None) -> Any:
+    """A validated `cls` from its defaults, then `yaml_path`, then the overrides in `argv`.
+
+    With `allow_positional_yaml`, a positional argument (only one, and before any option)
+    is the YAML path. `-h`/`--help` prints `format_help` and exits with status 0.
+    """
+    argv = list(argv)
+    if "-h" in argv or "--help" in argv:
+        print(format_help(cls, prog, description, positional_yaml=allow_positional_yaml))
+        raise SystemExit(0)
+    positional, cli = _parse_argv(cls, argv, allow_positional_yaml)
+    if positional is not None and yaml_path is not None:
+        raise ConfigError(f"two config files given: {yaml_path!r} and positional {positional!r}; expected one")
+    path = yaml_path if yaml_path is not None else positional
+    data = load_yaml(path) if path is not None else {}
+    obj = _build(cls, "", None, data, cli, path)
+    validate_config(obj)
+    return obj
+
+
+# ---------------------------------------------------------------- dicts and YAML
+
+def config_to_dict(obj: Any) -> Any:
+    """`obj` as plain YAML/JSON data: dataclasses become dicts, tuples lists, paths strings."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: config_to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
+    if isinstance(obj, pathlib.PurePath):
+        return str(obj)
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [config_to_dict(x) for x in obj]
+    if isinstance(obj, Mapping):
+        return {k: config_to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def config_from_dict(cls: type, data: Mapping, validate: bool = True) -> Any:
+    """A `cls` from a (possibly partial) nested dict such as `config_to_dict` returns."""
+    obj = _build(cls, "", None, data, {}, None)
+    if validate:
+        validate_config(obj)
+    return obj
+
+
+def dump_yaml(obj: Any, path: str | None = None) -> str:
+    """`obj` as YAML, in field order; also written to `path` when given."""
+    text = yaml.safe_dump(config_to_dict(obj), sort_keys=False, default_flow_style=False)
+    if path is not None:
+        pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+        pathlib.Path(path).write_text(text, encoding="utf-8")
+    return text
+
+
+# ---------------------------------------------------------------- help
+
+def _type_label(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if _is_union(tp):
+        parts = [_type_label(a) for a in args if a is not type(None)]
+        return "|".join(parts + (["none"] if type(None) in args else []))
+    if origin is Literal:
+        return "{" + ",".join(str(a) for a in args) + "}"
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        return ",".join(_type_label(a) for a in args)
+    if origin in (list, tuple, set, frozenset):
+        return f"{_type_label(args[0]) if args else 'VALUE'},..."
+    if origin is dict:
+        return "KEY=VALUE,..."
+    return {bool: "BOOL", int: "INT", float: "FLOAT", str: "STR", pathlib.Path: "PATH"}.get(
+        tp, getattr(tp, "__name__", str(tp)).upper())
+
+
+def _format_value(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return ",".join(_format_value(v) for v in value) if value else "empty"
+    return str(value)
+
+
+def _class_summary(cls: type) -> str:
+    doc = inspect.getdoc(cls) or ""
+    # dataclasses invent "Name(field: type, ...)" when a class has no docstring
+    return "" if doc.startswith(cls.__name__ + "(") else doc.splitlines()[0] if doc else ""
+
+
+def _help_section(cls: type, prefix: str, defaults: Any, out: list[str]) -> None:
+    leaves, sections = [], []
+    docs, hints = _field_docs(cls), _hints(cls)
+    for name, f in _init_fields(cls).items():
+        default = getattr(defaults, name) if defaults is not None else _field_default(f)
+        (sections if _is_section(hints[name]) else leaves).append((name, default))
+    if leaves:
+        title = prefix[:-1] if prefix else "options"
+        summary = _class_summary(cls)
+        out.append(f"\n{title}:" + (f" {summary}" if summary else ""))
+    for name, default in leaves:
+        shown = "required" if default is dataclasses.MISSING else f"default: {_format_value(default)}"
+        out.append(f"  --{prefix}{name} {_type_label(hints[name])}  ({shown})")
+        out.append(textwrap.fill(docs.get(name, "(undocumented)"), width=88,
+                                 initial_indent=" " * 6, subsequent_indent=" " * 6))
+    for name, default in sections:
+        _help_section(hints[name], f"{prefix}{name}.", None if default is dataclasses.MISSING else default, out)
+
+
+def format_help(cls: type, prog: str = "cptron", description: str | None = None, *,
+                positional_yaml: bool = False) -> str:
+    """Every field of `cls` (dotted), with its type, default and docstring, grouped by section."""
+    usage = f"usage: {prog}" + (" [CONFIG.yaml]" if positional_yaml else "") + " [--section.field VALUE ...]"
+    out = [usage]
+    if description:
+        out.append("\n" + description.strip())
+    out.append("\nValues apply in order: defaults, then the YAML file, then the command line. "
+               "Booleans take true/false/yes/no/1/0 (a bare --flag is true), optional fields take "
+               "none, lists are comma-separated. A section's preset applies before its other fields.")
+    _help_section(cls, "", None, out)
+    return "\n".join(out) + "\n"
+
+
+__all__ = ["field_docs", "parse_config", "format_help", "config_to_dict", "config_from_dict",
+           "dump_yaml", "load_yaml", "validate_config"]
