@@ -1,0 +1,225 @@
+"""The cptron checkpoint format, shared by `cptron convert` and the trainer.
+
+A checkpoint is one directory:
+
+    <ckpt>/
+      .metadata, __*_*.distcp    PyTorch DCP (torch.distributed.checkpoint) files
+      cptron.json                format version, model config, step, HF config to export with
+      tokenizer/                 tokenizer files carried along for export (optional)
+      COMPLETE                   written last; a directory without it is never read
+
+DCP keys are namespaced: model weights live under `model.<parameter name>` (the
+names of `cptron.models.llama.Transformer`); the trainer adds `optimizer.*`,
+`scheduler`, `dataloader`, `rng` and so on beside them. DCP stores each tensor with
+its global shape, so a checkpoint written under one parallel layout loads under any
+other. Tied output weights are stored once, under `model.tok_embeddings.weight`.
+
+Writes are atomic: everything goes into `.<name>.incomplete` next to the target,
+the COMPLETE marker is written and synced, then the directory is renamed into place.
+A crash at any point leaves either the previous state or a complete checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+from cptron.errors import CheckpointError
+
+FORMAT_VERSION = 1
+META_FILE = "cptron.json"
+COMPLETE_MARKER = "COMPLETE"
+TOKENIZER_DIR = "tokenizer"
+MODEL_PREFIX = "model."
+STEP_DIR_RE = re.compile(r"^step-(\d+)$")
+
+
+def step_dir_name(step: int) -> str:
+    """Directory name of the trainer's checkpoint at `step` (sortable)."""
+    return f"step-{step:08d}"
+
+
+def is_complete(path: str | os.PathLike) -> bool:
+    path = Path(path)
+    return (path / COMPLETE_MARKER).is_file() and (path / META_FILE).is_file()
+
+
+def latest_complete_checkpoint(root: str | os.PathLike) -> Optional[Path]:
+    """The complete `step-N` directory under `root` with the largest N, or None."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    best: tuple[int, Path] | None = None
+    for child in root.iterdir():
+        m = STEP_DIR_RE.match(child.name)
+        if m and child.is_dir() and is_complete(child):
+            step = int(m.group(1))
+            if best is None or step > best[0]:
+                best = (step, child)
+    return best[1] if best else None
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+    """The `cptron.json` of a complete checkpoint; CheckpointError names what is wrong."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if not (path / COMPLETE_MARKER).is_file():
+        raise CheckpointError(f"checkpoint {path} is incomplete (no {COMPLETE_MARKER} marker): "
+                              "it was interrupted while being written")
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint {path}: cannot read {META_FILE}: {e}") from e
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path}: format_version {version!r} is not supported "
+                              f"(this cptron reads version {FORMAT_VERSION})")
+    return meta
+
+
+def tensor_metadata(path: str | os.PathLike) -> dict[str, tuple[torch.Size, torch.dtype]]:
+    """Global shape and dtype of every tensor stored in the DCP checkpoint at `path`."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    md = FileSystemReader(str(path)).read_metadata()
+    return {k: (v.size, v.properties.dtype) for k, v in md.state_dict_metadata.items()
+            if isinstance(v, TensorStorageMetadata)}
+
+
+class _LazySavePlanner(DefaultSavePlanner):
+    """Fetches each tensor only when DCP writes it, so a state dict of meta tensors
+    (shapes and dtypes only) can be saved while holding one tensor at a time."""
+
+    def __init__(self, fetch: Callable[[str], torch.Tensor]):
+        super().__init__()
+        self._fetch = fetch
+
+    def resolve_data(self, write_item):
+        fqn = write_item.index.fqn
+        if write_item.type.name == "BYTE_IO":
+            return super().resolve_data(write_item)
+        return self._fetch(fqn)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_checkpoint(path: str | os.PathLike, state_dict: dict[str, Any], meta: dict,
+                     fetch: Optional[Callable[[str], torch.Tensor]] = None,
+                     tokenizer_files: Optional[list[Path]] = None,
+                     overwrite: bool = False) -> Path:
+    """Atomically write `state_dict` (DCP) plus `meta` to the checkpoint directory `path`.
+
+    Collective when a process group is initialized: every rank passes its local
+    shards; rank 0 prepares the directory, writes the metadata and renames.
+    `fetch(flat_key)`, when given, supplies each tensor at write time and the
+    state dict only needs meta tensors (streaming conversion).
+    `tokenizer_files` are copied into `<path>/tokenizer/`.
+    """
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.incomplete"
+    rank = _rank()
+    if rank == 0:
+        if path.exists() and not overwrite:
+            raise CheckpointError(f"{path} already exists; pass overwrite to replace it")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left by a run killed mid-write; never read
+        tmp.mkdir()
+    _barrier()
+    planner = _LazySavePlanner(fetch) if fetch is not None else DefaultSavePlanner()
+    # One file per tensor when streaming: DCP keeps every tensor of a file alive
+    # until the file is closed, which would defeat streaming.
+    writer = FileSystemWriter(str(tmp), single_file_per_rank=fetch is None, sync_files=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process.*")
+        dcp.save(state_dict, storage_writer=writer, planner=planner)
+    if rank == 0:
+        if tokenizer_files:
+            (tmp / TOKENIZER_DIR).mkdir()
+            for f in tokenizer_files:
+                shutil.copy2(f, tmp / TOKENIZER_DIR / Path(f).name)
+        full_meta = {"format_version": FORMAT_VERSION, **meta}
+        (tmp / META_FILE).write_text(json.dumps(full_meta, indent=2, sort_keys=True))
+        with open(tmp / COMPLETE_MARKER, "w") as f:
+            f.write("complete\n")
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if path.exists():
+            old = path.parent / f".{path.name}.old"
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    _barrier()
+    return path
+
+
+def load_state(path: str | os.PathLike, state_dict: dict[str, Any]) -> None:
+    """Load the entries of `state_dict` (a subset of the checkpoint is fine) in place.
+
+    Tensors (plain or DTensor) receive their local shards, whatever layout wrote them.
+    """
+    path = Path(path)
+    read_meta(path)  # refuses incomplete or foreign directories first
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
+        try:
+            dcp.load(state_dict, storage_reader=FileSystemReader(str(path)))
+        except Exception as e:  # DCP wraps per-rank failures; name the checkpoint
+            raise CheckpointError(f"loading checkpoint {path} failed: {e}") from e
+
+
+def model_checkpoint_keys(model: torch.nn.Module) -> list[str]:
+    """Parameter names as stored: each parameter once (tied weights under their first name)."""
+    return [name for name, _ in model.named_parameters()]
+
+
+def load_model(path: str | os.PathLike, device="cpu", dtype: Optional[torch.dtype] = None):
+    """A whole (unsharded) model from the checkpoint at `path`, e.g. for evaluation or export checks.
+
+    `dtype` None keeps the stored dtype of each tensor.
+    """
+    from cptron.models.config import ModelConfig
+    from cptron.models.llama import build_model
+
+    meta = read_meta(path)
+    cfg = ModelConfig(**meta["model"])
+    stored = tensor_metadata(path)
+    first = stored.get(MODEL_PREFIX + "tok_embeddings.weight")
+    if first is None:
+        raise CheckpointError(f"checkpoint {path} holds no model weights ({MODEL_PREFIX}tok_embeddings.weight)")
+    model = build_model(cfg, seed=None, device=device, dtype=dtype or first[1])
+    params = dict(model.named_parameters())
+    load_state(path, {"model": params})
+    return model

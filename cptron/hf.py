@@ -1,0 +1,447 @@
+"""Hugging Face <-> cptron conversion, streaming one tensor at a time.
+
+HF → cptron reads safetensors shards lazily (memory-mapped headers, one tensor
+loaded at a time) and writes a cptron DCP checkpoint (see `cptron.checkpoint`).
+cptron → HF reads the DCP checkpoint one output shard at a time and writes
+safetensors shards, an index, `config.json`, `generation_config.json` and the
+tokenizer files, so `transformers.AutoModelForCausalLM.from_pretrained(out)` loads it.
+
+Supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM with SiLU
+SwiGLU, rope types default/linear/llama3, GQA, tied embeddings, q/k/v bias (Qwen2).
+The q/k projections keep HF's half-split rotary layout (see models/llama.py), so no
+row permutation happens and tensors round-trip bit-identically.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from cptron import checkpoint as ckpt
+from cptron.errors import ConversionError
+from cptron.models.config import ModelConfig
+from cptron.models.llama import Transformer
+
+log = logging.getLogger(__name__)
+
+HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+FAMILY_TO_ARCH = {v: k for k, v in HF_ARCHITECTURES.items()}
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+# Architecture fields cptron owns on export; every other key of the source config is carried over.
+_OWNED_HF_KEYS = {"architectures", "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "head_dim", "intermediate_size", "vocab_size", "rms_norm_eps",
+                  "rope_theta", "rope_scaling", "rope_parameters", "max_position_embeddings",
+                  "tie_word_embeddings", "attention_bias", "sliding_window", "use_sliding_window",
+                  "hidden_act", "mlp_bias", "torch_dtype", "dtype", "transformers_version", "_name_or_path"}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+_LAYER_MAP = {
+    "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
+    "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.up_proj": "feed_forward.w3",
+    "mlp.down_proj": "feed_forward.w2", "input_layernorm": "attention_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+_LAYER_MAP_BACK = {v: k for k, v in _LAYER_MAP.items()}
+_GLOBAL_MAP = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+               "lm_head.weight": "output.weight"}
+_GLOBAL_MAP_BACK = {v: k for k, v in _GLOBAL_MAP.items()}
+_HF_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+_CP_LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)\.(weight|bias)$")
+# Tensors some HF checkpoints carry that are derived, not learned.
+_DERIVED_HF_TENSORS = re.compile(r"rotary_emb\.inv_freq$")
+_PADDED = ("tok_embeddings.weight", "output.weight")
+
+
+def dtype_from_name(name: Optional[str]) -> Optional[torch.dtype]:
+    if name is None or name == "auto":
+        return None
+    if name not in _DTYPES:
+        raise ConversionError(f"dtype={name!r} is not supported: expected one of auto, {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def hf_to_cptron_name(name: str) -> Optional[str]:
+    """cptron parameter name of an HF tensor name, or None when it has none."""
+    if name in _GLOBAL_MAP:
+        return _GLOBAL_MAP[name]
+    m = _HF_LAYER_RE.match(name)
+    if m and m.group(2) in _LAYER_MAP:
+        return f"layers.{m.group(1)}.{_LAYER_MAP[m.group(2)]}.{m.group(3)}"
+    return None
+
+
+def cptron_to_hf_name(name: str) -> str:
+    if name in _GLOBAL_MAP_BACK:
+        return _GLOBAL_MAP_BACK[name]
+    m = _CP_LAYER_RE.match(name)
+    if not m or m.group(2) not in _LAYER_MAP_BACK:
+        raise ConversionError(f"parameter {name!r} has no Hugging Face name")
+    return f"model.layers.{m.group(1)}.{_LAYER_MAP_BACK[m.group(2)]}.{m.group(3)}"
+
+
+# ------------------------------------------------------------------------- configs
+
+def _rope_fields(hf: dict) -> dict:
+    """Rope settings from either config style: `rope_parameters` (transformers 5) or
+    `rope_theta` + `rope_scaling` (transformers 4 and released checkpoints)."""
+    params = hf.get("rope_parameters") or {}
+    if isinstance(params, dict) and any(isinstance(v, dict) for v in params.values()):
+        raise ConversionError("config.json: per-layer-type rope_parameters are not supported")
+    scaling = hf.get("rope_scaling") or {}
+    merged = {**scaling, **params}
+    theta = merged.get("rope_theta", hf.get("rope_theta", 10000.0))
+    rope_type = merged.get("rope_type", merged.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ConversionError(f"config.json: rope type {rope_type!r} is not supported: expected one of "
+                              f"{', '.join(SUPPORTED_ROPE_TYPES)}")
+    if merged.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ConversionError("config.json: partial_rotary_factor != 1 is not supported")
+    out = dict(rope_theta=float(theta), rope_type=rope_type)
+    if rope_type in ("linear", "llama3"):
+        out["rope_factor"] = float(merged["factor"])
+    if rope_type == "llama3":
+        out.update(rope_low_freq_factor=float(merged["low_freq_factor"]),
+                   rope_high_freq_factor=float(merged["high_freq_factor"]),
+                   rope_original_max_position_embeddings=int(merged["original_max_position_embeddings"]))
+    return out
+
+
+def model_config_from_hf(hf: dict, pad_vocab_to_multiple_of: int = 1) -> ModelConfig:
+    """cptron ModelConfig of an HF `config.json` dict; ConversionError names what is unsupported."""
+    archs = hf.get("architectures") or []
+    arch = archs[0] if archs else None
+    if arch not in HF_ARCHITECTURES:
+        raise ConversionError(f"config.json: architecture {arch!r} is not supported: expected one of "
+                              f"{', '.join(HF_ARCHITECTURES)}")
+    family = HF_ARCHITECTURES[arch]
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise ConversionError(f"config.json: hidden_act {act!r} is not supported: expected 'silu'")
+    if hf.get("mlp_bias", False):
+        raise ConversionError("config.json: mlp_bias=true is not supported")
+    qkv_bias = family == "qwen2"
+    if family != "qwen2" and hf.get("attention_bias", False):
+        raise ConversionError("config.json: attention_bias=true (bias on q/k/v/o) is not supported")
+    sliding = None
+    if family == "mistral":
+        sliding = hf.get("sliding_window")
+    elif family == "qwen2" and hf.get("use_sliding_window", False):
+        raise ConversionError("config.json: use_sliding_window=true (Qwen2 per-layer windows) is not supported")
+    n_heads = int(hf["num_attention_heads"])
+    dim = int(hf["hidden_size"])
+    head_dim = hf.get("head_dim")
+    cfg = ModelConfig(
+        family=family, dim=dim, n_layers=int(hf["num_hidden_layers"]), n_heads=n_heads,
+        n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
+        head_dim=None if head_dim in (None, dim // n_heads) else int(head_dim),
+        ffn_hidden_dim=int(hf["intermediate_size"]), vocab_size=int(hf["vocab_size"]),
+        pad_vocab_to_multiple_of=pad_vocab_to_multiple_of, norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        max_seq_len=int(hf.get("max_position_embeddings", 2048)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), qkv_bias=qkv_bias,
+        sliding_window=None if sliding is None else int(sliding),
+        init_std=float(hf.get("initializer_range", 0.02)), **_rope_fields(hf))
+    try:
+        cfg.validate()
+    except Exception as e:
+        raise ConversionError(f"config.json describes an impossible model: {e}") from e
+    return cfg
+
+
+def hf_config_from_model_config(cfg: ModelConfig, base: Optional[dict] = None,
+                                dtype: Optional[torch.dtype] = None):
+    """A transformers config object for `cfg`, keeping the non-architecture keys of `base`
+    (token ids, initializer range, ...) from the model the checkpoint came from."""
+    import transformers
+
+    cls = getattr(transformers, {"llama": "LlamaConfig", "mistral": "MistralConfig",
+                                 "qwen2": "Qwen2Config"}[cfg.family])
+    kwargs = {k: v for k, v in (base or {}).items() if k not in _OWNED_HF_KEYS and not k.startswith("_")}
+    kwargs.update(hidden_size=cfg.dim, num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                  num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_size, intermediate_size=cfg.ffn_hidden_dim,
+                  vocab_size=cfg.vocab_size, rms_norm_eps=cfg.norm_eps, max_position_embeddings=cfg.max_seq_len,
+                  tie_word_embeddings=cfg.tie_embeddings, hidden_act="silu", rope_theta=cfg.rope_theta)
+    if cfg.rope_type == "linear":
+        kwargs["rope_scaling"] = {"rope_type": "linear", "factor": cfg.rope_factor}
+    elif cfg.rope_type == "llama3":
+        kwargs["rope_scaling"] = {"rope_type": "llama3", "factor": cfg.rope_factor,
+                                  "low_freq_factor": cfg.rope_low_freq_factor,
+                                  "high_freq_factor": cfg.rope_high_freq_factor,
+                                  "original_max_position_embeddings": cfg.rope_original_max_position_embeddings}
+    if cfg.family == "llama":
+        kwargs.update(attention_bias=False, mlp_bias=False)
+    elif cfg.family == "mistral":
+        kwargs["sliding_window"] = cfg.sliding_window
+    elif cfg.sliding_window is not None:
+        raise ConversionError("model.sliding_window is set but Qwen2 export supports full attention only")
+    else:
+        kwargs["use_sliding_window"] = False
+    hf_cfg = cls(**kwargs)
+    hf_cfg.architectures = [FAMILY_TO_ARCH[cfg.family]]
+    if dtype is not None:
+        name = str(dtype).removeprefix("torch.")
+        setattr(hf_cfg, "dtype" if hasattr(hf_cfg, "dtype") else "torch_dtype", name)
+    return hf_cfg
+
+
+# ------------------------------------------------------------------------ HF files
+
+def hf_weight_map(hf_dir: Path) -> dict[str, Path]:
+    """HF tensor name -> safetensors file, checking that every shard exists."""
+    index = hf_dir / "model.safetensors.index.json"
+    single = hf_dir / "model.safetensors"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ConversionError(f"{index}: no weight_map")
+        files = {name: hf_dir / shard for name, shard in weight_map.items()}
+        for shard in sorted(set(files.values())):
+            if not shard.is_file():
+                raise ConversionError(f"shard {shard} named in {index.name} is missing")
+        return files
+    if single.is_file():
+        with safe_open(single, framework="pt") as f:
+            return {name: single for name in f.keys()}
+    if any(hf_dir.glob("*.bin")):
+        raise ConversionError(f"{hf_dir} holds PyTorch .bin weights; only safetensors is supported "
+                              "(re-save with save_pretrained(safe_serialization=True))")
+    raise ConversionError(f"{hf_dir}: neither model.safetensors nor model.safetensors.index.json found")
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise ConversionError(f"{path} is missing")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{path} is not valid JSON: {e}") from e
+
+
+def expected_parameters(cfg: ModelConfig) -> dict[str, torch.Size]:
+    """cptron parameter name -> shape, each stored tensor once, in module order."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    return {name: p.shape for name, p in model.named_parameters()}
+
+
+class _ShardReader:
+    """Keeps one safetensors file open at a time; tensors are requested shard by shard."""
+
+    def __init__(self):
+        self._path: Optional[Path] = None
+        self._handle = None
+
+    def get(self, path: Path, name: str) -> torch.Tensor:
+        if path != self._path:
+            self.close()
+            self._handle = safe_open(path, framework="pt").__enter__()
+            self._path = path
+        return self._handle.get_tensor(name)
+
+    def close(self):
+        if self._handle is not None:
+            self._handle.__exit__(None, None, None)
+        self._handle, self._path = None, None
+
+
+def convert_hf_to_cptron(hf_dir: str | os.PathLike, out: str | os.PathLike, pad_vocab_to_multiple_of: int = 1,
+                         dtype: Optional[str] = None, overwrite: bool = False, progress: bool = True) -> Path:
+    """Convert an HF model directory into a cptron checkpoint directory; returns `out`."""
+    hf_dir, out = Path(hf_dir), Path(out)
+    hf_config = _read_json(hf_dir / "config.json")
+    cfg = model_config_from_hf(hf_config, pad_vocab_to_multiple_of)
+    target_dtype = dtype_from_name(dtype)
+    files = hf_weight_map(hf_dir)
+    expected = expected_parameters(cfg)
+
+    sources: dict[str, tuple[str, Path]] = {}  # cptron name -> (hf name, file)
+    for hf_name, path in files.items():
+        name = hf_to_cptron_name(hf_name)
+        if name == "output.weight" and cfg.tie_embeddings:
+            log.info("%s: ignoring lm_head.weight because tie_word_embeddings=true", hf_dir)
+            continue
+        if name is None:
+            if _DERIVED_HF_TENSORS.search(hf_name):
+                continue
+            raise ConversionError(f"tensor {hf_name!r} in {path.name} has no cptron counterpart "
+                                  f"for a {cfg.family} model")
+        if name not in expected:
+            raise ConversionError(f"tensor {hf_name!r} in {path.name} does not fit the model in config.json "
+                                  f"(layer index beyond num_hidden_layers or bias on a bias-free projection)")
+        sources[name] = (hf_name, path)
+    missing = [cptron_to_hf_name(n) for n in expected if n not in sources]
+    if missing:
+        raise ConversionError(f"{hf_dir}: tensors missing from the checkpoint: {', '.join(missing[:8])}"
+                              + (" ..." if len(missing) > 8 else ""))
+
+    # Shapes and dtypes come from the safetensors headers; nothing is loaded yet. The
+    # state dict is ordered by file so that streaming opens each shard once.
+    position = {name: i for i, name in enumerate(expected)}
+    by_file: dict[Path, list[str]] = {}
+    for name in sorted(expected, key=position.get):
+        by_file.setdefault(sources[name][1], []).append(name)
+    state: dict[str, torch.Tensor] = {}
+    for path, names in by_file.items():
+        with safe_open(path, framework="pt") as f:
+            for name in names:
+                hf_name = sources[name][0]
+                sl = f.get_slice(hf_name)
+                shape, src_dtype = tuple(sl.get_shape()), _safetensors_dtype(sl.get_dtype(), hf_name)
+                want = tuple(expected[name])
+                hf_want = (cfg.vocab_size,) + want[1:] if name in _PADDED else want
+                if shape != hf_want:
+                    raise ConversionError(f"tensor {hf_name!r} in {path.name} has shape {list(shape)}, "
+                                          f"expected {list(hf_want)} from config.json")
+                state[name] = torch.empty(want, dtype=target_dtype or src_dtype, device="meta")
+
+    reader = _ShardReader()
+    bar = tqdm(total=len(state), desc="hf-to-cptron", unit="tensor", disable=not progress)
+
+    def fetch(flat_key: str) -> torch.Tensor:
+        name = flat_key[len(ckpt.MODEL_PREFIX):]
+        hf_name, path = sources[name]
+        t = reader.get(path, hf_name).to(state[name].dtype)
+        if name in _PADDED and cfg.padded_vocab_size > cfg.vocab_size:
+            padded = torch.zeros(state[name].shape, dtype=t.dtype)
+            padded[: cfg.vocab_size] = t
+            t = padded
+        bar.update(1)
+        return t.contiguous()
+
+    tokenizer_files = [hf_dir / f for f in TOKENIZER_FILES if (hf_dir / f).is_file()]
+    gen_path = hf_dir / "generation_config.json"
+    meta = {"model": _config_dict(cfg), "step": 0, "source": str(hf_dir), "hf_config": hf_config,
+            "hf_generation_config": _read_json(gen_path) if gen_path.is_file() else None}
+    try:
+        ckpt.write_checkpoint(out, {"model": state}, meta, fetch=fetch, tokenizer_files=tokenizer_files,
+                              overwrite=overwrite)
+    finally:
+        reader.close()
+        bar.close()
+    return out
+
+
+def _safetensors_dtype(code: str, name: str) -> torch.dtype:
+    table = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+    if code not in table:
+        raise ConversionError(f"tensor {name!r} has dtype {code}: expected a floating-point tensor")
+    return table[code]
+
+
+def _config_dict(cfg: ModelConfig) -> dict:
+    import dataclasses
+    return dataclasses.asdict(cfg)
+
+
+# ------------------------------------------------------------------- cptron -> HF
+
+def parse_size(text: str | int) -> int:
+    """'5GB', '500MB', '1.5GiB' or a byte count -> bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?i?B)?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise ConversionError(f"size {text!r} is invalid: expected e.g. 5GB, 500MB or a byte count")
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    return int(float(m.group(1)) * units[(m.group(2) or "").upper()])
+
+
+def _plan_shards(items: list[tuple[str, int]], max_bytes: int) -> list[list[str]]:
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, nbytes in items:
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def convert_cptron_to_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, dtype: Optional[str] = None,
+                         max_shard_size: str | int = "5GB", overwrite: bool = False,
+                         progress: bool = True) -> Path:
+    """Export a cptron checkpoint directory as an HF model directory; returns `out`."""
+    src, out = Path(checkpoint), Path(out)
+    meta = ckpt.read_meta(src)
+    cfg = ModelConfig(**meta["model"])
+    stored = ckpt.tensor_metadata(src)
+    target_dtype = dtype_from_name(dtype)
+    expected = expected_parameters(cfg)
+    items = []
+    for name, shape in expected.items():
+        key = ckpt.MODEL_PREFIX + name
+        if key not in stored:
+            raise ConversionError(f"checkpoint {src} lacks tensor {key!r}")
+        if tuple(stored[key][0]) != tuple(shape):
+            raise ConversionError(f"checkpoint {src}: tensor {key!r} has shape {list(stored[key][0])}, "
+                                  f"expected {list(shape)} from its model config")
+        rows = cfg.vocab_size if name in _PADDED else shape[0]
+        dt = target_dtype or stored[key][1]
+        items.append((name, rows * (shape.numel() // max(shape[0], 1)) * dt.itemsize))
+    shards = _plan_shards(items, parse_size(max_shard_size))
+
+    if out.exists() and not overwrite:
+        raise ConversionError(f"{out} already exists; pass --overwrite to replace it")
+    tmp = out.parent / f".{out.name}.incomplete"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    out_dtypes = set()
+    weight_map = {}
+    bar = tqdm(total=len(items), desc="cptron-to-hf", unit="tensor", disable=not progress)
+    for i, group in enumerate(shards):
+        fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        state = {n: torch.empty(stored[ckpt.MODEL_PREFIX + n][0], dtype=stored[ckpt.MODEL_PREFIX + n][1])
+                 for n in group}
+        ckpt.load_state(src, {"model": state})
+        tensors = {}
+        for n in group:
+            t = state.pop(n)
+            if n in _PADDED:
+                t = t[: cfg.vocab_size]
+            t = t.to(target_dtype) if target_dtype is not None else t
+            out_dtypes.add(t.dtype)
+            tensors[cptron_to_hf_name(n)] = t.contiguous()
+            weight_map[cptron_to_hf_name(n)] = fname
+            bar.update(1)
+        save_file(tensors, tmp / fname, metadata={"format": "pt"})
+        del tensors
+    bar.close()
+    if len(shards) > 1:
+        total = sum(b for _, b in items)
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    export_dtype = out_dtypes.pop() if len(out_dtypes) == 1 else None
+    hf_cfg = hf_config_from_model_config(cfg, meta.get("hf_config"), export_dtype)
+    hf_cfg.save_pretrained(tmp)
+    _write_generation_config(tmp, hf_cfg, meta.get("hf_generation_config"))
+    tok_dir = src / ckpt.TOKENIZER_DIR
+    if tok_dir.is_dir():
+        for f in tok_dir.iterdir():
+            shutil.copy2(f, tmp / f.name)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def _write_generation_config(out: Path, hf_cfg, original: Optional[dict]) -> None:
+    from transformers import GenerationConfig
+
+    if original:
+        gen = GenerationConfig.from_dict({k: v for k, v in original.items() if k != "transformers_version"})
+    else:
+        gen = GenerationConfig.from_model_config(hf_cfg)
+    gen.save_pretrained(out)

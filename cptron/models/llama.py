@@ -1,0 +1,275 @@
+"""Llama-family decoder (Llama 2/3/3.1/3.2, Mistral, Qwen2) with no parallelism inside.
+
+The math follows the Llama papers (Touvron et al. 2023; Grattafiori et al. 2024):
+pre-norm RMSNorm blocks, rotary position embeddings (Su et al. 2021), grouped-query
+attention (Ainslie et al. 2023) and a SwiGLU MLP (Shazeer 2020).
+
+Conventions that other modules rely on:
+- Parameter names are `tok_embeddings`, `layers.<i>.attention.{wq,wk,wv,wo}`,
+  `layers.<i>.attention_norm`, `layers.<i>.feed_forward.{w1,w2,w3}` (gate, down, up),
+  `layers.<i>.ffn_norm`, `norm`, `output`. `layers` is a ModuleDict keyed by the
+  layer index, so a pipeline stage can delete the blocks it does not own and keep
+  the original names (and thus checkpoint keys).
+- q/k projections use the half-split rotary layout of Hugging Face checkpoints
+  (rotate the first half of each head against the second half), so HF weights
+  load without any row permutation and the round trip is exact by construction.
+- Projections reshape heads with -1, so a tensor-parallel plan that shards
+  heads across ranks needs no change here.
+- A stage whose `tok_embeddings` is None takes hidden states as input; a stage
+  whose `output` is None returns hidden states.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cptron.models.config import ModelConfig
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies (float32, length head_dim/2) including rope scaling."""
+    dim = cfg.head_size
+    exponent = torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim
+    inv_freq = 1.0 / (cfg.rope_theta ** exponent)
+    if cfg.rope_type == "linear":
+        inv_freq = inv_freq / cfg.rope_factor
+    elif cfg.rope_type == "llama3":
+        # Llama 3.1: keep short wavelengths, divide long ones by the factor, and
+        # interpolate smoothly in between.
+        factor, low, high = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        old_len = cfg.rope_original_max_position_embeddings
+        low_freq_wavelen, high_freq_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+        inv_freq = torch.where(is_medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """cos/sin of shape [B, T, head_dim] for integer `positions` [B, T], computed in fp32."""
+    freqs = positions.to(torch.float32)[..., None] * inv_freq.to(torch.float32)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate `x` [B, H, T, D] by cos/sin [B, T, D]."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + _rotate_half(x) * sin
+
+
+# ----------------------------------------------------------------- packed sequences
+
+def positions_and_segments(doc_ids: torch.Tensor):
+    """Positions that restart at each document, and a segment index per token.
+
+    `doc_ids` [B, T] gives each token's document; a document is a maximal run
+    of equal ids, so two runs with the same id are still separate documents.
+    """
+    B, T = doc_ids.shape
+    idx = torch.arange(T, device=doc_ids.device).expand(B, T)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    segment = starts.cumsum(dim=1)
+    start_idx = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return idx - start_idx, segment
+
+
+def build_attention_mask(T: int, device, segments: Optional[torch.Tensor] = None,
+                         sliding_window: Optional[int] = None) -> Optional[torch.Tensor]:
+    """Boolean mask [B or 1, 1, T, T] (True = attend), or None for plain causal attention.
+
+    Causal, restricted to the same segment (block-diagonal) when `segments` is
+    given, and to the last `sliding_window` keys when that is set.
+    """
+    if segments is None and (sliding_window is None or sliding_window >= T):
+        return None
+    q = torch.arange(T, device=device)[:, None]
+    k = torch.arange(T, device=device)[None, :]
+    mask = k <= q
+    if sliding_window is not None:
+        mask = mask & (q - k < sliding_window)
+    mask = mask[None, None]
+    if segments is not None:
+        mask = mask & (segments[:, None, :, None] == segments[:, None, None, :])
+    return mask
+
+
+# ------------------------------------------------------------------------- modules
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 and cast back before the gain, as the Llama reference does."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hd = cfg.head_size
+        self.head_dim = hd
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * hd, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.dim, cfg.kv_heads * hd, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.dim, cfg.kv_heads * hd, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        n_rep = q.shape[1] // k.shape[1]
+        if n_rep > 1:
+            k = k.repeat_interleave(n_rep, dim=1)
+            v = v.repeat_interleave(n_rep, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x); w1 = gate, w3 = up, w2 = down."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg.dim, cfg.ffn_hidden_dim)
+
+    def forward(self, x, cos, sin, mask):
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """The decoder. forward(tokens [B, T], doc_ids=None, positions=None) -> logits [B, T, padded_vocab]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.tok_embeddings: Optional[nn.Embedding] = nn.Embedding(cfg.padded_vocab_size, cfg.dim)
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg) for i in range(cfg.n_layers)})
+        self.norm: Optional[RMSNorm] = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output: Optional[nn.Linear] = nn.Linear(cfg.dim, cfg.padded_vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.register_buffer("rope_inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def forward(self, tokens: torch.Tensor, doc_ids: Optional[torch.Tensor] = None,
+                positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`tokens`: token ids [B, T] (or hidden states [B, T, dim] on a stage without
+        embeddings). `doc_ids` [B, T]: document of each token in a packed sequence;
+        positions then restart per document and attention is block-diagonal causal.
+        `positions` [B, T] overrides the position ids."""
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        B, T = h.shape[0], h.shape[1]
+        segments = None
+        if doc_ids is not None:
+            doc_positions, segments = positions_and_segments(doc_ids)
+            positions = doc_positions if positions is None else positions
+        if positions is None:
+            positions = torch.arange(T, device=h.device).expand(B, T)
+        cos, sin = rope_cos_sin(self.rope_inv_freq, positions, h.dtype)
+        mask = build_attention_mask(T, h.device, segments, self.cfg.sliding_window)
+        for layer in self.layers.values():
+            h = layer(h, cos, sin, mask)
+        if self.norm is not None:
+            h = self.norm(h)
+        if self.output is None:
+            return h
+        logits = self.output(h)
+        if self.cfg.padded_vocab_size > self.cfg.vocab_size:
+            # Padded rows are not tokens: give them no probability mass.
+            logits = logits.masked_fill(self._vocab_pad_mask(logits.shape[-1], logits.device), float("-inf"))
+        return logits
+
+    def _apply(self, fn, recurse=True):
+        # Keep the rotary frequencies in fp32 whatever dtype the weights move to:
+        # recomputing them is exact, casting them to bf16 is not.
+        super()._apply(fn, recurse)
+        # Moving off the meta device creates new parameters per module: re-tie.
+        if self.cfg.tie_embeddings and self.output is not None and self.tok_embeddings is not None:
+            self.output.weight = self.tok_embeddings.weight
+        self.rope_inv_freq = rope_inv_freq(self.cfg).to(self.rope_inv_freq.device)
+        return self
+
+    def _vocab_pad_mask(self, n: int, device) -> torch.Tensor:
+        return torch.arange(n, device=device) >= self.cfg.vocab_size
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """Initialize every parameter as a function of (seed, parameter name) only.
+
+        Each parameter draws from its own generator, so the result does not depend
+        on module order, on which stage holds the parameter, or on the device.
+        """
+        depth_std = self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers)
+        for name, p in self.named_parameters():
+            leaf = name.rsplit(".", 2)
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+                continue
+            if name.endswith(".bias"):
+                p.zero_()
+                continue
+            std = depth_std if leaf[-2] in ("wo", "w2") else self.cfg.init_std
+            gen = torch.Generator(device="cpu").manual_seed(_param_seed(seed, name))
+            full = torch.empty(p.shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
+            if name in ("tok_embeddings.weight", "output.weight"):
+                full[self.cfg.vocab_size:] = 0.0
+            p.copy_(full.to(p.dtype))
+
+
+def _param_seed(seed: int, name: str) -> int:
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def build_model(cfg: ModelConfig, seed: Optional[int] = 0, device="cpu",
+                dtype: torch.dtype = torch.float32) -> Transformer:
+    """A model on `device`; initialized from `seed`, or left uninitialized when seed is None."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device=device)
+    model.to(dtype)
+    if seed is not None:
+        model.init_weights(seed)
+    return model
