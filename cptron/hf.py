@@ -258,6 +258,8 @@ def convert_hf_to_cptron(hf_dir: str | os.PathLike, out: str | os.PathLike, pad_
                          dtype: Optional[str] = None, overwrite: bool = False, progress: bool = True) -> Path:
     """Convert an HF model directory into a cptron checkpoint directory; returns `out`."""
     hf_dir, out = Path(hf_dir), Path(out)
+    if out.exists() and not overwrite:
+        raise ConversionError(f"{out} already exists; pass --overwrite to replace it")
     hf_config = _read_json(hf_dir / "config.json")
     cfg = model_config_from_hf(hf_config, pad_vocab_to_multiple_of)
     target_dtype = dtype_from_name(dtype)
@@ -304,6 +306,9 @@ def convert_hf_to_cptron(hf_dir: str | os.PathLike, out: str | os.PathLike, pad_
                                           f"expected {list(hf_want)} from config.json")
                 state[name] = torch.empty(want, dtype=target_dtype or src_dtype, device="meta")
 
+    log.info("converting %s (%s, %d layers, %s parameters) from %d file(s) to %s, dtype %s",
+             hf_dir, hf_config["architectures"][0], cfg.n_layers, f"{cfg.num_params():,}",
+             len(set(files.values())), out, dtype or "as stored")
     reader = _ShardReader()
     bar = tqdm(total=len(state), desc="hf-to-cptron", unit="tensor", disable=not progress)
 
@@ -391,6 +396,8 @@ def convert_cptron_to_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, 
         dt = target_dtype or stored[key][1]
         items.append((name, rows * (shape.numel() // max(shape[0], 1)) * dt.itemsize))
     shards = _plan_shards(items, parse_size(max_shard_size))
+    log.info("exporting %s (%s, %d layers) to %s as %s in %d shard(s)", src, FAMILY_TO_ARCH[cfg.family],
+             cfg.n_layers, out, dtype or "stored dtype", len(shards))
 
     if out.exists() and not overwrite:
         raise ConversionError(f"{out} already exists; pass --overwrite to replace it")
@@ -445,3 +452,23 @@ def _write_generation_config(out: Path, hf_cfg, original: Optional[dict]) -> Non
     else:
         gen = GenerationConfig.from_model_config(hf_cfg)
     gen.save_pretrained(out)
+
+
+@torch.no_grad()
+def compare_with_transformers(checkpoint: str | os.PathLike, hf_dir: str | os.PathLike, batch_size: int = 2,
+                              seq_len: int = 64, seed: int = 0) -> float:
+    """Largest absolute difference between cptron's and transformers' float32 logits
+    for the same random tokens (the real vocabulary only)."""
+    from transformers import AutoModelForCausalLM
+
+    model = ckpt.load_model(checkpoint).float().eval()
+    hf_model = AutoModelForCausalLM.from_pretrained(hf_dir).float().eval()
+    vocab = model.cfg.vocab_size
+    if hf_model.config.vocab_size != vocab:
+        raise ConversionError(f"{hf_dir} has vocab_size {hf_model.config.vocab_size}, checkpoint {checkpoint} "
+                              f"has {vocab}")
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab, (batch_size, seq_len), generator=gen)
+    ours = model(tokens)[..., :vocab]
+    theirs = hf_model(tokens).logits
+    return (ours - theirs).abs().max().item()

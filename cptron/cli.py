@@ -1,0 +1,244 @@
+"""The `cptron` command. Each subcommand reads one typed config and works on its own files.
+
+    cptron init            random-initialized cptron checkpoint from a model preset
+    cptron convert hf-to-cptron | cptron-to-hf | verify
+
+`cptron <command> --help` lists every field with its docstring and default.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal, Optional
+
+from cptron import __version__
+from cptron.config import parse_config
+from cptron.errors import ConfigError, CptronError
+from cptron.models.config import ModelConfig
+
+log = logging.getLogger("cptron")
+
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+def _need(ok: bool, field_name: str, value, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{field_name}={value!r} is invalid: expected {expected}")
+
+
+@dataclass
+class InitConfig:
+    """Write a randomly initialized cptron checkpoint (training from scratch, tests, demos)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Architecture of the model to create."""
+    output: str = ""
+    """Checkpoint directory to write."""
+    seed: int = 0
+    """Initialization seed; the weights are a function of (seed, parameter name) only."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype of the stored weights."""
+    tokenizer: Optional[str] = None
+    """Directory whose tokenizer files are carried in the checkpoint (copied into an HF export)."""
+    overwrite: bool = False
+    """Replace `output` if it exists."""
+
+    def validate(self) -> None:
+        _need(bool(self.output), "output", self.output, "a directory path")
+        _need(self.tokenizer is None or Path(self.tokenizer).is_dir(), "tokenizer", self.tokenizer,
+              "an existing directory")
+
+
+@dataclass
+class HFToCptronConfig:
+    """Convert a Hugging Face model directory (safetensors) into a cptron checkpoint."""
+
+    input: str = ""
+    """HF model directory (config.json plus model.safetensors or a sharded index)."""
+    output: str = ""
+    """cptron checkpoint directory to write."""
+    pad_vocab_to_multiple_of: int = 1
+    """Pad embedding/output rows to a multiple of this (e.g. 128 for tensor parallelism); removed on export."""
+    dtype: DType = "auto"
+    """Dtype of the stored weights; auto keeps each tensor's dtype."""
+    overwrite: bool = False
+    """Replace `output` if it exists."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def validate(self) -> None:
+        _need(bool(self.input), "input", self.input, "an HF model directory")
+        _need(Path(self.input).is_dir(), "input", self.input, "an existing directory")
+        _need(bool(self.output), "output", self.output, "a directory path")
+        _need(self.pad_vocab_to_multiple_of >= 1, "pad_vocab_to_multiple_of", self.pad_vocab_to_multiple_of,
+              "an integer >= 1")
+
+
+@dataclass
+class CptronToHFConfig:
+    """Export a cptron checkpoint as a Hugging Face model directory."""
+
+    input: str = ""
+    """cptron checkpoint directory (a complete one: it has a COMPLETE marker)."""
+    output: str = ""
+    """HF model directory to write."""
+    dtype: DType = "auto"
+    """Dtype of the exported weights; auto keeps the stored dtype."""
+    max_shard_size: str = "5GB"
+    """Largest safetensors shard, e.g. 5GB or 500MB."""
+    overwrite: bool = False
+    """Replace `output` if it exists."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def validate(self) -> None:
+        from cptron.hf import parse_size
+
+        _need(bool(self.input), "input", self.input, "a cptron checkpoint directory")
+        _need(bool(self.output), "output", self.output, "a directory path")
+        try:
+            size = parse_size(self.max_shard_size)
+        except CptronError as e:
+            raise ConfigError(f"max_shard_size={self.max_shard_size!r} is invalid: {e}") from e
+        _need(size > 0, "max_shard_size", self.max_shard_size, "a size > 0")
+
+
+@dataclass
+class VerifyConfig:
+    """Check that an HF export reproduces the cptron checkpoint's logits under transformers."""
+
+    checkpoint: str = ""
+    """cptron checkpoint directory."""
+    hf: str = ""
+    """HF model directory (e.g. written by `cptron convert cptron-to-hf`)."""
+    batch_size: int = 2
+    """Sequences in the probe batch."""
+    seq_len: int = 64
+    """Tokens per probe sequence."""
+    seed: int = 0
+    """Seed of the random probe tokens."""
+    tolerance: float = 1e-5
+    """Largest allowed absolute logit difference (both models run in float32)."""
+
+    def validate(self) -> None:
+        _need(bool(self.checkpoint), "checkpoint", self.checkpoint, "a cptron checkpoint directory")
+        _need(bool(self.hf), "hf", self.hf, "an HF model directory")
+        _need(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        _need(self.seq_len >= 1, "seq_len", self.seq_len, "an integer >= 1")
+        _need(self.tolerance >= 0, "tolerance", self.tolerance, "a float >= 0")
+
+
+# ------------------------------------------------------------------ commands
+
+def run_init(cfg: InitConfig) -> None:
+    import dataclasses
+
+    import torch
+
+    from cptron import checkpoint as ckpt
+    from cptron.hf import TOKENIZER_FILES
+    from cptron.models.llama import build_model
+
+    dtype = getattr(torch, cfg.dtype)
+    model = build_model(cfg.model, seed=cfg.seed, dtype=dtype)
+    log.info("initialized %s model (%s parameters, %s) with seed %d on cpu",
+             cfg.model.preset or cfg.model.family, f"{cfg.model.num_params():,}", cfg.dtype, cfg.seed)
+    tok_files = []
+    if cfg.tokenizer:
+        tok_files = [Path(cfg.tokenizer) / f for f in TOKENIZER_FILES if (Path(cfg.tokenizer) / f).is_file()]
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    meta = {"model": dataclasses.asdict(cfg.model), "step": 0, "source": f"init(seed={cfg.seed})"}
+    out = ckpt.write_checkpoint(cfg.output, {"model": params}, meta, tokenizer_files=tok_files,
+                                overwrite=cfg.overwrite)
+    log.info("wrote %s", out)
+
+
+def run_hf_to_cptron(cfg: HFToCptronConfig) -> None:
+    from cptron.hf import convert_hf_to_cptron
+
+    out = convert_hf_to_cptron(cfg.input, cfg.output, pad_vocab_to_multiple_of=cfg.pad_vocab_to_multiple_of,
+                               dtype=cfg.dtype, overwrite=cfg.overwrite, progress=cfg.progress)
+    log.info("wrote cptron checkpoint %s", out)
+
+
+def run_cptron_to_hf(cfg: CptronToHFConfig) -> None:
+    from cptron.hf import convert_cptron_to_hf
+
+    out = convert_cptron_to_hf(cfg.input, cfg.output, dtype=cfg.dtype, max_shard_size=cfg.max_shard_size,
+                               overwrite=cfg.overwrite, progress=cfg.progress)
+    log.info("wrote Hugging Face model %s", out)
+
+
+def run_verify(cfg: VerifyConfig) -> float:
+    from cptron.hf import compare_with_transformers
+
+    diff = compare_with_transformers(cfg.checkpoint, cfg.hf, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+                                     seed=cfg.seed)
+    verdict = "OK" if diff <= cfg.tolerance else "MISMATCH"
+    print(f"max |logits(cptron) - logits(transformers)| = {diff:.3e} (tolerance {cfg.tolerance:.0e}): {verdict}")
+    if diff > cfg.tolerance:
+        raise SystemExit(1)
+    return diff
+
+
+# ------------------------------------------------------------------ dispatch
+
+# command path -> (config class, runner)
+COMMANDS: dict[tuple[str, ...], tuple[type, Callable]] = {
+    ("init",): (InitConfig, run_init),
+    ("convert", "hf-to-cptron"): (HFToCptronConfig, run_hf_to_cptron),
+    ("convert", "cptron-to-hf"): (CptronToHFConfig, run_cptron_to_hf),
+    ("convert", "verify"): (VerifyConfig, run_verify),
+}
+
+
+def _overview() -> str:
+    lines = [f"cptron {__version__}: continual pretraining of Llama-family models", "",
+             "usage: cptron <command> [--section.field VALUE ...]", "", "commands:"]
+    for path, (cls, _) in COMMANDS.items():
+        summary = (cls.__doc__ or "").strip().splitlines()[0]
+        lines.append(f"  {' '.join(path):<26} {summary}")
+    lines += ["", "`cptron <command> --help` lists every field of a command."]
+    return "\n".join(lines)
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_overview())
+        return 0
+    if argv[0] == "--version":
+        print(f"cptron {__version__}")
+        return 0
+    for path, (cls, runner) in sorted(COMMANDS.items(), key=lambda kv: -len(kv[0])):
+        if tuple(argv[: len(path)]) == path:
+            rest = argv[len(path):]
+            break
+    else:
+        if argv[0] in {p[0] for p in COMMANDS} and (len(argv) == 1 or argv[1] in ("-h", "--help")):
+            print(_overview())
+            return 0
+        groups = sorted({p[0] for p in COMMANDS})
+        print(f"cptron: unknown command {' '.join(argv[:2])!r}; expected one of: "
+              + ", ".join(" ".join(p) for p in COMMANDS) + f" (groups: {', '.join(groups)})", file=sys.stderr)
+        return 2
+    prog = "cptron " + " ".join(path)
+    try:
+        cfg = parse_config(cls, rest, prog=prog, description=cls.__doc__)
+        _setup_logging()
+        runner(cfg)
+    except CptronError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
