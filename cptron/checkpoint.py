@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
 from cptron.errors import CheckpointError
@@ -112,6 +113,15 @@ class _LazySavePlanner(DefaultSavePlanner):
         return self._fetch(fqn)
 
 
+def _describe(e: Exception) -> str:
+    """The underlying per-rank errors of a DCP CheckpointException, or the error itself."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        errs = {r: (f[0] if isinstance(f, tuple) else f) for r, f in failures.items()}
+        return "; ".join(f"rank {r}: {type(err).__name__}: {err}" for r, err in sorted(errs.items()))
+    return f"{type(e).__name__}: {e}"
+
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
@@ -158,7 +168,10 @@ def write_checkpoint(path: str | os.PathLike, state_dict: dict[str, Any], meta: 
     writer = FileSystemWriter(str(tmp), single_file_per_rank=fetch is None, sync_files=True)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process.*")
-        dcp.save(state_dict, storage_writer=writer, planner=planner)
+        try:
+            dcp.save(state_dict, storage_writer=writer, planner=planner)
+        except (Exception, CheckpointException) as e:  # the partial directory stays hidden under its .incomplete name
+            raise CheckpointError(f"writing checkpoint {path} failed: {_describe(e)}") from e
     if rank == 0:
         if tokenizer_files:
             (tmp / TOKENIZER_DIR).mkdir()
@@ -196,8 +209,8 @@ def load_state(path: str | os.PathLike, state_dict: dict[str, Any]) -> None:
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
         try:
             dcp.load(state_dict, storage_reader=FileSystemReader(str(path)))
-        except Exception as e:  # DCP wraps per-rank failures; name the checkpoint
-            raise CheckpointError(f"loading checkpoint {path} failed: {e}") from e
+        except (Exception, CheckpointException) as e:
+            raise CheckpointError(f"loading checkpoint {path} failed: {_describe(e)}") from e
 
 
 def model_checkpoint_keys(model: torch.nn.Module) -> list[str]:
