@@ -27,7 +27,8 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest>=8", "psutil", "hypothesis"],
+        # mistral-common ships the Apache-2.0 Mistral SentencePiece model the tests use offline.
+        "dev": ["pytest>=8", "psutil", "hypothesis", "mistral-common"],
         "wandb": ["wandb"],
         "deepspeed": ["deepspeed"],
     },

@@ -196,7 +196,7 @@ COMMANDS: dict[tuple[str, ...], tuple[type, Callable]] = {
 
 def _overview() -> str:
     lines = [f"cptron {__version__}: continual pretraining of Llama-family models", "",
-             "usage: cptron <command> [--section.field VALUE ...]", "", "commands:"]
+             "usage: cptron <command> [CONFIG.yaml] [--section.field VALUE ...]", "", "commands:"]
     for path, (cls, _) in COMMANDS.items():
         summary = (cls.__doc__ or "").strip().splitlines()[0]
         lines.append(f"  {' '.join(path):<26} {summary}")
@@ -231,7 +231,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     prog = "cptron " + " ".join(path)
     try:
-        cfg = parse_config(cls, rest, prog=prog, description=cls.__doc__)
+        cfg = parse_config(cls, rest, prog=prog, description=cls.__doc__, allow_positional_yaml=True)
         _setup_logging()
         runner(cfg)
     except CptronError as e:

@@ -415,7 +415,7 @@ def _class_summary(cls: type) -> str:
     return "" if doc.startswith(cls.__name__ + "(") else doc.splitlines()[0] if doc else ""
 
 
-def _help_section(cls: type, prefix: str, defaults: Any, out: list[str]) -> None:
+def _help_section(cls: type, prefix: str, defaults: Any, out: list[str], doc: str = "") -> None:
     leaves, sections = [], []
     docs, hints = _field_docs(cls), _hints(cls)
     for name, f in _init_fields(cls).items():
@@ -423,7 +423,8 @@ def _help_section(cls: type, prefix: str, defaults: Any, out: list[str]) -> None
         (sections if _is_section(hints[name]) else leaves).append((name, default))
     if leaves:
         title = prefix[:-1] if prefix else "options"
-        summary = _class_summary(cls)
+        # A section is described by its field's docstring in the parent; the top level by the description.
+        summary = doc or (_class_summary(cls) if prefix else "")
         out.append(f"\n{title}:" + (f" {summary}" if summary else ""))
     for name, default in leaves:
         shown = "required" if default is dataclasses.MISSING else f"default: {_format_value(default)}"
@@ -431,7 +432,8 @@ def _help_section(cls: type, prefix: str, defaults: Any, out: list[str]) -> None
         out.append(textwrap.fill(docs.get(name, "(undocumented)"), width=88,
                                  initial_indent=" " * 6, subsequent_indent=" " * 6))
     for name, default in sections:
-        _help_section(hints[name], f"{prefix}{name}.", None if default is dataclasses.MISSING else default, out)
+        _help_section(hints[name], f"{prefix}{name}.", None if default is dataclasses.MISSING else default, out,
+                      docs.get(name, ""))
 
 
 def format_help(cls: type, prog: str = "cptron", description: str | None = None, *,

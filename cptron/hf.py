@@ -308,7 +308,7 @@ def convert_hf_to_cptron(hf_dir: str | os.PathLike, out: str | os.PathLike, pad_
 
     log.info("converting %s (%s, %d layers, %s parameters) from %d file(s) to %s, dtype %s",
              hf_dir, hf_config["architectures"][0], cfg.n_layers, f"{cfg.num_params():,}",
-             len(set(files.values())), out, dtype or "as stored")
+             len(set(files.values())), out, target_dtype or "as stored")
     reader = _ShardReader()
     bar = tqdm(total=len(state), desc="hf-to-cptron", unit="tensor", disable=not progress)
 
@@ -397,7 +397,7 @@ def convert_cptron_to_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, 
         items.append((name, rows * (shape.numel() // max(shape[0], 1)) * dt.itemsize))
     shards = _plan_shards(items, parse_size(max_shard_size))
     log.info("exporting %s (%s, %d layers) to %s as %s in %d shard(s)", src, FAMILY_TO_ARCH[cfg.family],
-             cfg.n_layers, out, dtype or "stored dtype", len(shards))
+             cfg.n_layers, out, target_dtype or "stored dtype", len(shards))
 
     if out.exists() and not overwrite:
         raise ConversionError(f"{out} already exists; pass --overwrite to replace it")
