@@ -126,8 +126,8 @@ def _llama3_rope(factor: float) -> dict:
                 rope_high_freq_factor=4.0, rope_original_max_position_embeddings=8192)
 
 
-# Published architectures. Values follow each model's released config.json.
-PRESETS: dict[str, dict] = {
+# Published architectures as dataclasses. Values follow each model's released config.json.
+PRESETS: dict[str, ModelConfig] = {name: ModelConfig(preset=name, **fields) for name, fields in {
     "tiny": dict(family="llama", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden_dim=176,
                  vocab_size=2048, max_seq_len=256, rope_theta=10000.0),
     "llama2-7b": dict(family="llama", dim=4096, n_layers=32, n_heads=32, n_kv_heads=32,
@@ -148,7 +148,7 @@ PRESETS: dict[str, dict] = {
     "qwen2.5-0.5b": dict(family="qwen2", dim=896, n_layers=24, n_heads=14, n_kv_heads=2,
                          ffn_hidden_dim=4864, vocab_size=151936, norm_eps=1e-6, rope_theta=1000000.0,
                          max_seq_len=32768, tie_embeddings=True, qkv_bias=True),
-}
+}.items()}
 
 
 def model_config_from_preset(name: str, **overrides) -> ModelConfig:
@@ -159,6 +159,6 @@ def model_config_from_preset(name: str, **overrides) -> ModelConfig:
     for key in overrides:
         if key not in fields:
             raise ConfigError(f"model.{key} is not a field of ModelConfig: expected one of {sorted(fields)}")
-    cfg = ModelConfig(**{**PRESETS[name], "preset": name, **overrides})
+    cfg = dataclasses.replace(PRESETS[name], **overrides)
     cfg.validate()
     return cfg

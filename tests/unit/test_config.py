@@ -222,7 +222,7 @@ def test_yaml_preset_with_cli_and_yaml_overrides(tmp_path):
     path = write_yaml(tmp_path, {"model": {"n_heads": 16, "preset": "llama3.2-1b"}})
     model = parse_config(Job, ["--model.n_layers", "3"], path).model
     assert (model.dim, model.n_heads, model.n_layers) == (2048, 16, 3)
-    assert model.tie_embeddings is True and model.vocab_size == PRESETS["llama3.2-1b"]["vocab_size"]
+    assert model.tie_embeddings is True and model.vocab_size == PRESETS["llama3.2-1b"].vocab_size
 
 
 def test_cli_preset_replaces_yaml_preset(tmp_path):
