@@ -294,15 +294,18 @@ def test_workers_die_with_a_killed_test_process(tmp_path):
     # The harness's finally-block cannot run when the test process is SIGKILLed
     # (CI timeout, OOM killer); the workers must not outlive it regardless.
     repo_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, PYTHONPATH=repo_root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    parent = subprocess.Popen([sys.executable, "-c", _ORPHAN_SCRIPT, str(tmp_path)], env=env)
+    pid_dir = tmp_path / "pids"
+    pid_dir.mkdir()
+    env = dict(os.environ, PYTHONPATH=repo_root + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               TMPDIR=str(tmp_path))  # the killed harness cannot remove its scratch folder
+    parent = subprocess.Popen([sys.executable, "-c", _ORPHAN_SCRIPT, str(pid_dir)], env=env)
     try:
         deadline = time.monotonic() + 60
-        while len(list(tmp_path.iterdir())) < 3:
+        while len(list(pid_dir.iterdir())) < 3:
             assert parent.poll() is None, "the harness process exited early"
             assert time.monotonic() < deadline, "workers never started"
             time.sleep(0.05)
-        worker_pids = [int(path.read_text()) for path in tmp_path.iterdir()]
+        worker_pids = [int(path.read_text()) for path in pid_dir.iterdir()]
         assert not any(_is_gone(pid) for pid in worker_pids)
     finally:
         parent.kill()
