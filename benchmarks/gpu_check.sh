@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One prepared GPU check: install cptron into the machine's own Python (no network:
+# no deps, no build isolation), report the device, run the gpu-marked tests (cptron vs
+# transformers on CUDA, fp32 and bf16, packed documents) and then the whole suite.
+# Usage: bash benchmarks/gpu_check.sh   (on a machine with CUDA; prints everything)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+$PY -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
+$PY - <<'PY'
+import torch, transformers
+print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
+      f"cuda {torch.version.cuda}, device {torch.cuda.get_device_name(0)}")
+PY
+echo "== gpu-marked tests"
+$PY -m pytest -q -m gpu -p no:cacheprovider 2>&1 | tail -5
+gpu_rc=${PIPESTATUS[0]}
+echo "== whole suite on this machine's torch"
+$PY -m pytest -q -x -p no:cacheprovider 2>&1 | tail -8
+all_rc=${PIPESTATUS[0]}
+echo "gpu tests rc=$gpu_rc, whole suite rc=$all_rc"
+exit $(( gpu_rc || all_rc ))
