@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -99,6 +100,9 @@ class ModelConfig:
             if not ok:
                 raise ConfigError(f"model.{field}={value!r} is invalid: expected {expected}")
 
+        for name in ("family", "rope_type"):  # Literal fields set from Python or checkpoint metadata
+            allowed = typing.get_args(typing.get_type_hints(ModelConfig)[name])
+            need(getattr(self, name) in allowed, name, getattr(self, name), f"one of {', '.join(allowed)}")
         for name in ("dim", "n_layers", "n_heads", "ffn_hidden_dim", "vocab_size",
                      "pad_vocab_to_multiple_of", "max_seq_len", "rope_original_max_position_embeddings"):
             need(getattr(self, name) >= 1, name, getattr(self, name), "an integer >= 1")
@@ -118,6 +122,10 @@ class ModelConfig:
                  self.rope_high_freq_factor, f"a float > model.rope_low_freq_factor={self.rope_low_freq_factor} > 0")
         need(self.sliding_window is None or self.sliding_window >= 1, "sliding_window",
              self.sliding_window, "None or an integer >= 1")
+        # Only Mistral's HF architecture has a uniform sliding window; elsewhere the
+        # export would silently become full attention.
+        need(self.sliding_window is None or self.family == "mistral", "sliding_window", self.sliding_window,
+             f"None for model.family={self.family!r} (sliding windows need family 'mistral')")
         need(self.init_std > 0, "init_std", self.init_std, "a float > 0")
 
 

@@ -17,6 +17,12 @@ Conventions that other modules rely on:
   heads across ranks needs no change here.
 - A stage whose `tok_embeddings` is None takes hidden states as input; a stage
   whose `output` is None returns hidden states.
+- Logits cover the padded vocabulary (`cfg.padded_vocab_size`). Padded rows start
+  at zero and are never targets; the model does not mask them, because a mask
+  inside forward would fight vocab-parallel sharding and turn soft losses
+  (label smoothing, entropy, KL) into inf/nan. Code that turns logits into
+  probabilities over tokens (eval, generation, export checks) uses
+  `logits[..., :cfg.vocab_size]`, as Megatron-LM does.
 """
 from __future__ import annotations
 
@@ -179,7 +185,7 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    """The decoder. forward(tokens [B, T], doc_ids=None, positions=None) -> logits [B, T, padded_vocab]."""
+    """The decoder. forward(tokens [B, T], doc_ids=None, positions=None) -> logits [B, T, padded_vocab_size]."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -215,11 +221,7 @@ class Transformer(nn.Module):
             h = self.norm(h)
         if self.output is None:
             return h
-        logits = self.output(h)
-        if self.cfg.padded_vocab_size > self.cfg.vocab_size:
-            # Padded rows are not tokens: give them no probability mass.
-            logits = logits.masked_fill(self._vocab_pad_mask(logits.shape[-1], logits.device), float("-inf"))
-        return logits
+        return self.output(h)
 
     def _apply(self, fn, recurse=True):
         # Keep the rotary frequencies in fp32 whatever dtype the weights move to:
@@ -231,31 +233,51 @@ class Transformer(nn.Module):
         self.rope_inv_freq = rope_inv_freq(self.cfg).to(self.rope_inv_freq.device)
         return self
 
-    def _vocab_pad_mask(self, n: int, device) -> torch.Tensor:
-        return torch.arange(n, device=device) >= self.cfg.vocab_size
-
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
         """Initialize every parameter as a function of (seed, parameter name) only.
 
         Each parameter draws from its own generator, so the result does not depend
-        on module order, on which stage holds the parameter, or on the device.
+        on module order, on which pipeline stage holds the parameter, or on the
+        device. A DTensor parameter (FSDP2/TP sharded) receives its own slice of
+        the same full tensor, so any layout initializes identically.
+        A tied output weight is seeded under its canonical name, tok_embeddings.weight,
+        so a last pipeline stage holding only `output` matches the first stage.
         """
         depth_std = self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers)
         for name, p in self.named_parameters():
             leaf = name.rsplit(".", 2)
             if name.endswith("norm.weight"):
-                p.fill_(1.0)
+                _fill_param(p, lambda shape: torch.ones(shape))
                 continue
             if name.endswith(".bias"):
-                p.zero_()
+                _fill_param(p, lambda shape: torch.zeros(shape))
                 continue
+            if name == "output.weight" and self.cfg.tie_embeddings:
+                name = "tok_embeddings.weight"
             std = depth_std if leaf[-2] in ("wo", "w2") else self.cfg.init_std
             gen = torch.Generator(device="cpu").manual_seed(_param_seed(seed, name))
-            full = torch.empty(p.shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
-            if name in ("tok_embeddings.weight", "output.weight"):
-                full[self.cfg.vocab_size:] = 0.0
-            p.copy_(full.to(p.dtype))
+
+            def draw(shape, gen=gen, std=std, padded=name in ("tok_embeddings.weight", "output.weight")):
+                full = torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
+                if padded:
+                    full[self.cfg.vocab_size:] = 0.0  # padded rows are not tokens
+                return full
+
+            _fill_param(p, draw)
+
+
+def _fill_param(p: torch.Tensor, make_full) -> None:
+    """Copy make_full(global shape) into `p`; a DTensor takes only its local slice."""
+    full = make_full(tuple(p.shape))
+    local = p
+    if hasattr(p, "device_mesh") and hasattr(p, "placements"):  # DTensor, without importing parallel code
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+        full = full[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
+        local = p.to_local()
+    local.copy_(full.to(local.dtype))
 
 
 def _param_seed(seed: int, name: str) -> int:

@@ -128,3 +128,32 @@ def test_meta_construction_of_a_large_preset_allocates_nothing():
 def test_impossible_architectures_name_the_field(kw, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         tiny(**kw)
+
+
+def test_a_tied_last_stage_initializes_its_output_like_the_first_stage_embedding():
+    cfg = tiny(tie_embeddings=True, n_layers=4)
+    first = build_model(cfg, seed=9)
+    last = build_model(cfg, seed=None)
+    last.tok_embeddings = None  # the last pipeline stage keeps only `output`
+    last.init_weights(9)
+    assert torch.equal(last.output.weight, first.tok_embeddings.weight)
+
+
+def test_padded_vocabulary_keeps_soft_losses_finite():
+    model = build_model(tiny(vocab_size=2000, pad_vocab_to_multiple_of=64), seed=0)
+    logits = model(torch.randint(0, 2000, (2, 8)))
+    assert logits.shape[-1] == 2048
+    targets = torch.randint(0, 2000, (16,))
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets, label_smoothing=0.1)
+    logp = logits.log_softmax(-1)
+    assert torch.isfinite(loss) and torch.isfinite((logp.exp() * logp).sum())
+
+
+@pytest.mark.parametrize("kw, field", [
+    ({"family": "gemma"}, "model.family"),
+    ({"rope_type": "yarn"}, "model.rope_type"),
+    ({"family": "llama", "sliding_window": 16}, "model.sliding_window"),
+])
+def test_fields_set_from_python_are_validated_too(kw, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        ModelConfig(**kw).validate()
