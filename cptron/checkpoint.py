@@ -15,8 +15,10 @@ its global shape, so a checkpoint written under one parallel layout loads under 
 other. Tied output weights are stored once, under `model.tok_embeddings.weight`.
 
 Writes are atomic: everything goes into `.<name>.incomplete` next to the target,
-the COMPLETE marker is written and synced, then the directory is renamed into place.
-A crash at any point leaves either the previous state or a complete checkpoint.
+the metadata and then the COMPLETE marker are written and synced, then the
+directory is renamed into place (an existing one is first moved to `.<name>.old`).
+A crash at any point leaves the previous checkpoint, the new one, or both under
+hidden names, which `recover_interrupted_write` resolves on the next read or write.
 """
 from __future__ import annotations
 
@@ -56,10 +58,20 @@ def is_complete(path: str | os.PathLike) -> bool:
 
 
 def latest_complete_checkpoint(root: str | os.PathLike) -> Optional[Path]:
-    """The complete `step-N` directory under `root` with the largest N, or None."""
+    """The complete `step-N` directory under `root` with the largest N, or None.
+
+    First repairs writes that were killed between their final renames (rank 0);
+    collective when a process group is initialized.
+    """
     root = Path(root)
     if not root.is_dir():
         return None
+    if _rank() == 0:
+        for hidden in root.glob(".step-*"):  # writes killed between their final renames
+            m = re.match(r"^\.(step-\d+)\.(incomplete|old)$", hidden.name)
+            if m:
+                recover_interrupted_write(root / m.group(1))
+    _barrier()
     best: tuple[int, Path] | None = None
     for child in root.iterdir():
         m = STEP_DIR_RE.match(child.name)
@@ -73,6 +85,8 @@ def latest_complete_checkpoint(root: str | os.PathLike) -> Optional[Path]:
 def read_meta(path: str | os.PathLike) -> dict:
     """The `cptron.json` of a complete checkpoint; CheckpointError names what is wrong."""
     path = Path(path)
+    if _rank() == 0:
+        recover_interrupted_write(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if not (path / COMPLETE_MARKER).is_file():
@@ -131,12 +145,75 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _on_rank0(what: str, fn: Callable[[], None]) -> None:
+    """Run `fn` on rank 0 and make every rank raise the same CheckpointError if it fails,
+    instead of leaving the other ranks in a collective that never completes."""
+    error = None
+    if _rank() == 0:
+        try:
+            fn()
+        except CheckpointError as e:
+            error = str(e)
+        except Exception as e:
+            error = f"{what} failed: {type(e).__name__}: {e}"
+    if dist.is_available() and dist.is_initialized():
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise CheckpointError(error)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _side_dirs(path: Path) -> tuple[Path, Path]:
+    """The hidden siblings used while writing `path`: the new copy and the replaced one."""
+    return path.parent / f".{path.name}.incomplete", path.parent / f".{path.name}.old"
+
+
+def replace_dir(tmp: Path, path: Path) -> None:
+    """Move the finished directory `tmp` to `path`, replacing what is there.
+
+    An existing `path` is first renamed to its `.old` sibling; a crash between the
+    two renames leaves both copies, which `recover_interrupted_write` puts back.
+    """
+    _, old = _side_dirs(path)
+    if path.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def recover_interrupted_write(path: str | os.PathLike) -> None:
+    """Finish or roll back a write of `path` that was killed during its final renames:
+    a complete new copy is moved into place, else a complete replaced copy is restored."""
+    path = Path(path)
+    tmp, old = _side_dirs(path)
+    if not path.exists():
+        if is_complete(tmp):
+            os.replace(tmp, path)
+        elif is_complete(old):
+            os.replace(old, path)
+    if path.exists() and old.exists():
+        shutil.rmtree(old)
 
 
 def write_checkpoint(path: str | os.PathLike, state_dict: dict[str, Any], meta: dict,
@@ -146,22 +223,25 @@ def write_checkpoint(path: str | os.PathLike, state_dict: dict[str, Any], meta: 
     """Atomically write `state_dict` (DCP) plus `meta` to the checkpoint directory `path`.
 
     Collective when a process group is initialized: every rank passes its local
-    shards; rank 0 prepares the directory, writes the metadata and renames.
+    shards; rank 0 prepares the directory, writes the metadata and renames, and a
+    failure there is raised on every rank.
     `fetch(flat_key)`, when given, supplies each tensor at write time and the
     state dict only needs meta tensors (streaming conversion).
     `tokenizer_files` are copied into `<path>/tokenizer/`.
     """
     path = Path(path)
-    tmp = path.parent / f".{path.name}.incomplete"
-    rank = _rank()
-    if rank == 0:
+    tmp, _ = _side_dirs(path)
+
+    def prepare():
+        recover_interrupted_write(path)
         if path.exists() and not overwrite:
             raise CheckpointError(f"{path} already exists; pass overwrite to replace it")
         path.parent.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
-            shutil.rmtree(tmp)  # left by a run killed mid-write; never read
+            shutil.rmtree(tmp)  # an incomplete write of a killed run; never read
         tmp.mkdir()
-    _barrier()
+
+    _on_rank0(f"preparing checkpoint {path}", prepare)
     planner = _LazySavePlanner(fetch) if fetch is not None else DefaultSavePlanner()
     # One file per tensor when streaming: DCP keeps every tensor of a file alive
     # until the file is closed, which would defeat streaming.
@@ -172,29 +252,19 @@ def write_checkpoint(path: str | os.PathLike, state_dict: dict[str, Any], meta: 
             dcp.save(state_dict, storage_writer=writer, planner=planner)
         except (Exception, CheckpointException) as e:  # the partial directory stays hidden under its .incomplete name
             raise CheckpointError(f"writing checkpoint {path} failed: {_describe(e)}") from e
-    if rank == 0:
+
+    def finish():
         if tokenizer_files:
             (tmp / TOKENIZER_DIR).mkdir()
             for f in tokenizer_files:
                 shutil.copy2(f, tmp / TOKENIZER_DIR / Path(f).name)
-        full_meta = {"format_version": FORMAT_VERSION, **meta}
-        (tmp / META_FILE).write_text(json.dumps(full_meta, indent=2, sort_keys=True))
-        with open(tmp / COMPLETE_MARKER, "w") as f:
-            f.write("complete\n")
-            f.flush()
-            os.fsync(f.fileno())
+        _write_synced(tmp / META_FILE, json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=2,
+                                                  sort_keys=True))
+        _write_synced(tmp / COMPLETE_MARKER, "complete\n")  # last: marks everything above as durable
         _fsync_dir(tmp)
-        if path.exists():
-            old = path.parent / f".{path.name}.old"
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    _barrier()
+        replace_dir(tmp, path)
+
+    _on_rank0(f"finishing checkpoint {path}", finish)
     return path
 
 
@@ -213,9 +283,26 @@ def load_state(path: str | os.PathLike, state_dict: dict[str, Any]) -> None:
             raise CheckpointError(f"loading checkpoint {path} failed: {_describe(e)}") from e
 
 
-def model_checkpoint_keys(model: torch.nn.Module) -> list[str]:
-    """Parameter names as stored: each parameter once (tied weights under their first name)."""
-    return [name for name, _ in model.named_parameters()]
+def model_config_from_meta(meta: dict, path: str | os.PathLike):
+    """The validated ModelConfig stored in a checkpoint's cptron.json."""
+    import dataclasses
+
+    from cptron.errors import ConfigError
+    from cptron.models.config import ModelConfig
+
+    stored = meta.get("model")
+    if not isinstance(stored, dict):
+        raise CheckpointError(f"{Path(path) / META_FILE} has no model config")
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(stored) - known)
+    if unknown:
+        raise CheckpointError(f"{Path(path) / META_FILE}: model fields {unknown} are not known to this cptron")
+    try:
+        cfg = ModelConfig(**stored)
+        cfg.validate()
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{Path(path) / META_FILE}: invalid model config: {e}") from e
+    return cfg
 
 
 def load_model(path: str | os.PathLike, device="cpu", dtype: Optional[torch.dtype] = None):
@@ -223,11 +310,9 @@ def load_model(path: str | os.PathLike, device="cpu", dtype: Optional[torch.dtyp
 
     `dtype` None keeps the stored dtype of each tensor.
     """
-    from cptron.models.config import ModelConfig
     from cptron.models.llama import build_model
 
-    meta = read_meta(path)
-    cfg = ModelConfig(**meta["model"])
+    cfg = model_config_from_meta(read_meta(path), path)
     stored = tensor_metadata(path)
     first = stored.get(MODEL_PREFIX + "tok_embeddings.weight")
     if first is None:

@@ -124,7 +124,8 @@ class VerifyConfig:
 
     def validate(self) -> None:
         _need(bool(self.checkpoint), "checkpoint", self.checkpoint, "a cptron checkpoint directory")
-        _need(bool(self.hf), "hf", self.hf, "an HF model directory")
+        _need(Path(self.checkpoint).is_dir(), "checkpoint", self.checkpoint, "an existing directory")
+        _need(Path(self.hf).is_dir(), "hf", self.hf, "an existing HF model directory")
         _need(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
         _need(self.seq_len >= 1, "seq_len", self.seq_len, "an integer >= 1")
         _need(self.tolerance >= 0, "tolerance", self.tolerance, "a float >= 0")
@@ -235,6 +236,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         _setup_logging()
         runner(cfg)
     except CptronError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # unwritable output, full disk, a file where a directory should be
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     return 0

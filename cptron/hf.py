@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 FAMILY_TO_ARCH = {v: k for k, v in HF_ARCHITECTURES.items()}
+_HF_CONFIG_CLASS = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config"}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
@@ -117,6 +118,20 @@ def _rope_fields(hf: dict) -> dict:
     return out
 
 
+def _with_transformers_defaults(hf: dict, family: str) -> dict:
+    """`hf` completed with the defaults transformers itself applies to absent keys
+    (e.g. Mistral's sliding_window=4096), so cptron reads the model transformers runs."""
+    import transformers
+
+    cls = getattr(transformers, _HF_CONFIG_CLASS[family])
+    try:
+        full = cls.from_dict({k: v for k, v in hf.items() if k not in ("transformers_version",)}).to_dict()
+    except Exception as e:
+        raise ConversionError(f"config.json: transformers rejects it as {cls.__name__}: {e}") from e
+    # Keep the keys as written where present (to_dict may restyle rope settings).
+    return {**full, **hf}
+
+
 def model_config_from_hf(hf: dict, pad_vocab_to_multiple_of: int = 1) -> ModelConfig:
     """cptron ModelConfig of an HF `config.json` dict; ConversionError names what is unsupported."""
     archs = hf.get("architectures") or []
@@ -125,6 +140,16 @@ def model_config_from_hf(hf: dict, pad_vocab_to_multiple_of: int = 1) -> ModelCo
         raise ConversionError(f"config.json: architecture {arch!r} is not supported: expected one of "
                               f"{', '.join(HF_ARCHITECTURES)}")
     family = HF_ARCHITECTURES[arch]
+    hf = _with_transformers_defaults(hf, family)
+    try:
+        return _model_config_from_full_hf(hf, family, pad_vocab_to_multiple_of)
+    except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, ConversionError):
+            raise
+        raise ConversionError(f"config.json: missing or invalid value: {type(e).__name__}: {e}") from e
+
+
+def _model_config_from_full_hf(hf: dict, family: str, pad_vocab_to_multiple_of: int) -> ModelConfig:
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise ConversionError(f"config.json: hidden_act {act!r} is not supported: expected 'silu'")
@@ -164,8 +189,7 @@ def hf_config_from_model_config(cfg: ModelConfig, base: Optional[dict] = None,
     (token ids, initializer range, ...) from the model the checkpoint came from."""
     import transformers
 
-    cls = getattr(transformers, {"llama": "LlamaConfig", "mistral": "MistralConfig",
-                                 "qwen2": "Qwen2Config"}[cfg.family])
+    cls = getattr(transformers, _HF_CONFIG_CLASS[cfg.family])
     kwargs = {k: v for k, v in (base or {}).items() if k not in _OWNED_HF_KEYS and not k.startswith("_")}
     kwargs.update(hidden_size=cfg.dim, num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
                   num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_size, intermediate_size=cfg.ffn_hidden_dim,
@@ -210,7 +234,7 @@ def hf_weight_map(hf_dir: Path) -> dict[str, Path]:
                 raise ConversionError(f"shard {shard} named in {index.name} is missing")
         return files
     if single.is_file():
-        with safe_open(single, framework="pt") as f:
+        with _open_safetensors(single) as f:
             return {name: single for name in f.keys()}
     if any(hf_dir.glob("*.bin")):
         raise ConversionError(f"{hf_dir} holds PyTorch .bin weights; only safetensors is supported "
@@ -234,6 +258,13 @@ def expected_parameters(cfg: ModelConfig) -> dict[str, torch.Size]:
     return {name: p.shape for name, p in model.named_parameters()}
 
 
+def _open_safetensors(path: Path):
+    try:
+        return safe_open(path, framework="pt")
+    except Exception as e:
+        raise ConversionError(f"{path} is not a readable safetensors file: {e}") from e
+
+
 class _ShardReader:
     """Keeps one safetensors file open at a time; tensors are requested shard by shard."""
 
@@ -242,11 +273,14 @@ class _ShardReader:
         self._handle = None
 
     def get(self, path: Path, name: str) -> torch.Tensor:
-        if path != self._path:
-            self.close()
-            self._handle = safe_open(path, framework="pt").__enter__()
-            self._path = path
-        return self._handle.get_tensor(name)
+        try:
+            if path != self._path:
+                self.close()
+                self._handle = safe_open(path, framework="pt").__enter__()
+                self._path = path
+            return self._handle.get_tensor(name)
+        except Exception as e:  # safetensors raises its own error types
+            raise ConversionError(f"reading tensor {name!r} from {path} failed: {e}") from e
 
     def close(self):
         if self._handle is not None:
@@ -294,10 +328,14 @@ def convert_hf_to_cptron(hf_dir: str | os.PathLike, out: str | os.PathLike, pad_
         by_file.setdefault(sources[name][1], []).append(name)
     state: dict[str, torch.Tensor] = {}
     for path, names in by_file.items():
-        with safe_open(path, framework="pt") as f:
+        with _open_safetensors(path) as f:
             for name in names:
                 hf_name = sources[name][0]
-                sl = f.get_slice(hf_name)
+                try:
+                    sl = f.get_slice(hf_name)
+                except Exception as e:
+                    raise ConversionError(f"tensor {hf_name!r} is not in {path} although the index "
+                                          f"names that file: {e}") from e
                 shape, src_dtype = tuple(sl.get_shape()), _safetensors_dtype(sl.get_dtype(), hf_name)
                 want = tuple(expected[name])
                 hf_want = (cfg.vocab_size,) + want[1:] if name in _PADDED else want
@@ -380,7 +418,7 @@ def convert_cptron_to_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, 
     """Export a cptron checkpoint directory as an HF model directory; returns `out`."""
     src, out = Path(checkpoint), Path(out)
     meta = ckpt.read_meta(src)
-    cfg = ModelConfig(**meta["model"])
+    cfg = ckpt.model_config_from_meta(meta, src)
     stored = ckpt.tensor_metadata(src)
     target_dtype = dtype_from_name(dtype)
     expected = expected_parameters(cfg)
@@ -401,7 +439,7 @@ def convert_cptron_to_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, 
 
     if out.exists() and not overwrite:
         raise ConversionError(f"{out} already exists; pass --overwrite to replace it")
-    tmp = out.parent / f".{out.name}.incomplete"
+    tmp, _ = ckpt._side_dirs(out)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
@@ -438,9 +476,7 @@ def convert_cptron_to_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, 
     if tok_dir.is_dir():
         for f in tok_dir.iterdir():
             shutil.copy2(f, tmp / f.name)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    ckpt.replace_dir(tmp, out)
     return out
 
 

@@ -49,3 +49,20 @@ def test_written_on_two_ranks_read_on_one_and_on_a_2x2_mesh(tmp_path):
     assert model.output.weight is model.tok_embeddings.weight
 
     assert run_distributed(_load_2d, 4, path) == [True] * 4
+
+
+def _write_existing(rank, world_size, path):
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("dp_shard",))
+    state = {n: distribute_tensor(t, mesh, [Shard(0)]) for n, t in _reference().items()}
+    try:
+        ckpt.write_checkpoint(path, {"model": state}, {"model": dataclasses.asdict(CFG)})
+    except ckpt.CheckpointError as e:
+        return str(e)
+    return "no error"
+
+
+def test_a_refusal_on_rank0_is_raised_on_every_rank(tmp_path):
+    path = tmp_path / "exists"
+    path.mkdir()
+    messages = run_distributed(_write_existing, 2, path, timeout=60)
+    assert all("already exists" in m for m in messages), messages

@@ -108,3 +108,11 @@ def test_console_script_is_installed():
     out = subprocess.run([Path(sys.executable).parent / "cptron", "--version"], capture_output=True, text=True,
                          check=True).stdout
     assert out.startswith("cptron ")
+
+
+def test_verify_and_output_path_problems_exit_2_with_a_message(tmp_path, capsys):
+    assert main(["convert", "verify", "--checkpoint", str(tmp_path), "--hf", str(tmp_path / "nope")]) == 2
+    assert "hf=" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("x")
+    assert main(["init", "--model.preset", "tiny", "--output", str(tmp_path / "afile" / "sub")]) == 2
+    assert "afile" in capsys.readouterr().err

@@ -91,3 +91,47 @@ def test_load_model_restores_tied_weights(tmp_path):
     x = torch.randint(0, cfg.vocab_size, (1, 8))
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+
+
+@pytest.mark.parametrize("crash_at", [1, 2])
+def test_a_crash_during_the_final_renames_of_an_overwrite_is_recovered(tmp_path, monkeypatch, crash_at):
+    import os
+
+    target = tmp_path / ckpt.step_dir_name(100)
+    ckpt.write_checkpoint(target, _state(1), {"step": 1})
+    real_replace, calls = os.replace, []
+
+    def dying_replace(src, dst):
+        calls.append((src, dst))
+        if len(calls) == crash_at:
+            raise KeyboardInterrupt("killed")  # as if SIGKILLed between the renames
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", dying_replace)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.write_checkpoint(target, _state(2), {"step": 2}, overwrite=True)
+    monkeypatch.setattr(ckpt.os, "replace", real_replace)
+    # crash 1: old still in place; crash 2: old moved aside and the new copy complete but hidden
+    assert target.exists() == (crash_at == 1)
+    assert ckpt.latest_complete_checkpoint(tmp_path) == target
+    assert ckpt.read_meta(target)["step"] == (1 if crash_at == 1 else 2)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == \
+        ([".step-00000100.incomplete"] if crash_at == 1 else [])
+
+
+def test_a_complete_old_copy_is_restored_when_the_new_one_never_finished(tmp_path):
+    target = tmp_path / "c"
+    ckpt.write_checkpoint(target, _state(1), {"step": 1})
+    tmp, old = target.parent / ".c.incomplete", target.parent / ".c.old"
+    target.rename(old)
+    tmp.mkdir()  # the new copy died before its COMPLETE marker
+    assert ckpt.read_meta(target)["step"] == 1
+    assert not old.exists()
+
+
+def test_metadata_is_written_before_the_marker(tmp_path, monkeypatch):
+    order = []
+    real = ckpt._write_synced
+    monkeypatch.setattr(ckpt, "_write_synced", lambda p, t: (order.append(p.name), real(p, t)))
+    ckpt.write_checkpoint(tmp_path / "c", _state(), {"step": 0})
+    assert order == [ckpt.META_FILE, ckpt.COMPLETE_MARKER]

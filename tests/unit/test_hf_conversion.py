@@ -208,3 +208,41 @@ def test_existing_output_and_incomplete_checkpoint_are_refused(tmp_path):
     with pytest.raises(CheckpointError, match="broken is incomplete"):
         convert_cptron_to_hf(tmp_path / "broken", tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_absent_keys_take_transformers_defaults():
+    cfg = model_config_from_hf({"architectures": ["MistralForCausalLM"], "hidden_size": 64, "num_hidden_layers": 2,
+                                "num_attention_heads": 8, "intermediate_size": 96, "vocab_size": 300})
+    defaults = transformers.MistralConfig()
+    assert cfg.sliding_window == defaults.sliding_window == 4096
+    assert cfg.kv_heads == defaults.num_key_value_heads
+    assert cfg.max_seq_len == defaults.max_position_embeddings
+
+
+def test_incomplete_rope_scaling_names_config_json():
+    with pytest.raises(ConversionError, match="config.json"):
+        model_config_from_hf({"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_hidden_layers": 2,
+                              "num_attention_heads": 4, "intermediate_size": 96, "vocab_size": 300,
+                              "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
+
+
+def test_index_naming_a_tensor_absent_from_its_shard(tmp_path):
+    make_hf("llama3", tmp_path / "hf", max_shard_size="40KB")
+    index_path = tmp_path / "hf" / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    index["weight_map"]["model.norm.weight"] = next(s for s in shards if s != index["weight_map"]["model.norm.weight"])
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(ConversionError, match=r"'model\.norm\.weight' is not in .*safetensors"):
+        convert_hf_to_cptron(tmp_path / "hf", tmp_path / "cp", progress=False)
+
+
+def test_checkpoint_with_unknown_model_fields_names_cptron_json(tmp_path):
+    make_hf("qwen2", tmp_path / "hf")
+    convert_hf_to_cptron(tmp_path / "hf", tmp_path / "cp", progress=False)
+    meta_path = tmp_path / "cp" / ckpt.META_FILE
+    meta = json.loads(meta_path.read_text())
+    meta["model"]["qk_norm"] = True
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"cptron\.json: model fields \['qk_norm'\]"):
+        convert_cptron_to_hf(tmp_path / "cp", tmp_path / "out", progress=False)
