@@ -19,7 +19,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 from safetensors import safe_open
@@ -144,8 +144,6 @@ def model_config_from_hf(hf: dict, pad_vocab_to_multiple_of: int = 1) -> ModelCo
     try:
         return _model_config_from_full_hf(hf, family, pad_vocab_to_multiple_of)
     except (KeyError, TypeError, ValueError) as e:
-        if isinstance(e, ConversionError):
-            raise
         raise ConversionError(f"config.json: missing or invalid value: {type(e).__name__}: {e}") from e
 
 

@@ -86,7 +86,7 @@ def test_init_export_import_verify_round_trip(tmp_path, capsys):
     assert main(["convert", "hf-to-cptron", "--input", str(hf), "--output", str(cp2),
                  "--pad_vocab_to_multiple_of", "96", "--progress", "false"]) == 0
     a, b = ckpt.load_model(cp), ckpt.load_model(cp2)
-    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
         assert torch.equal(pa, pb), name
     capsys.readouterr()
     assert main(["convert", "verify", "--checkpoint", str(cp), "--hf", str(hf)]) == 0

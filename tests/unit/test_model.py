@@ -15,7 +15,7 @@ def test_init_is_a_function_of_the_seed_only():
     a = build_model(tiny(), seed=3)
     b = build_model(tiny(), seed=3)
     c = build_model(tiny(), seed=4)
-    for (name, pa), (_, pb), (_, pc) in zip(a.named_parameters(), b.named_parameters(), c.named_parameters()):
+    for (name, pa), (_, pb), (_, pc) in zip(a.named_parameters(), b.named_parameters(), c.named_parameters(), strict=True):
         assert torch.equal(pa, pb), name
         if not name.endswith("norm.weight"):
             assert not torch.equal(pa, pc), name
