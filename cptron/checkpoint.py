@@ -179,7 +179,7 @@ def _write_synced(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
-def _side_dirs(path: Path) -> tuple[Path, Path]:
+def side_dirs(path: Path) -> tuple[Path, Path]:
     """The hidden siblings used while writing `path`: the new copy and the replaced one."""
     return path.parent / f".{path.name}.incomplete", path.parent / f".{path.name}.old"
 
@@ -190,7 +190,7 @@ def replace_dir(tmp: Path, path: Path) -> None:
     An existing `path` is first renamed to its `.old` sibling; a crash between the
     two renames leaves both copies, which `recover_interrupted_write` puts back.
     """
-    _, old = _side_dirs(path)
+    _, old = side_dirs(path)
     if path.exists():
         if old.exists():
             shutil.rmtree(old)
@@ -206,7 +206,7 @@ def recover_interrupted_write(path: str | os.PathLike) -> None:
     """Finish or roll back a write of `path` that was killed during its final renames:
     a complete new copy is moved into place, else a complete replaced copy is restored."""
     path = Path(path)
-    tmp, old = _side_dirs(path)
+    tmp, old = side_dirs(path)
     if not path.exists():
         if is_complete(tmp):
             os.replace(tmp, path)
@@ -230,7 +230,7 @@ def write_checkpoint(path: str | os.PathLike, state_dict: dict[str, Any], meta: 
     `tokenizer_files` are copied into `<path>/tokenizer/`.
     """
     path = Path(path)
-    tmp, _ = _side_dirs(path)
+    tmp, _ = side_dirs(path)
 
     def prepare():
         recover_interrupted_write(path)

@@ -437,7 +437,7 @@ def convert_cptron_to_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, 
 
     if out.exists() and not overwrite:
         raise ConversionError(f"{out} already exists; pass --overwrite to replace it")
-    tmp, _ = ckpt._side_dirs(out)
+    tmp, _ = ckpt.side_dirs(out)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
