@@ -134,23 +134,20 @@ class VerifyConfig:
 # ------------------------------------------------------------------ commands
 
 def run_init(cfg: InitConfig) -> None:
-    import dataclasses
-
     import torch
 
     from cptron import checkpoint as ckpt
-    from cptron.hf import TOKENIZER_FILES
+    from cptron.config import config_to_dict
+    from cptron.hf import tokenizer_files
     from cptron.models.llama import build_model
 
     dtype = getattr(torch, cfg.dtype)
     model = build_model(cfg.model, seed=cfg.seed, dtype=dtype)
     log.info("initialized %s model (%s parameters, %s) with seed %d on cpu",
              cfg.model.preset or cfg.model.family, f"{cfg.model.num_params():,}", cfg.dtype, cfg.seed)
-    tok_files = []
-    if cfg.tokenizer:
-        tok_files = [Path(cfg.tokenizer) / f for f in TOKENIZER_FILES if (Path(cfg.tokenizer) / f).is_file()]
+    tok_files = tokenizer_files(Path(cfg.tokenizer)) if cfg.tokenizer else []
     params = {name: p.detach() for name, p in model.named_parameters()}
-    meta = {"model": dataclasses.asdict(cfg.model), "step": 0, "source": f"init(seed={cfg.seed})"}
+    meta = {"model": config_to_dict(cfg.model), "step": 0, "source": f"init(seed={cfg.seed})"}
     out = ckpt.write_checkpoint(cfg.output, {"model": params}, meta, tokenizer_files=tok_files,
                                 overwrite=cfg.overwrite)
     log.info("wrote %s", out)

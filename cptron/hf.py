@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from cptron import checkpoint as ckpt
+from cptron.config import config_to_dict
 from cptron.errors import ConversionError
 from cptron.models.config import ModelConfig
 from cptron.models.llama import Transformer
@@ -62,6 +63,11 @@ _CP_LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)\.(weight|bias)$")
 # Tensors some HF checkpoints carry that are derived, not learned.
 _DERIVED_HF_TENSORS = re.compile(r"rotary_emb\.inv_freq$")
 _PADDED = ("tok_embeddings.weight", "output.weight")
+
+
+def tokenizer_files(directory: Path) -> list[Path]:
+    """The tokenizer files present in `directory` (carried in checkpoints, copied on export)."""
+    return [Path(directory) / f for f in TOKENIZER_FILES if (Path(directory) / f).is_file()]
 
 
 def dtype_from_name(name: Optional[str]) -> Optional[torch.dtype]:
@@ -359,12 +365,12 @@ def convert_hf_to_cptron(hf_dir: str | os.PathLike, out: str | os.PathLike, pad_
         bar.update(1)
         return t.contiguous()
 
-    tokenizer_files = [hf_dir / f for f in TOKENIZER_FILES if (hf_dir / f).is_file()]
     gen_path = hf_dir / "generation_config.json"
-    meta = {"model": _config_dict(cfg), "step": 0, "source": str(hf_dir), "hf_config": hf_config,
+    meta = {"model": config_to_dict(cfg), "step": 0, "source": str(hf_dir), "hf_config": hf_config,
             "hf_generation_config": _read_json(gen_path) if gen_path.is_file() else None}
     try:
-        ckpt.write_checkpoint(out, {"model": state}, meta, fetch=fetch, tokenizer_files=tokenizer_files,
+        ckpt.write_checkpoint(out, {"model": state}, meta, fetch=fetch,
+                              tokenizer_files=tokenizer_files(hf_dir),
                               overwrite=overwrite)
     finally:
         reader.close()
@@ -377,11 +383,6 @@ def _safetensors_dtype(code: str, name: str) -> torch.dtype:
     if code not in table:
         raise ConversionError(f"tensor {name!r} has dtype {code}: expected a floating-point tensor")
     return table[code]
-
-
-def _config_dict(cfg: ModelConfig) -> dict:
-    import dataclasses
-    return dataclasses.asdict(cfg)
 
 
 # ------------------------------------------------------------------- cptron -> HF
