@@ -27,9 +27,16 @@ setup(
         "tqdm",
     ],
     extras_require={
-        # mistral-common ships the Apache-2.0 Mistral SentencePiece model the tests use offline.
-        "dev": ["pytest>=8", "psutil", "hypothesis", "mistral-common"],
+        # Parquet input for `cptron data tokenize`.
+        "parquet": ["pyarrow"],
+        # Metric sinks beyond stdout/JSONL.
+        "tensorboard": ["tensorboard"],
         "wandb": ["wandb"],
+        # mistral-common ships the Apache-2.0 Mistral SentencePiece model the tests use offline;
+        # megatron-core is only the reference reader/writer and benchmark baseline of the shard format
+        # (0.16.1 is the last release that installs on Python 3.11).
+        "dev": ["pytest>=8", "psutil", "hypothesis", "mistral-common", "pyarrow", "tensorboard", "wandb",
+                "megatron-core==0.16.1"],
         "deepspeed": ["deepspeed"],
     },
     entry_points={"console_scripts": ["cptron=cptron.cli:main"]},

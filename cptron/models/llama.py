@@ -204,9 +204,15 @@ class Transformer(nn.Module):
         """`tokens`: token ids [B, T] (or hidden states [B, T, dim] on a stage without
         embeddings). `doc_ids` [B, T]: document of each token in a packed sequence;
         positions then restart per document and attention is block-diagonal causal.
-        `positions` [B, T] overrides the position ids."""
+        `positions` [B, T] overrides the position ids. A stage without embeddings
+        under sequence parallelism must pass doc_ids or positions (they fix T)."""
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        B, T = h.shape[0], h.shape[1]
+        # The sequence length comes from the token ids, or on a later pipeline stage
+        # from doc_ids/positions: under sequence parallelism the hidden states this
+        # rank holds cover only its slice of the sequence.
+        ref = tokens if self.tok_embeddings is not None else (
+            doc_ids if doc_ids is not None else positions if positions is not None else h)
+        B, T = ref.shape[0], ref.shape[1]
         segments = None
         if doc_ids is not None:
             doc_positions, segments = positions_and_segments(doc_ids)
