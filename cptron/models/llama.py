@@ -252,6 +252,7 @@ class Transformer(nn.Module):
         """
         depth_std = self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers)
         for name, p in self.named_parameters():
+            name = canonical_param_name(name)
             leaf = name.rsplit(".", 2)
             if name.endswith("norm.weight"):
                 _fill_param(p, lambda shape: torch.ones(shape))
@@ -284,6 +285,17 @@ def _fill_param(p: torch.Tensor, make_full) -> None:
         full = full[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
         local = p.to_local()
     local.copy_(full.to(local.dtype))
+
+
+_WRAPPER_SEGMENTS = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
+
+
+def canonical_param_name(name: str) -> str:
+    """A parameter's name without the segments that wrappers applied from outside
+    (activation checkpointing, torch.compile) insert, i.e. its checkpoint key."""
+    for seg in _WRAPPER_SEGMENTS:
+        name = name.replace(seg, "")
+    return name
 
 
 def _param_seed(seed: int, name: str) -> int:

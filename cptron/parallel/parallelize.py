@@ -1,0 +1,166 @@
+"""Apply tensor/sequence parallelism, activation checkpointing, compile and FSDP2 to
+one model part (the whole model, or a pipeline stage), from outside the model.
+
+`parallelize_llama` applies them in this order, and the order matters:
+  1. TP/SP first: it replaces weights with DTensors on the `tp` mesh, which the
+     later steps must see (FSDP2 shards the already tensor-parallel weights,
+     giving 2-D DTensors over (dp, tp)).
+  2. Activation checkpointing wraps each block, so a block's recomputation
+     includes its TP collectives.
+  3. torch.compile each (wrapped) block: compiling after AC lets the compiler
+     see the recomputation boundary; compiling blocks, not the model, keeps
+     graphs small and identical across blocks.
+  4. FSDP2 last, per block then the root, so each block's parameters are
+     all-gathered just in time and freed after use.
+"""
+from __future__ import annotations
+
+import logging
+import torch
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+
+from cptron.parallel.dims import ParallelConfig, ParallelDims
+
+log = logging.getLogger("cptron.parallel")
+
+
+def parallelize_llama(model: nn.Module, mesh: DeviceMesh, dims: ParallelDims, cfg: ParallelConfig,
+                      param_dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Parallelize one Transformer (or pipeline-stage) part in place and return it.
+
+    The part may still be on the meta device; materialize it afterwards with
+    `to_empty(device=...)` and `init_weights(seed)` (or load weights)."""
+    if dims.tp > 1:
+        apply_tensor_parallel(model, mesh["tp"], sequence_parallel=cfg.sequence_parallel,
+                              loss_parallel=cfg.loss_parallel)
+    if cfg.activation_checkpoint != "none":
+        apply_activation_checkpointing(model, cfg.activation_checkpoint, cfg.ac_every)
+    if cfg.compile:
+        apply_compile(model)
+    if dims.dp > 1 or param_dtype != torch.float32:
+        apply_fsdp(model, fsdp_mesh(mesh, dims), param_dtype=param_dtype,
+                   reshard_after_forward=cfg.fsdp_reshard_after_forward)
+    return model
+
+
+def fsdp_mesh(mesh: DeviceMesh, dims: ParallelDims) -> DeviceMesh:
+    """The mesh FSDP2 shards over: HSDP (replicate x shard) when dp_replicate > 1."""
+    if dims.dp_replicate > 1:
+        return mesh["dp_replicate", "dp_shard"]
+    return mesh["dp_shard"]
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_parallel: bool,
+                          loss_parallel: bool) -> None:
+    """Megatron-style TP: q/k/v and w1/w3 split by output columns (heads, hidden units),
+    wo and w2 by input rows, so each block needs one reduction per sublayer. With
+    sequence parallelism the residual stream and the norms are split along the
+    sequence between sublayers (an all-gather before, a reduce-scatter after,
+    instead of an all-reduce), and the embedding and output are vocab-parallel."""
+    seq = Shard(1) if sequence_parallel else Replicate()
+    top: dict[str, object] = {}
+    if model.tok_embeddings is not None:
+        # Row-wise on the embedding = each rank owns a vocabulary slice and
+        # contributes zeros for ids outside it; the sum gives the lookup.
+        top["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=seq)
+    if model.norm is not None and sequence_parallel:
+        top["norm"] = SequenceParallel()
+    if model.output is not None:
+        # With loss parallelism the logits stay vocab-sharded (a DTensor) and the
+        # cross-entropy runs on shards (cptron.train.loss), never gathering
+        # [batch, seq, vocab] on one rank.
+        top["output"] = ColwiseParallel(
+            input_layouts=seq,
+            output_layouts=Shard(-1) if loss_parallel else Replicate(),
+            use_local_output=not loss_parallel,
+        )
+    if top:
+        parallelize_module(model, tp_mesh, top)
+
+    for block in model.layers.values():
+        plan: dict[str, object] = {
+            # Attention/MLP want the full sequence; their other inputs (cos, sin,
+            # mask) are plain tensors every rank already holds.
+            "attention": PrepareModuleInput(input_layouts=(seq, None, None, None),
+                                            desired_input_layouts=(Replicate(), None, None, None)),
+            "attention.wq": ColwiseParallel(),
+            "attention.wk": ColwiseParallel(),
+            "attention.wv": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(output_layouts=seq),
+            "feed_forward": PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),)),
+            "feed_forward.w1": ColwiseParallel(),
+            "feed_forward.w3": ColwiseParallel(),
+            "feed_forward.w2": RowwiseParallel(output_layouts=seq),
+        }
+        if sequence_parallel:
+            plan["attention_norm"] = SequenceParallel()
+            plan["ffn_norm"] = SequenceParallel()
+        parallelize_module(block, tp_mesh, plan)
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str, every: int) -> None:
+    """Wrap blocks so their activations are recomputed in backward: all of them
+    (full), or one in `every` (selective, trading memory for less recompute)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    for i, (name, block) in enumerate(list(model.layers.items())):
+        if mode == "full" or (mode == "selective" and i % every == 0):
+            model.layers[name] = checkpoint_wrapper(block, preserve_rng_state=False)
+
+
+def apply_compile(model: nn.Module) -> None:
+    """Compile each block on its own (same graph for every block, short compile)."""
+    for name, block in list(model.layers.items()):
+        model.layers[name] = torch.compile(block, fullgraph=True)
+
+
+def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype,
+               reshard_after_forward: bool) -> None:
+    """FSDP2 per block, then the root (embedding, final norm, output).
+
+    Gradients are reduced in fp32 whatever the compute dtype. The gradient
+    divide factor is 1: cptron's loss is already normalized by the global token
+    count, so the data-parallel reduction must sum, not average."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    blocks = list(model.layers.values())
+    for i, block in enumerate(blocks):
+        # The last block's parameters are needed again first in backward:
+        # keeping them gathered saves one all-gather per step.
+        fully_shard(block, mesh=mesh, mp_policy=mp,
+                    reshard_after_forward=reshard_after_forward and i < len(blocks) - 1)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    for m in [model, *blocks]:
+        m.set_gradient_divide_factor(1.0)
+        # A plain SUM reduction: gloo has no pre-multiplied sum, and with a
+        # factor of 1 there is nothing to pre-multiply.
+        m.set_force_sum_reduction_for_comms(True)
+
+
+def describe_parallelism(dims: ParallelDims, cfg: ParallelConfig, param_dtype: torch.dtype,
+                         device: torch.device) -> str:
+    parts = [dims.describe(), f"device={device.type}", f"compute dtype={str(param_dtype).removeprefix('torch.')}"]
+    if dims.tp > 1:
+        parts.append(f"sequence_parallel={cfg.sequence_parallel} loss_parallel={cfg.loss_parallel}")
+    if dims.dp > 1 or param_dtype != torch.float32:
+        parts.append("FSDP2 " + ("ZeRO-3" if cfg.fsdp_reshard_after_forward else "ZeRO-2-like")
+                     + (" (HSDP)" if dims.dp_replicate > 1 else ""))
+    if dims.pp > 1:
+        parts.append(f"pipeline {cfg.pp_schedule} x {cfg.pp_stages_per_rank} stage(s)/rank")
+    parts.append(f"activation_checkpoint={cfg.activation_checkpoint} compile={cfg.compile}")
+    return ", ".join(parts)
+
+
+def model_parts_params(parts: list[nn.Module]) -> list[nn.Parameter]:
+    return [p for part in parts for p in part.parameters()]
+

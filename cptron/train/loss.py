@@ -1,0 +1,52 @@
+"""Cross-entropy over the real vocabulary, on full or vocab-sharded logits.
+
+The model's output has `padded_vocab_size` columns. Padded columns are not
+tokens: the loss must not put probability mass on them, or it would differ from
+the unpadded model's (and from transformers'). Full logits are sliced; sharded
+logits (loss parallelism) get the padded columns of this rank's shard filled
+with the dtype's lowest value, which is what slicing means for a softmax.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
+
+from cptron.data.interface import IGNORE_INDEX
+
+
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Sum of token cross-entropies (fp32) over labels != IGNORE_INDEX.
+
+    `logits` [B, T, V_padded] is a plain tensor or a DTensor sharded on the vocab
+    dimension (then the call, and its backward, must run under
+    `torch.distributed.tensor.parallel.loss_parallel()`)."""
+    if isinstance(logits, DTensor):
+        logits = _mask_padded_columns(logits.float(), vocab_size)
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum",
+                               ignore_index=IGNORE_INDEX)
+        return loss
+    return F.cross_entropy(logits[..., :vocab_size].flatten(0, 1).float(), labels.flatten(),
+                           reduction="sum", ignore_index=IGNORE_INDEX)
+
+
+def _mask_padded_columns(logits: DTensor, vocab_size: int) -> DTensor:
+    if logits.shape[-1] == vocab_size:
+        return logits
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(logits.shape, logits.device_mesh, logits.placements)
+    start = offset[-1]
+    local = logits.to_local()
+    cols = torch.arange(start, start + shape[-1], device=local.device)
+    local = local.masked_fill(cols >= vocab_size, torch.finfo(local.dtype).min)
+    return DTensor.from_local(local, logits.device_mesh, logits.placements, run_check=False,
+                              shape=logits.shape, stride=logits.stride())
+
+
+def loss_parallel_context(enabled: bool):
+    """`loss_parallel()` when logits are vocab-sharded, else a no-op context."""
+    import contextlib
+
+    return loss_parallel() if enabled else contextlib.nullcontext()
