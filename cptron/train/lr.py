@@ -1,0 +1,254 @@
+"""Learning-rate schedules: the LR multiplier as a pure function of the optimizer step.
+
+A schedule keeps no state beyond the step it is asked about, so a resumed run
+gets exactly the LR it would have had without the interruption.
+
+Every schedule is a chain of `Phase`s (warmup, stable, decay, ...), each a start
+step, a length, the multipliers it moves between and a shape. A new schedule,
+such as the re-warming and "infinite" schedules for continual pretraining
+(Ibrahim et al., 2024, "Simple and Scalable Strategies to Continually Pre-train
+Large Language Models"), is a new function that lists its phases and a new
+entry in `SCHEDULES`; the trainer only ever calls `build_lr_schedule` and
+`apply_lr`.
+
+Step convention. Phase step `start + k` (k = 0 .. length-1) sits at progress
+(k + 1) / length: the last step of a phase takes the phase's end value, and the
+next phase moves on from there. So with warmup the first update never has LR 0,
+the last warmup step has exactly the peak, and the last decay step has exactly
+the floor. Steps after the last phase keep its end value.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, Literal, Optional, Protocol, Sequence
+
+import torch
+
+from cptron.errors import ConfigError
+
+
+def _need(ok: bool, field: str, value, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{field}={value!r} is invalid: expected {expected}")
+
+
+# ---------------------------------------------------------------- shapes
+
+def _inverse_sqrt_fraction(t: float, length: int, timescale: float) -> float:
+    # 1/sqrt(1 + x/timescale) decays from 1 at x=0; rescaled so the phase ends exactly at its end value.
+    tail = 1.0 / math.sqrt(1.0 + length / timescale)
+    return (1.0 - 1.0 / math.sqrt(1.0 + t * length / timescale)) / (1.0 - tail)
+
+
+# How far (0 -> 1) a phase has moved from its start value to its end value at progress t in [0, 1].
+SHAPES: dict[str, Callable[[float, "Phase"], float]] = {
+    "linear": lambda t, ph: t,
+    "cosine": lambda t, ph: 0.5 * (1.0 - math.cos(math.pi * t)),
+    "constant": lambda t, ph: 0.0,
+    # The "1 - sqrt" cooldown of Hagele et al., 2024 ("Scaling Laws and Compute-Optimal Training
+    # Beyond Fixed Training Durations") when the phase decays.
+    "sqrt": lambda t, ph: math.sqrt(t),
+    # Reciprocal square-root decay (Vaswani et al., 2017; the cooldown of the infinite schedules of
+    # Ibrahim et al., 2024) with `timescale` steps, pinned to both ends of the phase.
+    "inverse_sqrt": lambda t, ph: _inverse_sqrt_fraction(t, ph.length, ph.timescale),
+}
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One stretch of a schedule: the multiplier moves from start_factor to end_factor over `length` steps."""
+
+    start: int
+    length: int
+    start_factor: float
+    end_factor: float
+    shape: str = "linear"
+    timescale: Optional[float] = None  # steps; the inverse_sqrt shape only
+
+    def __post_init__(self) -> None:
+        where = f"lr phase starting at step {self.start}"
+        _need(self.shape in SHAPES, f"{where}: shape", self.shape, f"one of {sorted(SHAPES)}")
+        _need(self.length >= 1, f"{where}: length", self.length, "an integer >= 1")
+        for name in ("start_factor", "end_factor"):
+            value = getattr(self, name)
+            _need(math.isfinite(value) and value >= 0, f"{where}: {name}", value, "a finite float >= 0")
+        _need(self.shape != "constant" or self.start_factor == self.end_factor, f"{where}: end_factor",
+              self.end_factor, f"start_factor={self.start_factor} for a constant phase")
+        _need(self.shape != "inverse_sqrt" or (self.timescale is not None and self.timescale > 0),
+              f"{where}: timescale", self.timescale, "a float > 0 for the inverse_sqrt shape")
+
+    @property
+    def end(self) -> int:
+        """First step after this phase."""
+        return self.start + self.length
+
+    def factor(self, step: int) -> float:
+        moved = SHAPES[self.shape]((step - self.start + 1) / self.length, self)
+        # This form gives exactly end_factor at moved == 1, so boundary steps hit the peak and the floor.
+        return self.start_factor * (1.0 - moved) + self.end_factor * moved
+
+
+class LRSchedule(Protocol):
+    def factor(self, step: int) -> float:
+        """Multiplier of the peak LR for optimizer update number `step` (0-based)."""
+        ...
+
+
+@dataclass(frozen=True)
+class PhasedSchedule:
+    """Contiguous phases from step 0; after the last one the multiplier stays at its end value."""
+
+    phases: tuple[Phase, ...]
+    final_factor: float
+
+    def __post_init__(self) -> None:
+        expected_start = 0
+        for phase in self.phases:
+            _need(phase.start == expected_start, "lr phase start", phase.start,
+                  f"{expected_start} (phases must be contiguous from step 0)")
+            expected_start = phase.end
+
+    def factor(self, step: int) -> float:
+        if step < 0:
+            raise ValueError(f"step={step} is invalid: expected an optimizer step >= 0")
+        for phase in self.phases:  # a handful of phases: a linear scan is the readable choice
+            if step < phase.end:
+                return phase.factor(step)
+        return self.final_factor
+
+
+def chain(start_factor: float, specs: Sequence[tuple]) -> PhasedSchedule:
+    """Phases laid end to end from step 0, each starting where the previous one ended.
+
+    `specs` are (length, end_factor, shape[, timescale]). A zero-length phase jumps straight to its
+    end value, so e.g. warmup_steps=0 starts the next phase at the peak with no special case.
+    `start_factor` is the value before step 0.
+    """
+    phases, step, value = [], 0, start_factor
+    for spec in specs:
+        length, end_factor, shape, *rest = spec
+        if length > 0:
+            phases.append(Phase(step, length, value, end_factor, shape, rest[0] if rest else None))
+        step, value = step + length, end_factor
+    return PhasedSchedule(tuple(phases), value)
+
+
+# ---------------------------------------------------------------- config
+
+@dataclass
+class LRConfig:
+    """Learning-rate schedule: a multiplier of the optimizer's peak LR as a function of the step."""
+
+    schedule: str = "cosine"
+    """Shape of the schedule: cosine, linear, constant or wsd (warmup-stable-decay); see cptron.train.lr.SCHEDULES."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warmup from warmup_start_ratio to the peak (the last warmup step is at the peak)."""
+    decay_steps: Optional[int] = None
+    """Steps of decay to the floor: cosine/linear start decaying after warmup, None meaning until the end of training; wsd decays over the last decay_steps, None meaning decay_fraction of training."""
+    min_lr_ratio: float = 0.1
+    """Floor of the decay as a fraction of the peak LR (reached on the last decay step and kept after it)."""
+    warmup_start_ratio: float = 0.0
+    """Multiplier the warmup ramps up from (the first update gets warmup_start_ratio + (1 - warmup_start_ratio) / warmup_steps)."""
+    decay_fraction: float = 0.1
+    """wsd only, when decay_steps is None: fraction of the total steps spent decaying at the end of training."""
+    decay_shape: Literal["linear", "cosine", "1-sqrt"] = "linear"
+    """wsd only: shape of the final decay (1-sqrt is the cooldown of Hagele et al., 2024)."""
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first impossible field (checks that need total_steps are in build_lr_schedule)."""
+        _need(self.schedule in SCHEDULES, "lr.schedule", self.schedule, f"one of {sorted(SCHEDULES)}")
+        _need(self.warmup_steps >= 0, "lr.warmup_steps", self.warmup_steps, "an integer >= 0")
+        _need(self.decay_steps is None or self.decay_steps >= 1, "lr.decay_steps", self.decay_steps,
+              "None or an integer >= 1")
+        _need(self.schedule != "constant" or self.decay_steps is None, "lr.decay_steps", self.decay_steps,
+              "None for lr.schedule='constant' (it never decays)")
+        for name in ("min_lr_ratio", "warmup_start_ratio"):
+            value = getattr(self, name)
+            _need(0.0 <= value <= 1.0, f"lr.{name}", value, "a float in [0, 1]")
+        _need(0.0 < self.decay_fraction <= 1.0, "lr.decay_fraction", self.decay_fraction, "a float in (0, 1]")
+        _need(self.decay_shape in _WSD_DECAY_SHAPES, "lr.decay_shape", self.decay_shape,
+              f"one of {sorted(_WSD_DECAY_SHAPES)}")
+
+
+_WSD_DECAY_SHAPES = {"linear": "linear", "cosine": "cosine", "1-sqrt": "sqrt"}
+
+
+# ---------------------------------------------------------------- schedules
+
+def _warmup(cfg: LRConfig) -> tuple:
+    return (cfg.warmup_steps, 1.0, "linear")
+
+
+def _warmup_then_decay(cfg: LRConfig, total_steps: int, shape: str) -> PhasedSchedule:
+    decay = cfg.decay_steps if cfg.decay_steps is not None else total_steps - cfg.warmup_steps
+    if cfg.decay_steps is not None:
+        _need(cfg.warmup_steps + decay <= total_steps, "lr.warmup_steps + lr.decay_steps",
+              f"{cfg.warmup_steps} + {decay}", f"at most the total_steps={total_steps} of training")
+    return chain(cfg.warmup_start_ratio, [_warmup(cfg), (decay, cfg.min_lr_ratio, shape)])
+
+
+def cosine_schedule(cfg: LRConfig, total_steps: int) -> PhasedSchedule:
+    """Linear warmup, then half a cosine from the peak down to min_lr_ratio (Loshchilov & Hutter, 2017)."""
+    return _warmup_then_decay(cfg, total_steps, "cosine")
+
+
+def linear_schedule(cfg: LRConfig, total_steps: int) -> PhasedSchedule:
+    """Linear warmup, then a straight line from the peak down to min_lr_ratio."""
+    return _warmup_then_decay(cfg, total_steps, "linear")
+
+
+def constant_schedule(cfg: LRConfig, total_steps: int) -> PhasedSchedule:
+    """Linear warmup, then the peak for the rest of training."""
+    return chain(cfg.warmup_start_ratio, [_warmup(cfg)])
+
+
+def wsd_schedule(cfg: LRConfig, total_steps: int) -> PhasedSchedule:
+    """Warmup-stable-decay (Hu et al., 2024, MiniCPM): warmup, the peak, then a decay at the end of training.
+
+    The decay covers the last `decay_steps` steps, or round(decay_fraction * total_steps) (at least 1)
+    when decay_steps is None, so a run can be branched from any stable-phase checkpoint.
+    """
+    decay = cfg.decay_steps if cfg.decay_steps is not None else max(1, round(cfg.decay_fraction * total_steps))
+    stable = total_steps - cfg.warmup_steps - decay
+    decay_field = "lr.decay_steps" if cfg.decay_steps is not None else "round(lr.decay_fraction * total_steps)"
+    _need(stable >= 0, f"lr.warmup_steps + {decay_field}", f"{cfg.warmup_steps} + {decay}",
+          f"at most the total_steps={total_steps} of training")
+    return chain(cfg.warmup_start_ratio, [_warmup(cfg), (stable, 1.0, "constant"),
+                                          (decay, cfg.min_lr_ratio, _WSD_DECAY_SHAPES[cfg.decay_shape])])
+
+
+# schedule name -> builder(cfg, total_steps); a new schedule is one more entry (and its config fields).
+SCHEDULES: dict[str, Callable[[LRConfig, int], LRSchedule]] = {
+    "cosine": cosine_schedule,
+    "linear": linear_schedule,
+    "constant": constant_schedule,
+    "wsd": wsd_schedule,
+}
+
+
+def build_lr_schedule(cfg: LRConfig, total_steps: int) -> LRSchedule:
+    """The schedule `cfg` describes for a run of `total_steps` optimizer steps (ConfigError if it does not fit)."""
+    _need(isinstance(total_steps, int) and total_steps >= 1, "total_steps", total_steps, "an integer >= 1")
+    cfg.validate()
+    _need(cfg.warmup_steps <= total_steps, "lr.warmup_steps", cfg.warmup_steps,
+          f"at most the total_steps={total_steps} of training")
+    return SCHEDULES[cfg.schedule](cfg, total_steps)
+
+
+def apply_lr(optimizers: Iterable[torch.optim.Optimizer], peak_lr: float, factor: float) -> float:
+    """Set every param group's LR to peak_lr * factor and return that LR.
+
+    A group with an "lr_scale" entry gets that multiple of it (e.g. a larger LR for newly added
+    embedding rows). A tensor LR (as compiled or capturable optimizers keep it) is filled in place,
+    so graphs that captured the tensor see the new value.
+    """
+    lr = peak_lr * factor
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            value = lr * group.get("lr_scale", 1.0)
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(value)
+            else:
+                group["lr"] = value
+    return lr
