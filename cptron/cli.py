@@ -2,6 +2,7 @@
 
     cptron init            random-initialized cptron checkpoint from a model preset
     cptron convert hf-to-cptron | cptron-to-hf | verify
+    cptron data tokenize   text (jsonl, jsonl.gz, parquet, txt) -> Megatron .bin/.idx token shards
 
 `cptron <command> --help` lists every field with its docstring and default.
 """
@@ -15,6 +16,7 @@ from typing import Callable, Literal, Optional
 
 from cptron import __version__
 from cptron.config import parse_config
+from cptron.data.tokenize import TokenizeConfig, run_tokenize
 from cptron.errors import ConfigError, CptronError
 from cptron.models.config import ModelConfig
 
@@ -189,6 +191,7 @@ COMMANDS: dict[tuple[str, ...], tuple[type, Callable]] = {
     ("convert", "hf-to-cptron"): (HFToCptronConfig, run_hf_to_cptron),
     ("convert", "cptron-to-hf"): (CptronToHFConfig, run_cptron_to_hf),
     ("convert", "verify"): (VerifyConfig, run_verify),
+    ("data", "tokenize"): (TokenizeConfig, run_tokenize),
 }
 
 

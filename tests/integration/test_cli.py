@@ -60,6 +60,8 @@ PRESET_COMMANDS = {
     "configs/init/llama3.2-1b.yaml": ("init",),
     "configs/convert/hf-to-cptron-tp8.yaml": ("convert", "hf-to-cptron"),
     "configs/convert/cptron-to-hf.yaml": ("convert", "cptron-to-hf"),
+    "configs/data/bible-en.yaml": ("data", "tokenize"),
+    "configs/data/bible-de.yaml": ("data", "tokenize"),
 }
 
 
@@ -69,7 +71,8 @@ def test_every_shipped_yaml_preset_parses_for_its_command():
     for rel, path in PRESET_COMMANDS.items():
         cls, _ = COMMANDS[path]
         required = {"init": ["--output", "o"], "hf-to-cptron": ["--input", str(REPO), "--output", "o"],
-                    "cptron-to-hf": ["--input", "i", "--output", "o"]}[path[-1]]
+                    "cptron-to-hf": ["--input", "i", "--output", "o"],
+                    "tokenize": ["--tokenizer", "tokenizer.json"]}[path[-1]]
         cfg = parse_config(cls, [str(REPO / rel), *required], allow_positional_yaml=True)
         if path == ("init",):
             assert cfg.model.preset in ("tiny", "llama3.2-1b")
