@@ -145,18 +145,18 @@ class LRConfig:
     warmup_steps: int = 0
     """Optimizer steps of linear warmup from warmup_start_ratio to the peak (the last warmup step is at the peak)."""
     decay_steps: Optional[int] = None
-    """Steps of decay to the floor: cosine/linear start decaying after warmup, None meaning until the end of training; wsd decays over the last decay_steps, None meaning decay_fraction of training."""
+    """Length of the decay to the floor: after warmup (cosine, linear; None: to the end) or at the end (wsd; None: decay_fraction)."""
     min_lr_ratio: float = 0.1
     """Floor of the decay as a fraction of the peak LR (reached on the last decay step and kept after it)."""
     warmup_start_ratio: float = 0.0
-    """Multiplier the warmup ramps up from (the first update gets warmup_start_ratio + (1 - warmup_start_ratio) / warmup_steps)."""
+    """Multiplier the warmup ramps up from; the first update gets ratio + (1 - ratio) / warmup_steps."""
     decay_fraction: float = 0.1
     """wsd only, when decay_steps is None: fraction of the total steps spent decaying at the end of training."""
     decay_shape: Literal["linear", "cosine", "1-sqrt"] = "linear"
     """wsd only: shape of the final decay (1-sqrt is the cooldown of Hagele et al., 2024)."""
 
     def validate(self) -> None:
-        """Raise ConfigError naming the first impossible field (checks that need total_steps are in build_lr_schedule)."""
+        """Raise ConfigError naming the first impossible field (build_lr_schedule checks those needing total_steps)."""
         _need(self.schedule in SCHEDULES, "lr.schedule", self.schedule, f"one of {sorted(SCHEDULES)}")
         _need(self.warmup_steps >= 0, "lr.warmup_steps", self.warmup_steps, "an integer >= 0")
         _need(self.decay_steps is None or self.decay_steps >= 1, "lr.decay_steps", self.decay_steps,

@@ -138,7 +138,8 @@ def test_chain_builds_an_infinite_style_schedule():
 
 def test_a_new_registry_entry_needs_no_other_change(monkeypatch):
     def rewarm_then_constant(cfg, total_steps):
-        return chain(cfg.min_lr_ratio, [(cfg.warmup_steps, 1.0, "cosine"), (total_steps - cfg.warmup_steps, 1.0, "constant")])
+        rest = total_steps - cfg.warmup_steps
+        return chain(cfg.min_lr_ratio, [(cfg.warmup_steps, 1.0, "cosine"), (rest, 1.0, "constant")])
 
     monkeypatch.setitem(SCHEDULES, "rewarm", rewarm_then_constant)
     cfg = config_from_dict(LRConfig, {"schedule": "rewarm", "warmup_steps": 2, "min_lr_ratio": 0.5})
@@ -165,10 +166,12 @@ def test_phase_validation():
 # ---------------------------------------------------------------- validation
 
 @pytest.mark.parametrize("fields,total,message", [
-    (dict(schedule="step"), 10, "lr.schedule='step' is invalid: expected one of ['constant', 'cosine', 'linear', 'wsd']"),
+    (dict(schedule="step"), 10,
+     "lr.schedule='step' is invalid: expected one of ['constant', 'cosine', 'linear', 'wsd']"),
     (dict(warmup_steps=-1), 10, "lr.warmup_steps=-1 is invalid: expected an integer >= 0"),
     (dict(decay_steps=0), 10, "lr.decay_steps=0 is invalid: expected None or an integer >= 1"),
-    (dict(schedule="constant", decay_steps=5), 10, "lr.decay_steps=5 is invalid: expected None for lr.schedule='constant'"),
+    (dict(schedule="constant", decay_steps=5), 10,
+     "lr.decay_steps=5 is invalid: expected None for lr.schedule='constant'"),
     (dict(min_lr_ratio=1.5), 10, "lr.min_lr_ratio=1.5 is invalid: expected a float in [0, 1]"),
     (dict(warmup_start_ratio=-0.1), 10, "lr.warmup_start_ratio=-0.1 is invalid: expected a float in [0, 1]"),
     (dict(decay_fraction=0.0), 10, "lr.decay_fraction=0.0 is invalid: expected a float in (0, 1]"),
