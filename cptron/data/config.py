@@ -1,0 +1,201 @@
+"""The `data:` section of a training config: named sources, replay, stages, validation.
+
+A YAML example (every field is documented on its dataclass below):
+
+    data:
+      sources:
+        web:     {paths: [/data/fineweb], weight: 3}          # old pretraining data
+        code:    {paths: ["/data/stack/*.idx"], weight: 1}    # old pretraining data
+        medical: {paths: [/data/pubmed_], epochs: 4}          # the new domain
+      replay: {fraction: 0.25, sources: [web, code]}          # 25% old data, spread 3:1
+      stages:
+        - {start_fraction: 0.9, replay_fraction: 0.1}         # last 10%: more domain data
+      validation: {held_out_fraction: 0.001, num_batches: 20}
+
+`sources` is a mapping of names to `SourceConfig` sections. The config system
+reads it from YAML; on the command line only whole-section fields such as
+`--data.replay.fraction` can be overridden.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+from cptron.errors import ConfigError
+
+SOURCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+def _need(ok: bool, name: str, value, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}={value!r} is invalid: expected {expected}")
+
+
+def _finite_at_least(value, low: float) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= low
+
+
+@dataclass
+class SourceConfig:
+    """One named data source: token shards that are shuffled, packed and sampled as one stream."""
+
+    paths: list[str] = field(default_factory=list)
+    """Shards of this source: prefixes, globs or directories of Megatron .bin/.idx files."""
+    weight: Optional[float] = None
+    """Relative sampling weight; none: proportional to the source's size in samples (times its epochs cap)."""
+    epochs: Optional[float] = None
+    """Cap on the samples drawn, in passes over the source (e.g. 4 or 0.5); none: it cycles without end."""
+    max_samples: Optional[int] = None
+    """Cap on the samples drawn from this source (with epochs, the smaller cap applies); none: no cap."""
+    held_out_fraction: Optional[float] = None
+    """Fraction of this source's documents held out for validation; none: data.validation.held_out_fraction."""
+
+    def validate(self, name: str = "source") -> None:
+        where = f"data.sources.{name}"
+        _need(bool(self.paths) and all(isinstance(p, str) and p for p in self.paths), f"{where}.paths",
+              self.paths, "a non-empty list of shard paths, globs or directories")
+        if self.weight is not None:
+            _need(_finite_at_least(self.weight, 0), f"{where}.weight", self.weight, "a finite number >= 0")
+        if self.epochs is not None:
+            _need(_finite_at_least(self.epochs, 0) and self.epochs > 0, f"{where}.epochs", self.epochs,
+                  "a number > 0 or none")
+        if self.max_samples is not None:
+            _need(self.max_samples >= 1, f"{where}.max_samples", self.max_samples, "an integer >= 1 or none")
+        if self.held_out_fraction is not None:
+            _need(_finite_at_least(self.held_out_fraction, 0) and self.held_out_fraction < 1,
+                  f"{where}.held_out_fraction", self.held_out_fraction, "a fraction in [0, 1)")
+
+
+@dataclass
+class ReplayConfig:
+    """Split every batch between replayed old pretraining data and the new data."""
+
+    fraction: Optional[float] = None
+    """Share of samples from the replay `sources` (spread by their weights); none: weights apply across all sources."""
+    sources: list[str] = field(default_factory=list)
+    """Names of the old (replayed) sources; every other source is new data and shares the rest."""
+
+    def validate(self) -> None:
+        if self.fraction is not None:
+            _need(_finite_at_least(self.fraction, 0) and self.fraction <= 1, "data.replay.fraction", self.fraction,
+                  "a fraction in [0, 1] or none")
+            _need(bool(self.sources), "data.replay.sources", self.sources,
+                  "the names of the replayed sources when data.replay.fraction is set")
+        _need(len(set(self.sources)) == len(self.sources), "data.replay.sources", self.sources,
+              "each source named once")
+
+
+@dataclass
+class StageConfig:
+    """A change of the mixture from a given step on (relative to the base weights, not to the previous stage)."""
+
+    start_step: Optional[int] = None
+    """Optimizer step at which this stage starts (give this or start_fraction)."""
+    start_fraction: Optional[float] = None
+    """Fraction of the run's total steps at which this stage starts, e.g. 0.9 for the last 10% (needs total steps)."""
+    weights: dict[str, float] = field(default_factory=dict)
+    """New weights of the sources named (in the units of data.sources.<name>.weight); others keep theirs."""
+    scale: dict[str, float] = field(default_factory=dict)
+    """Factors multiplying the named sources' weights, e.g. {medical: 3} to upsample a domain 3x."""
+    replay_fraction: Optional[float] = None
+    """Replay fraction during this stage; none: data.replay.fraction."""
+
+    def validate(self) -> None:
+        """Checked by DataConfig.validate, which knows the stage's index and the source names."""
+
+    def check(self, where: str) -> None:
+        _need((self.start_step is None) != (self.start_fraction is None), f"{where}.start_step",
+              self.start_step, "exactly one of start_step and start_fraction")
+        if self.start_step is not None:
+            _need(self.start_step >= 0, f"{where}.start_step", self.start_step, "an integer >= 0")
+        if self.start_fraction is not None:
+            _need(_finite_at_least(self.start_fraction, 0) and self.start_fraction <= 1,
+                  f"{where}.start_fraction", self.start_fraction, "a fraction in [0, 1]")
+        for key, table in (("weights", self.weights), ("scale", self.scale)):
+            for name, value in table.items():
+                _need(_finite_at_least(value, 0), f"{where}.{key}.{name}", value, "a finite number >= 0")
+        if self.replay_fraction is not None:
+            _need(_finite_at_least(self.replay_fraction, 0) and self.replay_fraction <= 1,
+                  f"{where}.replay_fraction", self.replay_fraction, "a fraction in [0, 1]")
+
+
+@dataclass
+class ValidationConfig:
+    """Held-out documents per source, used as one validation set per source."""
+
+    held_out_fraction: float = 0.0
+    """Fraction of each source's documents held out (by a hash of seed, source and document); 0: none."""
+    num_batches: int = 10
+    """Global batches per validation set at most (fewer when a source's held-out data runs out)."""
+
+    def validate(self) -> None:
+        _need(_finite_at_least(self.held_out_fraction, 0) and self.held_out_fraction < 1,
+              "data.validation.held_out_fraction", self.held_out_fraction, "a fraction in [0, 1)")
+        _need(self.num_batches >= 1, "data.validation.num_batches", self.num_batches, "an integer >= 1")
+
+
+@dataclass
+class DataConfig:
+    """Training data: a deterministic, resumable mixture of named token-shard sources."""
+
+    sources: dict[str, SourceConfig] = field(default_factory=dict)
+    """Named sources (YAML mapping of name -> {paths, weight, epochs, max_samples, held_out_fraction})."""
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    """Replay of old pretraining data: which sources are old and what share of samples they get."""
+    stages: list[StageConfig] = field(default_factory=list)
+    """Mixture changes during the run (YAML list of {start_step|start_fraction, weights, scale, replay_fraction})."""
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    """Held-out validation documents per source."""
+    seed: Optional[int] = None
+    """Shuffle seed of the data order and the held-out split; none: the run's seed."""
+    cache_dir: Optional[str] = None
+    """Directory for the sample-index cache; none: a .cptron-index directory beside each source's first shard."""
+    allow_mixture_change: bool = False
+    """On resume, accept changed weights, replay, caps or sources: each source continues from its position."""
+
+    def validate(self) -> None:
+        for name, src in self.sources.items():
+            _need(isinstance(name, str) and bool(SOURCE_NAME.match(name)), "data.sources", name,
+                  "source names of letters, digits, '_', '.' and '-' (they name cache files)")
+            _need(isinstance(src, SourceConfig), f"data.sources.{name}", src, "a mapping of SourceConfig fields")
+            src.validate(name)
+        self.replay.validate()
+        self.validation.validate()
+        names = set(self.sources)
+        unknown = [n for n in self.replay.sources if n not in names]
+        _need(not unknown or not names, "data.replay.sources", self.replay.sources,
+              f"names of sources in data.sources {sorted(names)} (unknown: {unknown})")
+        given = [n for n, s in self.sources.items() if s.weight is not None]
+        _need(not given or len(given) == len(names), "data.sources", f"weights given for {given} only",
+              "a weight for every source or for none (none: proportional to size)")
+        steps = []
+        for i, stage in enumerate(self.stages):
+            where = f"data.stages[{i}]"
+            stage.check(where)
+            for key in ("weights", "scale"):
+                bad = [n for n in getattr(stage, key) if n not in names]
+                _need(not bad or not names, f"{where}.{key}", getattr(stage, key),
+                      f"names of sources in data.sources {sorted(names)} (unknown: {bad})")
+            if stage.weights and not given and names:
+                raise ConfigError(f"{where}.weights={stage.weights!r} is invalid: expected scale (factors) "
+                                  "when data.sources give no weights; weights are in the units of "
+                                  "data.sources.<name>.weight")
+            if stage.replay_fraction is not None and self.replay.fraction is None:
+                raise ConfigError(f"{where}.replay_fraction={stage.replay_fraction!r} is invalid: expected "
+                                  "data.replay.fraction to be set too (it names the replayed sources)")
+            if stage.start_step is not None:
+                steps.append(stage.start_step)
+        _need(steps == sorted(set(steps)), "data.stages", [s.start_step for s in self.stages],
+              "stages in increasing order of distinct start_step")
+        fractions = [s.start_fraction for s in self.stages if s.start_fraction is not None]
+        _need(fractions == sorted(set(fractions)), "data.stages", fractions,
+              "stages in increasing order of distinct start_fraction")
+        if names:
+            # Weight sums are checked per stage once the stage starts are known (cptron.data.mixture).
+            from cptron.data.mixture import check_mixture_config
+            check_mixture_config(self)
+
+
+__all__ = ["DataConfig", "SourceConfig", "ReplayConfig", "StageConfig", "ValidationConfig"]

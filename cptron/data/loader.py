@@ -1,0 +1,444 @@
+"""The replay-aware mixture loader: an exactly resumable `BatchSource` over named token-shard sources.
+
+Every rank computes the same global sample sequence and keeps the rows of its
+slice (`dp_slice`), so the order depends on (seed, data config, step) only, never
+on the data-parallel size. Sample n of the run is chosen in two steps:
+
+1. which source: the quota interleave (`cptron.data.mixture`) of the shares in
+   force; a *segment* is a stretch of samples with constant shares, and it
+   restarts whenever a stage starts or a source reaches its cap;
+2. which window: the source's next position p, i.e. sample p mod W of epoch
+   p div W of the source's own shuffled, packed stream (`cptron.data.sample_index`).
+
+Sources advance only when drawn, so a change of weights (a stage, or a resume with
+allow_mixture_change) continues every source where it stopped: within an epoch
+no sample is lost or repeated. The state is the per-source positions, the
+consumed samples, the step, the segment's counts and fingerprints of the config.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+import numpy as np
+
+from cptron.data.config import DataConfig
+from cptron.data.indexed import shard_prefixes
+from cptron.data.interface import IGNORE_INDEX, Batch, dp_slice
+from cptron.data.mixture import (QuotaScheduler, exact, format_shares, mixture_description, resolve_stages,
+                                 shares, stage_at, stages_description)
+from cptron.data.sample_index import SourceIndex
+from cptron.errors import ConfigError, CptronError
+
+log = logging.getLogger("cptron.data")
+
+STATE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    """Identity of one training sample (a row of a global batch)."""
+
+    index: int
+    """Position in the run's global sample sequence (0-based)."""
+    source: str
+    epoch: int
+    """Epoch of the source the sample belongs to."""
+    position: int
+    """Position of the sample within its source's epoch (0 .. windows_per_epoch - 1)."""
+    window: int
+    """Window of the epoch's packed stream: tokens [window * seq_len, window * seq_len + seq_len + 1)."""
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A run of tokens of one document inside a sample, in the sample's order."""
+
+    source: str
+    doc: int
+    """Document id within the source (shards concatenated in path order)."""
+    shard: str
+    """Shard prefix that holds the document."""
+    sequence: int
+    """Sequence (document) index within the shard."""
+    offset: int
+    """First token of the piece within the document."""
+    length: int
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.blake2b(json.dumps(obj, sort_keys=True).encode(), digest_size=8).hexdigest()
+
+
+def _cap(src_cfg, windows: int, name: str) -> Optional[int]:
+    caps = []
+    if src_cfg.epochs is not None:
+        caps.append(math.floor(exact(src_cfg.epochs) * windows))
+    if src_cfg.max_samples is not None:
+        caps.append(int(src_cfg.max_samples))
+    if not caps:
+        return None
+    cap = min(caps)
+    if cap < 1:
+        raise ConfigError(f"data.sources.{name}.epochs={src_cfg.epochs!r} is invalid: expected a cap of at least "
+                          f"one sample (the source has {windows} windows per epoch)")
+    return cap
+
+
+class MixtureLoader:
+    """This rank's per-step batches of the replay-aware mixture (a `cptron.data.interface.BatchSource`).
+
+    Ledger: `last_samples` holds the `SampleRef` of each row of the last batch;
+    `describe(ref)` lists the document pieces of a sample.
+    """
+
+    def __init__(self, cfg: DataConfig, sources: dict[str, SourceIndex], *, seq_len: int, global_batch_size: int,
+                 dp_rank: int, dp_size: int, seed: int, total_steps: Optional[int] = None):
+        self.cfg, self.seq_len, self.global_batch_size = cfg, int(seq_len), int(global_batch_size)
+        self.rows = dp_slice(self.global_batch_size, dp_rank, dp_size)
+        self.seed = int(seed)
+        self.names = sorted(sources)
+        self.sources = [sources[n] for n in self.names]
+        self.windows = [s.windows_per_epoch for s in self.sources]
+        self.caps = [_cap(cfg.sources[n], w, n) for n, w in zip(self.names, self.windows)]
+        natural = {n: (c if c is not None else w) for n, c, w in zip(self.names, self.caps, self.windows)}
+        self.stages = resolve_stages(cfg, natural, total_steps)
+        if total_steps is not None and all(c is not None for c in self.caps):
+            need, have = int(total_steps) * self.global_batch_size, sum(self.caps)
+            if need > have:
+                raise ConfigError(f"data.sources: their caps (epochs/max_samples) allow {have} samples, but "
+                                  f"{total_steps} steps of {self.global_batch_size} need {need}: expected "
+                                  "larger caps or a source without a cap")
+        self._replay_sources = set(cfg.replay.sources)
+        self._config = {"seq_len": self.seq_len, "seed": self.seed,
+                        "mixture": mixture_description(cfg), "stages": stages_description(cfg)}
+        self._fingerprints = {
+            "data": _digest([self.seq_len, self.seed, {n: s.data_fingerprint for n, s in zip(self.names, self.sources)}]),
+            "mixture": _digest(self._config["mixture"]), "stages": _digest(self._config["stages"])}
+        self._shares_cache: dict[tuple, tuple[str, list[Fraction]]] = {}
+        self.step = 0
+        self.consumed_samples = 0
+        self.positions = [0] * len(self.names)
+        self._segment_key: Optional[str] = None
+        self._segment_start = 0
+        self._scheduler: Optional[QuotaScheduler] = None
+        self._stage_index = self.stages[0].index
+        self.last_samples: list[SampleRef] = []
+
+    # ------------------------------------------------------------ mixture bookkeeping
+
+    def _active(self) -> tuple[bool, ...]:
+        return tuple(c is None or p < c for p, c in zip(self.positions, self.caps))
+
+    def _shares_for(self, step: int) -> tuple[str, list[Fraction], int]:
+        stage = stage_at(self.stages, step)
+        active = self._active()
+        cache_key = (stage.index, active)
+        if cache_key not in self._shares_cache:
+            live = {n for n, a in zip(self.names, active) if a}
+            try:
+                table = shares(stage.weights, stage.replay_fraction, self._replay_sources, active=live,
+                               where=f"data (stage {stage.index}, step {step})")
+            except CptronError:
+                done = [f"{n} (cap {c})" for n, a, c in zip(self.names, active, self.caps) if not a]
+                raise CptronError(f"data: no samples left at step {step}: sources {done} reached their caps "
+                                  f"(epochs/max_samples) and the others have weight 0 in stage {stage.index}; "
+                                  "raise the caps or give an uncapped source a weight") from None
+            values = [table[n] for n in self.names]
+            self._shares_cache[cache_key] = (format_shares(self.names, values), values)
+        key, values = self._shares_cache[cache_key]
+        return key, values, stage.index
+
+    def _sync_segment(self, step: int) -> None:
+        """Start a new segment when the shares in force differ from the current segment's."""
+        key, values, stage_index = self._shares_for(step)
+        self._stage_index = stage_index
+        if key != self._segment_key or self._scheduler is None:
+            counts = None
+            if key == self._segment_key and self._pending_counts is not None:
+                counts = self._pending_counts  # a restored segment continues
+            else:
+                self._segment_start = self.consumed_samples
+            self._scheduler = QuotaScheduler(values, counts)
+            self._segment_key = key
+        self._pending_counts = None
+
+    _pending_counts: Optional[list[int]] = None
+
+    def _schedule(self) -> tuple[list[int], list[int]]:
+        """Source index and source position of every row of the next global batch; advances the state."""
+        src, pos = [], []
+        self._sync_segment(self.step)
+        for _ in range(self.global_batch_size):
+            i = self._scheduler.next()
+            src.append(i)
+            pos.append(self.positions[i])
+            self.positions[i] += 1
+            self.consumed_samples += 1
+            if self.caps[i] is not None and self.positions[i] == self.caps[i]:
+                self._sync_segment(self.step)  # the source is done: the others share its part
+        self.step += 1
+        return src, pos
+
+    @property
+    def current_shares(self) -> dict[str, float]:
+        """Share of each source in the mixture for the next step (for logging)."""
+        _, values, _ = self._shares_for(self.step)
+        return {n: float(v) for n, v in zip(self.names, values)}
+
+    # ------------------------------------------------------------ batches
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        first = self.consumed_samples
+        src, pos = self._schedule()
+        lo, hi = self.rows
+        n_rows, span = hi - lo, self.seq_len + 1
+        tokens = np.empty((n_rows, span), dtype=np.int64)
+        doc_ids = np.empty((n_rows, span), dtype=np.int64)
+        refs: list[Optional[SampleRef]] = [None] * n_rows
+        groups: dict[tuple[int, int], list[int]] = {}
+        for r in range(n_rows):
+            i, p = src[lo + r], pos[lo + r]
+            groups.setdefault((i, p // self.windows[i]), []).append(r)
+        for (i, epoch), rows in groups.items():
+            source, index = self.sources[i], self.sources[i].epoch(epoch)
+            k = np.array([pos[lo + r] for r in rows], dtype=np.int64) - epoch * self.windows[i]
+            windows = np.asarray(index.perm[k], dtype=np.int64)
+            if len(rows) == n_rows:  # one group: read straight into the batch
+                source.read(index, windows, tokens, doc_ids)
+            else:
+                t = np.empty((len(rows), span), dtype=np.int64)
+                d = np.empty_like(t)
+                source.read(index, windows, t, d)
+                tokens[rows], doc_ids[rows] = t, d
+            for r, kk, w in zip(rows, k.tolist(), windows.tolist()):
+                refs[r] = SampleRef(first + lo + r, self.names[i], epoch, kk, w)
+        self.last_samples = refs
+        return Batch.from_windows(tokens, doc_ids)
+
+    def describe(self, ref: SampleRef) -> list[Piece]:
+        """The document pieces of sample `ref`, in order (they add up to seq_len + 1 tokens)."""
+        i = self.names.index(ref.source)
+        source = self.sources[i]
+        p = source.pieces(source.epoch(ref.epoch), np.array([ref.window]))
+        return [Piece(ref.source, d, source.prefixes[s], q, o, n) for d, s, q, o, n in
+                zip(p["doc"].tolist(), p["shard"].tolist(), p["sequence"].tolist(), p["offset"].tolist(),
+                    p["length"].tolist())]
+
+    # ------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        counts = self._scheduler.counts if self._scheduler is not None else None
+        if counts is None and self._pending_counts is not None:
+            counts = self._pending_counts
+        return {
+            "kind": "mixture", "format": STATE_FORMAT, "step": self.step, "consumed_samples": self.consumed_samples,
+            "stage": self._stage_index, "fingerprint": dict(self._fingerprints), "config": self._config,
+            "segment": {"start": self._segment_start, "shares": self._segment_key,
+                        "counts": None if counts is None else dict(zip(self.names, counts))},
+            "sources": {n: {"position": p, "epoch": p // w, "exhausted": c is not None and p >= c,
+                            "data_fingerprint": s.data_fingerprint}
+                        for n, p, w, c, s in zip(self.names, self.positions, self.windows, self.caps, self.sources)},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or state.get("kind") != "mixture" or state.get("format") != STATE_FORMAT:
+            raise CptronError(f"data state was not saved by the mixture loader (format {STATE_FORMAT}): "
+                              f"kind={state.get('kind') if isinstance(state, dict) else state!r}")
+        old = state["config"]
+        for key in ("seq_len", "seed"):
+            if old[key] != self._config[key]:
+                raise CptronError(f"data: {key} changed since the checkpoint ({old[key]} -> {self._config[key]}): "
+                                  "every source's sample order depends on it, so the run cannot continue")
+        saved = state["sources"]
+        for n, s in zip(self.names, self.sources):
+            if n in saved and saved[n]["data_fingerprint"] != s.data_fingerprint:
+                raise CptronError(
+                    f"data.sources.{n}: its shards or held-out split changed since the checkpoint (data "
+                    f"fingerprint {saved[n]['data_fingerprint']} -> {s.data_fingerprint}, shards {s.prefixes[:3]}"
+                    f"{'...' if len(s.prefixes) > 3 else ''}): its sample order cannot continue; restore the "
+                    "data or rename the source to start it afresh")
+        if old["mixture"] != self._config["mixture"]:
+            diff = _differences(old["mixture"], self._config["mixture"])
+            if not self.cfg.allow_mixture_change:
+                raise CptronError(f"data mixture changed since the checkpoint: {'; '.join(diff)}. Set "
+                                  "data.allow_mixture_change=true to continue every source from its position "
+                                  "with the new mixture")
+            log.warning("data mixture changed since the checkpoint (%s); continuing each source from its "
+                        "position (allow_mixture_change)", "; ".join(diff))
+        if old["stages"] != self._config["stages"]:
+            log.info("data stages changed since the checkpoint; the new schedule applies from step %d",
+                     state["step"])
+        self.positions = [int(saved[n]["position"]) if n in saved else 0 for n in self.names]
+        self.step, self.consumed_samples = int(state["step"]), int(state["consumed_samples"])
+        seg = state["segment"]
+        self._segment_key, self._segment_start = seg["shares"], int(seg["start"])
+        self._scheduler = None
+        counts = seg["counts"]
+        self._pending_counts = ([int(counts[n]) for n in self.names]
+                                if counts is not None and list(counts) == self.names else None)
+        if self._pending_counts is None:
+            self._segment_key = None
+        self._stage_index = int(state["stage"])
+        self.last_samples = []
+
+
+def _differences(old: Any, new: Any, path: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            sub = f"{path}.{k}" if path else str(k)
+            if k not in old:
+                out.append(f"{sub} added")
+            elif k not in new:
+                out.append(f"{sub} removed")
+            else:
+                out += _differences(old[k], new[k], sub)
+        return out
+    return [] if old == new else [f"{path} {old!r} -> {new!r}"]
+
+
+# ---------------------------------------------------------------- validation sets
+
+def _validation_batches(source: SourceIndex, *, seq_len: int, global_batch_size: int, rows: tuple[int, int],
+                        num_batches: int) -> Iterator[Batch]:
+    """This rank's rows of the source's held-out windows, in global batches; the last one is padded with
+    rows whose labels are all IGNORE_INDEX so every rank gets the same number of rows."""
+    index = source.validation()
+    total = min(index.windows, num_batches * global_batch_size)
+    lo, hi = rows
+    span = seq_len + 1
+    for b in range(-(-total // global_batch_size)):
+        first = b * global_batch_size
+        real = np.arange(first + lo, first + hi)
+        real = real[real < total]
+        tokens = np.zeros((hi - lo, span), dtype=np.int64)
+        doc_ids = np.zeros((hi - lo, span), dtype=np.int64)
+        if len(real):
+            source.read(index, real, tokens[:len(real)], doc_ids[:len(real)])
+        batch = Batch.from_windows(tokens, doc_ids)
+        batch.labels[len(real):] = IGNORE_INDEX
+        yield batch
+
+
+class _ValidationSet:
+    """A fresh, finite, deterministic iterable of this rank's validation batches of one source."""
+
+    def __init__(self, source: SourceIndex, **kw):
+        self.source, self.kw = source, kw
+
+    def __call__(self) -> Iterable[Batch]:
+        return _validation_batches(self.source, **self.kw)
+
+
+# ---------------------------------------------------------------- building
+
+def _rank0_first(fn: Callable[[], None]) -> None:
+    """Run `fn` on global rank 0 while the other ranks wait; rank 0's CptronError is raised on every rank."""
+    try:
+        import torch.distributed as dist
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    except ImportError:
+        distributed = False
+    if not distributed:
+        fn()
+        return
+    failure, original = None, None
+    if dist.get_rank() == 0:
+        try:
+            fn()
+        except CptronError as e:
+            failure, original = [type(e).__name__, str(e)], e
+        except Exception as e:  # a bug: still release the other ranks, with a message that says where
+            failure, original = ["CptronError", f"rank 0 failed to build the sample indices: {e!r}"], e
+    box = [failure]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        if original is not None:
+            raise original
+        raise (ConfigError if box[0][0] == "ConfigError" else CptronError)(box[0][1])
+
+
+def open_sources(cfg: DataConfig, *, seq_len: int, seed: int, cache_dir: Optional[str]) -> dict[str, SourceIndex]:
+    """A SourceIndex per configured source (shards opened and fingerprinted; nothing built yet)."""
+    out = {}
+    for name in sorted(cfg.sources):
+        src = cfg.sources[name]
+        prefixes: list[str] = []
+        for spec in src.paths:
+            try:
+                found = shard_prefixes(spec)
+            except CptronError as e:
+                raise ConfigError(f"data.sources.{name}.paths: {e}") from None
+            prefixes += [p for p in found if p not in prefixes]
+        fraction = src.held_out_fraction if src.held_out_fraction is not None else cfg.validation.held_out_fraction
+        try:
+            out[name] = SourceIndex(name, prefixes, seq_len=seq_len, seed=seed, held_out_fraction=exact(fraction),
+                                    cache_dir=cache_dir)
+        except ConfigError:
+            raise
+        except CptronError as e:
+            raise CptronError(f"data.sources.{name}: {e}") from None
+    return out
+
+
+def build_data_loaders(cfg: DataConfig, *, seq_len: int, global_batch_size: int, dp_rank: int, dp_size: int,
+                       vocab_size: int, seed: int, total_steps: Optional[int] = None, cache_dir=None,
+                       ) -> tuple[MixtureLoader, dict[str, Callable[[], Iterable[Batch]]]]:
+    """The training loader and one validation set per source with held-out documents.
+
+    Every rank of the default process group must call this together: rank 0 checks
+    the token ids against `vocab_size` and builds the missing sample indices while
+    the others wait, then every rank memory-maps them. `seed` is the run's seed
+    (used unless data.seed is set); `total_steps` resolves stages given by
+    start_fraction; `cache_dir` overrides data.cache_dir.
+    """
+    cfg.validate()
+    if not cfg.sources:
+        raise ConfigError("data.sources={} is invalid: expected at least one named source with shard paths")
+    if seq_len < 1:
+        raise ConfigError(f"seq_len={seq_len} is invalid: expected an integer >= 1")
+    if global_batch_size < 1:
+        raise ConfigError(f"global_batch_size={global_batch_size} is invalid: expected an integer >= 1")
+    rows = dp_slice(global_batch_size, dp_rank, dp_size)
+    data_seed = int(cfg.seed if cfg.seed is not None else seed)
+    cache = cache_dir if cache_dir is not None else cfg.cache_dir
+    sources = open_sources(cfg, seq_len=seq_len, seed=data_seed, cache_dir=None if cache is None else str(cache))
+
+    def build_indices() -> None:
+        for name, source in sources.items():
+            try:
+                source.check_vocab(vocab_size)
+            except CptronError as e:
+                raise CptronError(f"data.sources.{name}: {e}") from None
+            source.prepare()
+
+    _rank0_first(build_indices)
+    for source in sources.values():
+        source.load()
+    loader = MixtureLoader(cfg, sources, seq_len=seq_len, global_batch_size=global_batch_size, dp_rank=dp_rank,
+                           dp_size=dp_size, seed=data_seed, total_steps=total_steps)
+    validation = {}
+    for name, source in sources.items():
+        meta = source.meta
+        if meta["validation_documents"] == 0:
+            continue
+        if meta["validation_windows"] < 1:
+            raise ConfigError(
+                f"data.sources.{name}: its {meta['validation_documents']} held-out documents hold "
+                f"{meta['validation_tokens']} tokens, fewer than one window of seq_len + 1 = {seq_len + 1}: "
+                "expected a larger held_out_fraction (or 0)")
+        validation[name] = _ValidationSet(source, seq_len=seq_len, global_batch_size=global_batch_size, rows=rows,
+                                          num_batches=cfg.validation.num_batches)
+    return loader, validation
+
+
+__all__ = ["MixtureLoader", "SampleRef", "Piece", "build_data_loaders", "open_sources"]
