@@ -30,8 +30,8 @@ global token count.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -72,13 +72,13 @@ SCHEDULES = {**SINGLE_STAGE_SCHEDULES, **MULTI_STAGE_SCHEDULES}
 SPLIT_BACKWARD_SCHEDULES = ("interleaved_zero_bubble", "zbv_zero_bubble")
 
 
-def _invalid(field: str, value, expected: str) -> ConfigError:
-    return ConfigError(f"parallel.{field}={value!r} is invalid: expected {expected}")
+def _invalid(name: str, value, expected: str) -> ConfigError:
+    return ConfigError(f"parallel.{name}={value!r} is invalid: expected {expected}")
 
 
 # ----------------------------------------------------------------------------- layout
 
-def split_layers(n_layers: int, n_stages: int, layers_per_stage: Optional[list[int]] = None) -> list[range]:
+def split_layers(n_layers: int, n_stages: int, layers_per_stage: list[int] | None = None) -> list[range]:
     """The global block indices of each stage, in stage order.
 
     With `layers_per_stage` None the split is as even as possible and the
@@ -363,8 +363,8 @@ def _step_inputs(runtime: PipelineRuntime, mode: str, tokens, ids, labels):
     return args, target
 
 
-def pipeline_train_step(runtime: PipelineRuntime, tokens: Optional[Tensor], ids: Optional[Tensor],
-                        labels: Optional[Tensor]) -> Optional[Tensor]:
+def pipeline_train_step(runtime: PipelineRuntime, tokens: Tensor | None, ids: Tensor | None,
+                        labels: Tensor | None) -> Tensor | None:
     """Forward and backward of every microbatch of the batch; gradients accumulate into .grad.
 
     tokens/ids [B, T] are needed on the rank holding the first stage, labels on
@@ -386,8 +386,8 @@ def pipeline_train_step(runtime: PipelineRuntime, tokens: Optional[Tensor], ids:
     return _summed(runtime, losses)
 
 
-def pipeline_eval_step(runtime: PipelineRuntime, tokens: Optional[Tensor], ids: Optional[Tensor],
-                       labels: Optional[Tensor]) -> Optional[Tensor]:
+def pipeline_eval_step(runtime: PipelineRuntime, tokens: Tensor | None, ids: Tensor | None,
+                       labels: Tensor | None) -> Tensor | None:
     """Forward only (no autograd graph, no gradients), summing the microbatch losses as in training.
 
     Uses the schedule's own eval(). Switching between training and eval makes
@@ -401,7 +401,7 @@ def pipeline_eval_step(runtime: PipelineRuntime, tokens: Optional[Tensor], ids: 
     return _summed(runtime, losses)
 
 
-def _summed(runtime: PipelineRuntime, losses: list[Tensor]) -> Optional[Tensor]:
+def _summed(runtime: PipelineRuntime, losses: list[Tensor]) -> Tensor | None:
     if not runtime.has_last_stage:
         return None
     if len(losses) != runtime.n_microbatches:
