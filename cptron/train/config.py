@@ -1,0 +1,87 @@
+"""The `cptron train` config: one section per component, each its own dataclass."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from cptron.data.config import DataConfig
+from cptron.errors import ConfigError
+from cptron.models.config import ModelConfig
+from cptron.parallel.dims import ParallelConfig
+from cptron.train.checkpointing import CheckpointConfig
+from cptron.train.lr import LRConfig
+from cptron.train.metrics import MetricsConfig
+from cptron.train.optim import OptimizerConfig
+
+
+@dataclass
+class TrainingConfig:
+    """Batch shape, length of the run, evaluation and the non-finite loss policy."""
+
+    run_dir: str = "runs/train"
+    """Directory of this run: checkpoints/, metrics.jsonl, tensorboard/, config.yaml."""
+    steps: int = 100
+    """Number of optimizer steps of the whole run (a resumed run continues to this step)."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step, over all data-parallel ranks."""
+    micro_batch_size: int = 2
+    """Sequences per forward pass on one rank; the rest of the rank's share is gradient accumulation (or pipeline microbatches)."""
+    seq_len: int = 128
+    """Tokens per training sequence."""
+    seed: int = 0
+    """Seed of the initialization and of the data order."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to train; auto: cuda when available, else cpu."""
+    eval_every: int = 0
+    """Evaluate the held-out sets every N steps (0: only at the end when validation sets exist)."""
+    eval_batches: int = 0
+    """Limit each validation set to this many batches (0: all)."""
+    nonfinite: Literal["stop", "skip"] = "stop"
+    """On a NaN/inf loss or grad norm: stop with an error (the newest checkpoint stays the last good one), or skip the step."""
+    max_skipped_steps: int = 10
+    """With nonfinite=skip: stop with an error once this many steps were skipped in the run."""
+    tokenizer: Optional[str] = None
+    """Tokenizer directory carried into every checkpoint (so an HF export has it); default: the init model's."""
+
+    def validate(self) -> None:
+        def need(ok, name, expected):
+            if not ok:
+                raise ConfigError(f"training.{name}={getattr(self, name)!r} is invalid: expected {expected}")
+
+        need(bool(self.run_dir), "run_dir", "a directory path")
+        for name in ("steps", "global_batch_size", "micro_batch_size", "seq_len"):
+            need(getattr(self, name) >= 1, name, "an integer >= 1")
+        need(self.eval_every >= 0, "eval_every", "an integer >= 0")
+        need(self.eval_batches >= 0, "eval_batches", "an integer >= 0")
+        need(self.max_skipped_steps >= 0, "max_skipped_steps", "an integer >= 0")
+
+
+@dataclass
+class TrainConfig:
+    """Continually pretrain a Llama-family model (any mix of tensor/sequence, pipeline and sharded data parallelism)."""
+
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(preset="tiny"))
+    """Architecture; ignored (taken from the checkpoint) when checkpoint.init_from is set, except pad_vocab_to_multiple_of."""
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    """Batch, run length, evaluation, non-finite policy."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Parallel layout (pp x dp_replicate x dp_shard x tp must equal the number of processes)."""
+    optim: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """AdamW and gradient clipping."""
+    lr: LRConfig = field(default_factory=LRConfig)
+    """Learning-rate schedule (a multiplier of optim.lr per step)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Token shards, the replay mixture and validation sets."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Saving, resuming and the initial weights."""
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    """Logging sinks and intervals."""
+
+    def validate(self) -> None:
+        t = self.training
+        if t.global_batch_size % t.micro_batch_size:
+            raise ConfigError(f"training.global_batch_size={t.global_batch_size} is invalid: expected a multiple "
+                              f"of training.micro_batch_size={t.micro_batch_size}")
+        if not math.isfinite(self.optim.lr):
+            raise ConfigError(f"optim.lr={self.optim.lr!r} is invalid: expected a finite number")

@@ -1,0 +1,468 @@
+"""The training loop: batch -> forward/backward -> clip -> AdamW step -> metrics, eval, checkpoint.
+
+`Trainer(cfg).run()` works on one CPU process and on a 3-D parallel GPU cluster
+alike. Setup order:
+  1. process group and device (torchrun/SLURM env, or a single local process);
+  2. the model config (from the init checkpoint or the `model:` section) and the
+     mesh (`cptron.parallel.dims`);
+  3. model parts on the meta device: the whole model, or this rank's pipeline
+     stages; each parallelized from outside (`parallelize_llama`), then
+     materialized and initialized by (seed, parameter name);
+  4. AdamW per part, the LR schedule, the data loaders;
+  5. resume from the newest complete checkpoint, else load the initial weights.
+
+Loss normalization: every microbatch's loss is its token-summed cross-entropy
+divided by the number of target tokens in the whole global batch, and gradients
+are summed (not averaged) over data-parallel ranks. So any split of the global
+batch over ranks, microbatches and pipeline chunks gives the same gradient as
+one process computing the token-mean loss of the whole batch.
+"""
+from __future__ import annotations
+
+import base64
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.tensor import DTensor
+
+from cptron.config import config_to_dict
+from cptron.data.interface import IGNORE_INDEX, Batch, BatchSource
+from cptron.errors import ConfigError, CptronError
+from cptron.models.config import ModelConfig
+from cptron.models.llama import Transformer
+from cptron.parallel.dims import build_mesh, mixed_precision_dtype, resolve_parallel_dims
+from cptron.parallel.parallelize import describe_parallelism, parallelize_llama
+from cptron.train.config import TrainConfig
+from cptron.train.loss import cross_entropy_sum, loss_parallel_context
+from cptron.train.optim import build_optimizers, clip_gradients, global_grad_norm
+
+log = logging.getLogger("cptron.train")
+
+
+class NonFiniteLossError(CptronError):
+    """The loss or gradient norm became NaN/inf and the policy says stop."""
+
+
+@dataclass
+class TrainResult:
+    """What a run did; `losses[step]` is the global mean token loss of that optimizer step."""
+
+    last_step: int
+    losses: dict[int, float] = field(default_factory=dict)
+    grad_norms: dict[int, float] = field(default_factory=dict)
+    eval_losses: dict[int, dict[str, float]] = field(default_factory=dict)
+    skipped_steps: list[int] = field(default_factory=list)
+    resumed_from: Optional[str] = None
+
+
+def setup_distributed(device_choice: str) -> tuple[int, int, torch.device]:
+    """Join the process group torchrun/SLURM describe, or start a one-process group."""
+    if device_choice == "auto":
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    else:
+        device_type = device_choice
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("training.device='cuda' is invalid: CUDA is not available on this machine")
+    if device_type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        backend = "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" \
+        else torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+class Trainer:
+    """One training run. `data`/`val_sets` replace the configured data section (tests, benchmarks)."""
+
+    def __init__(self, cfg: TrainConfig, *,
+                 data_factory: Optional[Callable[[int, int], tuple[BatchSource, dict[str, Callable]]]] = None,
+                 loss_hook: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
+                 grad_hook: Optional[Callable[[int, list[nn.Module]], None]] = None):
+        """`data_factory(dp_rank, dp_size) -> (train source, {name: validation batches factory})`
+        replaces the `data:` section (tests, benchmarks). `loss_hook(step, loss)` may
+        transform each microbatch loss before backward (fault injection);
+        `grad_hook(step, parts)` sees the accumulated gradients before clipping."""
+        from cptron.train.checkpointing import TrainCheckpointer, model_config_for_init
+        from cptron.train.lr import build_lr_schedule
+
+        from cptron.config import validate_config
+
+        for section in (cfg.model, cfg.training, cfg.parallel, cfg.optim, cfg.lr, cfg.checkpoint, cfg.metrics):
+            validate_config(section)
+        cfg.validate()
+        self.cfg = cfg
+        self.loss_hook, self.grad_hook = loss_hook, grad_hook
+        t = cfg.training
+        self.rank, self.world_size, self.device = setup_distributed(t.device)
+
+        init_from = cfg.checkpoint.init_from
+        if init_from:
+            self.model_cfg = model_config_for_init(init_from, cfg.model.pad_vocab_to_multiple_of)
+        else:
+            self.model_cfg = cfg.model
+        self.model_cfg.validate()
+        mc = self.model_cfg
+        if t.seq_len > mc.max_seq_len:
+            raise ConfigError(f"training.seq_len={t.seq_len} is invalid: expected <= model.max_seq_len="
+                              f"{mc.max_seq_len}")
+
+        self.dims = resolve_parallel_dims(cfg.parallel, self.world_size, mc)
+        self.mesh = build_mesh(self.dims, self.device.type)
+        self.dp_rank = self.mesh["dp"].get_local_rank()
+        self.pp_group = self.mesh["pp"].get_group() if self.dims.pp > 1 else None
+        self.param_dtype = mixed_precision_dtype(cfg.parallel, self.device)
+        self._check_batch_shape()
+
+        self.parts, self.pipeline = self._build_model_parts()
+        self.optimizers = build_optimizers(self.parts, cfg.optim, self.device)
+        self.lr_schedule = build_lr_schedule(cfg.lr, t.steps)
+
+        if data_factory is None:
+            from cptron.data.loader import build_data_loaders
+
+            validate_config(cfg.data)
+            data, val_sets = build_data_loaders(
+                cfg.data, seq_len=t.seq_len, global_batch_size=t.global_batch_size, dp_rank=self.dp_rank,
+                dp_size=self.dims.dp, vocab_size=mc.vocab_size, seed=t.seed, total_steps=t.steps)
+        else:
+            data, val_sets = data_factory(self.dp_rank, self.dims.dp)
+        self.data = data
+        self.val_sets = val_sets or {}
+
+        tokenizer_dir = t.tokenizer or _tokenizer_dir_of(init_from)
+        self.checkpointer = TrainCheckpointer(cfg.checkpoint, t.run_dir, model_cfg=mc, tokenizer_dir=tokenizer_dir)
+        self.step = 0
+        self.skipped: list[int] = []
+        self.resumed_from: Optional[str] = None
+        self._last_saved: Optional[int] = None
+        latest = self.checkpointer.latest() if cfg.checkpoint.resume else None
+        if latest is not None:
+            state = self.checkpointer.load(latest, self.parts, self.optimizers)
+            self._restore_train_state(state)
+            self.resumed_from = str(latest)
+            self._last_saved = self.step
+            log.info("resumed from %s at step %d", latest, self.step)
+        elif init_from:
+            self.checkpointer.load_initial_weights(init_from, self.parts)
+            log.info("initial weights from %s", init_from)
+        self._log_setup()
+
+    # ------------------------------------------------------------------ setup
+
+    def _check_batch_shape(self) -> None:
+        t, dims = self.cfg.training, self.dims
+        if t.global_batch_size % dims.dp:
+            raise ConfigError(f"training.global_batch_size={t.global_batch_size} is invalid: expected a multiple "
+                              f"of the data-parallel size dp_replicate x dp_shard = {dims.dp}")
+        self.local_rows = t.global_batch_size // dims.dp
+        if self.local_rows % t.micro_batch_size:
+            raise ConfigError(f"training.micro_batch_size={t.micro_batch_size} is invalid: each data-parallel rank "
+                              f"gets {self.local_rows} sequences per step, expected a divisor of that")
+        self.n_micro = self.local_rows // t.micro_batch_size
+        if dims.tp > 1 and self.cfg.parallel.sequence_parallel and t.seq_len % dims.tp:
+            raise ConfigError(f"training.seq_len={t.seq_len} is invalid: expected a multiple of parallel.tp="
+                              f"{dims.tp} with sequence parallelism")
+        if dims.pp > 1:
+            mb = self.cfg.parallel.pp_microbatches or dims.pp * self.cfg.parallel.pp_stages_per_rank
+            mb = min(mb, self.n_micro) if self.cfg.parallel.pp_microbatches is None else mb
+            if self.n_micro % mb:
+                raise ConfigError(f"parallel.pp_microbatches={mb} is invalid: each rank has {self.n_micro} "
+                                  f"microbatches of {t.micro_batch_size} sequences per step, expected a divisor")
+            self.pp_microbatches = mb
+            from cptron.parallel.pipeline import check_pipeline_schedule
+
+            fsdp_on = dims.dp > 1 or self.param_dtype != torch.float32
+            check_pipeline_schedule(self.cfg.parallel.pp_schedule, dims.pp, self.cfg.parallel.pp_stages_per_rank, mb,
+                                    compiled=self.cfg.parallel.compile,
+                                    fsdp_reshard_after_forward=fsdp_on and self.cfg.parallel.fsdp_reshard_after_forward)
+
+    def _build_model_parts(self):
+        pcfg, dims, mc = self.cfg.parallel, self.dims, self.model_cfg
+        seed = self.cfg.training.seed
+        pipeline = None
+        if dims.pp > 1:
+            from cptron.parallel import pipeline as pl
+
+            pp_rank = self.mesh["pp"].get_local_rank()
+            n_stages = dims.pp * pcfg.pp_stages_per_rank
+            ranges = pl.split_layers(mc.n_layers, n_stages, pcfg.pp_layers_per_stage)
+            stage_ids = pl.stage_ids_for_rank(pp_rank, dims.pp, pcfg.pp_stages_per_rank, pcfg.pp_schedule)
+            parts = pl.build_stage_modules(mc, stage_ids, n_stages, ranges, ids_are_doc_ids=True)
+        else:
+            with torch.device("meta"):
+                parts = [Transformer(mc)]
+        for part in parts:
+            parallelize_llama(part, self.mesh, dims, pcfg, param_dtype=self.param_dtype)
+            part.to_empty(device=self.device)
+            part.init_weights(seed)
+            part.train()
+        if dims.pp > 1:
+            pipeline = pl.build_pipeline_schedule(
+                parts, stage_ids, n_stages, self.pp_group, self.device, self.pp_microbatches,
+                self._pipeline_loss, pcfg.pp_schedule)
+            self.stage_ids, self.n_stages = stage_ids, n_stages
+        return parts, pipeline
+
+    def _log_setup(self) -> None:
+        if self.rank != 0:
+            return
+        n_params = self.model_cfg.num_params()
+        t = self.cfg.training
+        log.info("model: %s params (%d layers, dim %d, vocab %d padded to %d)", f"{n_params:,}",
+                 self.model_cfg.n_layers, self.model_cfg.dim, self.model_cfg.vocab_size,
+                 self.model_cfg.padded_vocab_size)
+        log.info("world %d: %s", self.world_size,
+                 describe_parallelism(self.dims, self.cfg.parallel, self.param_dtype, self.device))
+        impl = self.cfg.optim.implementation
+        log.info("optimizer: AdamW (%s), attention: SDPA (%s)",
+                 ("fused" if self.device.type == "cuda" else "foreach") if impl == "auto" else impl,
+                 "document-masked, boolean mask" if getattr(self.data, "packs_documents", True)
+                 else "causal")
+        log.info("batch: %d sequences x %d tokens per step = %d ranks x %d microbatches x %d", t.global_batch_size,
+                 t.seq_len, self.dims.dp, self.n_micro, t.micro_batch_size)
+
+    # ------------------------------------------------------------------ state
+
+    def train_state(self) -> dict:
+        rng = {"cpu": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+        return {"step": self.step, "data": self.data.state_dict(), "skipped_steps": list(self.skipped),
+                "rng": rng, "world_size": self.world_size, "layout": self.dims.describe()}
+
+    def _restore_train_state(self, state: dict) -> None:
+        import numpy as np
+
+        self.step = int(state["step"])
+        self.skipped = list(state.get("skipped_steps", []))
+        self.data.load_state_dict(state["data"])
+        if "rng" in state:
+            raw = np.frombuffer(base64.b64decode(state["rng"]["cpu"]), dtype=np.uint8).copy()
+            torch.set_rng_state(torch.from_numpy(raw))
+
+    # ------------------------------------------------------------------ step
+
+    def _pipeline_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss = cross_entropy_sum(logits, labels, self.model_cfg.vocab_size)
+        if isinstance(loss, DTensor):
+            loss = loss.full_tensor()
+        loss = loss * self._loss_scale
+        if self.loss_hook is not None:
+            loss = self.loss_hook(self.step, loss)
+        return loss
+
+    def _global_tokens(self, batch: Batch) -> torch.Tensor:
+        n = (batch.labels != IGNORE_INDEX).sum().to(self.device, torch.float32)
+        dist.all_reduce(n, group=self.mesh["dp"].get_group())
+        return n
+
+    def forward_backward(self, batch: Batch) -> torch.Tensor:
+        """Accumulate this rank's gradients for one step; return the global mean token loss."""
+        n_tokens = self._global_tokens(batch)
+        self._loss_scale = 1.0 / n_tokens.clamp_min(1.0)
+        lp = self.dims.tp > 1 and self.cfg.parallel.loss_parallel
+        total = torch.zeros((), device=self.device)
+        mbs = self.cfg.training.micro_batch_size
+        with loss_parallel_context(lp):
+            if self.pipeline is not None:
+                from cptron.parallel.pipeline import pipeline_train_step
+
+                chunk = mbs * self.pp_microbatches
+                for i in range(0, batch.rows, chunk):
+                    b = batch.slice(i, i + chunk).to(self.device)
+                    out = pipeline_train_step(self.pipeline, b.tokens, _ids(b), b.labels)
+                    if out is not None:
+                        total += out.detach()
+            else:
+                model = self.parts[0]
+                for i in range(self.n_micro):
+                    b = batch.slice(i * mbs, (i + 1) * mbs).to(self.device)
+                    if hasattr(model, "set_requires_gradient_sync"):
+                        # Reduce-scatter gradients once, after the last microbatch.
+                        model.set_requires_gradient_sync(i == self.n_micro - 1)
+                    logits = model(b.tokens, doc_ids=b.doc_ids)
+                    loss = cross_entropy_sum(logits, b.labels, self.model_cfg.vocab_size)
+                    if isinstance(loss, DTensor):
+                        loss = loss.full_tensor()
+                    loss = loss * self._loss_scale
+                    if self.loss_hook is not None:
+                        loss = self.loss_hook(self.step, loss)
+                    loss.backward()
+                    total += loss.detach()
+        dist.all_reduce(total, group=self.mesh["dp"].get_group())
+        if self.pp_group is not None:
+            dist.all_reduce(total, group=self.pp_group)  # only last-stage ranks hold a loss
+        self._last_loss = float(total)
+        return total
+
+    def train_step(self, batch: Batch) -> tuple[float, float, bool]:
+        """One optimizer step. Returns (loss, grad_norm, stepped)."""
+        from cptron.train.lr import apply_lr
+
+        self._lr = apply_lr(self.optimizers, self.cfg.optim.lr, self.lr_schedule.factor(self.step))
+        loss = self.forward_backward(batch)
+        if self.grad_hook is not None:
+            self.grad_hook(self.step, self.parts)
+        norm, stepped = self.optimizer_step()
+        return float(loss), norm, stepped
+
+    def optimizer_step(self) -> tuple[float, bool]:
+        """After forward_backward: global grad norm, the non-finite check, clipping, AdamW.
+        Returns (grad_norm, stepped); a non-finite loss or norm drops the gradients."""
+        norm = global_grad_norm(self.parts, self.pp_group)
+        norm_f = float(norm)
+        # A NaN loss gives NaN gradients, so the norm catches both.
+        if not math.isfinite(norm_f) or not math.isfinite(self._last_loss):
+            self._zero_grad()
+            return norm_f, False
+        if self.cfg.optim.grad_clip > 0:
+            clip_gradients(self.parts, self.cfg.optim.grad_clip, norm)
+        for opt in self.optimizers:
+            opt.step()
+        self._zero_grad()
+        return norm_f, True
+
+    def _zero_grad(self) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+
+    # ------------------------------------------------------------------ eval
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        out = {}
+        limit = self.cfg.training.eval_batches
+        lp = self.dims.tp > 1 and self.cfg.parallel.loss_parallel
+        mbs = self.cfg.training.micro_batch_size
+        for name, make in self.val_sets.items():
+            loss_sum = torch.zeros((), device=self.device)
+            tokens = torch.zeros((), device=self.device)
+            for i, batch in enumerate(make()):
+                if limit and i >= limit:
+                    break
+                tokens += (batch.labels != IGNORE_INDEX).sum().to(self.device, torch.float32)
+                self._loss_scale = 1.0
+                with loss_parallel_context(lp):
+                    if self.pipeline is not None:
+                        from cptron.parallel.pipeline import pipeline_eval_step
+
+                        chunk = mbs * self.pp_microbatches
+                        for j in range(0, batch.rows, chunk):
+                            b = batch.slice(j, j + chunk).to(self.device)
+                            s = pipeline_eval_step(self.pipeline, b.tokens, _ids(b), b.labels)
+                            if s is not None:
+                                loss_sum += s
+                    else:
+                        for j in range(0, batch.rows, mbs):
+                            b = batch.slice(j, j + mbs).to(self.device)
+                            loss = cross_entropy_sum(self.parts[0](b.tokens, doc_ids=b.doc_ids), b.labels,
+                                                     self.model_cfg.vocab_size)
+                            loss_sum += loss.full_tensor() if isinstance(loss, DTensor) else loss
+            dist.all_reduce(tokens, group=self.mesh["dp"].get_group())
+            dist.all_reduce(loss_sum, group=self.mesh["dp"].get_group())
+            if self.pp_group is not None:
+                dist.all_reduce(loss_sum, group=self.pp_group)
+            out[name] = float(loss_sum / tokens.clamp_min(1.0))
+        return out
+
+    # ------------------------------------------------------------------ loop
+
+    def save(self) -> None:
+        for part in self.parts:
+            for name, p in part.named_parameters():
+                local = p.to_local() if isinstance(p, DTensor) else p
+                if not torch.isfinite(local).all():
+                    raise NonFiniteLossError(f"refusing to save step {self.step}: parameter {name} is not finite")
+        self.checkpointer.save(self.step, self.parts, self.optimizers, self.train_state())
+        self._last_saved = self.step
+
+    def run(self) -> TrainResult:
+        from cptron.train.metrics import MetricsLogger, Throughput, device_peak_flops, flops_per_token, \
+            memory_stats
+
+        cfg, t = self.cfg, self.cfg.training
+        result = TrainResult(last_step=self.step, resumed_from=self.resumed_from, skipped_steps=self.skipped)
+        metrics = MetricsLogger(cfg.metrics, t.run_dir, rank=self.rank, run_config=config_to_dict(cfg),
+                                total_steps=t.steps, start_step=self.step)
+        peak, peak_desc = device_peak_flops(self.device, self.param_dtype, override_tflops=cfg.metrics.peak_tflops)
+        fpt = flops_per_token(self.model_cfg, t.seq_len)
+        if self.rank == 0:
+            log.info("%.4g FLOP/token; %s", fpt, peak_desc)
+        meter = Throughput(fpt, peak, self.world_size)
+        tokens_per_step = t.global_batch_size * t.seq_len
+        ckpt_every = cfg.checkpoint.interval
+        try:
+            while self.step < t.steps:
+                batch = next(self.data)
+                loss, norm, stepped = self.train_step(batch)
+                step = self.step
+                self.step += 1
+                if not stepped:
+                    self.skipped.append(step)
+                    msg = f"step {step}: non-finite loss {loss} / grad norm {norm}"
+                    if t.nonfinite == "stop":
+                        raise NonFiniteLossError(msg + "; stopped (training.nonfinite=stop); the newest "
+                                                 "checkpoint is the last good state")
+                    log.warning("%s; step skipped (%d of at most %d)", msg, len(self.skipped), t.max_skipped_steps)
+                    if len(self.skipped) > t.max_skipped_steps:
+                        raise NonFiniteLossError(f"{len(self.skipped)} steps skipped for non-finite losses "
+                                                 f"(training.max_skipped_steps={t.max_skipped_steps}): {self.skipped}")
+                result.losses[step] = loss
+                result.grad_norms[step] = norm
+                # Metrics are keyed by completed updates (1-based): step N is the
+                # state after N optimizer steps, the same number a checkpoint carries.
+                rates = meter.update(tokens_per_step)
+                row = {"loss": loss, "grad_norm": norm, "lr": self._lr, "skipped_steps": len(self.skipped),
+                       **rates}
+                if self.step % cfg.metrics.log_every == 0 or self.step == t.steps:
+                    row.update(memory_stats(self.device))
+                    metrics.log(self.step, row)
+                metrics.progress(self.step, {"loss": f"{loss:.4f}"})
+                if self.val_sets and t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
+                    result.eval_losses[self.step] = ev = self.evaluate()
+                    metrics.log(self.step, {f"val/{k}": v for k, v in ev.items()}, kind="eval")
+                    meter.reset()
+                if ckpt_every and self.step % ckpt_every == 0 and self.step < t.steps:
+                    self.save()
+                    meter.reset()
+            if self.val_sets:
+                result.eval_losses[self.step] = ev = self.evaluate()
+                metrics.log(self.step, {f"val/{k}": v for k, v in ev.items()}, kind="eval")
+            if cfg.checkpoint.save_final and self._last_saved != self.step:
+                self.save()
+        finally:
+            self.checkpointer.wait()
+            metrics.close()
+        result.last_step = self.step
+        return result
+
+
+def _ids(b: Batch) -> torch.Tensor:
+    """What pipeline stages pass along: doc_ids, or the positions of a plain causal batch
+    (all-zero doc_ids: one document per row, so positions restart nowhere)."""
+    if b.doc_ids is not None:
+        return b.doc_ids
+    return torch.zeros_like(b.tokens)
+
+
+def _tokenizer_dir_of(path: Optional[str]) -> Optional[str]:
+    if not path:
+        return None
+    from pathlib import Path
+
+    p = Path(path)
+    if (p / "tokenizer").is_dir():
+        return str(p / "tokenizer")
+    from cptron.hf import tokenizer_files
+
+    return str(p) if tokenizer_files(p) else None
