@@ -19,6 +19,7 @@ import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Iterator, Literal, Optional
 
@@ -166,14 +167,25 @@ class DocumentEncoder:
         """(tokens of the documents back to back, per-document lengths); a document that encodes to no
         tokens gets length 0 and no BOS/EOS, so the caller can count it as empty."""
         ids = self.encode(texts)
-        head = [self.spec.bos_id] if self.spec.bos_id is not None else []
-        tail = [self.spec.eos_id] if self.spec.eos_id is not None else []
-        docs = [head + d + tail if d else d for d in ids]
-        lengths = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
-        dtype = best_dtype(self.spec.vocab_size)
-        flat = np.fromiter((t for d in docs for t in d), dtype=dtype, count=int(lengths.sum()))
-        return flat, lengths
-
+        content = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        tokens = np.fromiter(chain.from_iterable(ids), dtype=best_dtype(self.spec.vocab_size),
+                             count=int(content.sum()))
+        n_bos, n_eos = int(self.spec.bos_id is not None), int(self.spec.eos_id is not None)
+        if not n_bos + n_eos:
+            return tokens, content
+        # Place each document's tokens after its BOS and before its EOS without a Python loop per token.
+        nonempty = content > 0
+        lengths = content + (n_bos + n_eos) * nonempty
+        ends = np.cumsum(lengths)
+        out = np.empty(int(ends[-1]) if len(ends) else 0, dtype=tokens.dtype)
+        starts = ends - lengths
+        content_starts = np.cumsum(content) - content
+        out[np.arange(tokens.size) + np.repeat(starts + n_bos - content_starts, content)] = tokens
+        if n_bos:
+            out[starts[nonempty]] = self.spec.bos_id
+        if n_eos:
+            out[ends[nonempty] - 1] = self.spec.eos_id
+        return out, lengths
 
 def _special_from_hf_configs(tokenizer_file: Path, key: str) -> Optional[str]:
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
@@ -311,18 +323,24 @@ def _read_text(path: str, unit: str) -> Iterator[Document]:
                 raise CptronError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
             yield 1, text, len(data)
             return
+        consumed = 0
         for line_no, line in enumerate(raw, 1):
-            yield line_no, _decode_line(line, path, line_no).rstrip("\r\n"), raw.tell()
+            consumed += len(line)
+            yield line_no, _decode_line(line, path, line_no).rstrip("\r\n"), consumed
 
 
 def _read_jsonl(path: str, text_field: str) -> Iterator[Document]:
     with open(path, "rb") as raw:
-        stream = gzip.GzipFile(fileobj=raw, mode="rb") if path.endswith(".gz") else raw
+        compressed = path.endswith(".gz")
+        stream = gzip.GzipFile(fileobj=raw, mode="rb") if compressed else raw
+        consumed = 0
         try:
             for line_no, line in enumerate(stream, 1):
+                # progress counts bytes of the file on disk: compressed ones from the raw file's position
+                consumed = raw.tell() if compressed else consumed + len(line)
                 text = _decode_line(line, path, line_no)
-                if not text.strip():
-                    yield line_no, None, raw.tell()
+                if not text or text.isspace():
+                    yield line_no, None, consumed
                     continue
                 try:
                     record = json.loads(text)
@@ -337,7 +355,7 @@ def _read_jsonl(path: str, text_field: str) -> Iterator[Document]:
                 if value is not None and not isinstance(value, str):
                     raise CptronError(f"{path}:{line_no}: field {text_field!r} holds {type(value).__name__}: "
                                       "expected a string")
-                yield line_no, value, raw.tell()
+                yield line_no, value, consumed
         except (OSError, EOFError) as e:  # a corrupt or cut-off .gz
             raise CptronError(f"{path}: cannot read ({e})") from e
 
@@ -498,9 +516,7 @@ def run_tokenize(cfg: TokenizeConfig) -> dict:
         for path in files:
             done = 0
             for line_no, text, pos in read_documents(path, cfg):
-                bar.update(pos - done)
-                done = pos
-                if text is None or not text.strip():
+                if not text or text.isspace():
                     empty += 1
                     if len(empty_examples) < _MAX_EMPTY_EXAMPLES:
                         empty_examples.append(f"{path}:{line_no}")
@@ -508,6 +524,8 @@ def run_tokenize(cfg: TokenizeConfig) -> dict:
                 texts.append(text)
                 where.append((path, line_no))
                 if len(texts) >= cfg.chunk_docs:
+                    bar.update(pos - done)
+                    done = pos
                     pending.append((submit(texts), where))
                     texts, where = [], []
                     drain(max_pending)

@@ -237,3 +237,21 @@ def test_cli_runs_the_shipped_preset_end_to_end(tmp_path, bpe, capsys):
     assert "has shards already" in capsys.readouterr().err
     assert main(["data", "tokenize", "--inputs", "x.txt", "--tokenizer", str(path), "--output_prefix", "o"]) == 2
     assert "input x.txt not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bos, eos, expected", [
+    (True, True, [1, 5, 6, 2, 1, 7, 2]),
+    (False, True, [5, 6, 2, 7, 2]),
+    (True, False, [1, 5, 6, 1, 7]),
+    (False, False, [5, 6, 7]),
+])
+def test_specials_frame_each_nonempty_document_only(bpe, monkeypatch, bos, eos, expected):
+    from cptron.data.tokenize import DocumentEncoder, TokenizerSpec
+
+    spec = TokenizerSpec(str(bpe[0]), "hf", 512, 2 if eos else None, 1 if bos else None, "f")
+    encoder = DocumentEncoder(spec)
+    monkeypatch.setattr(encoder, "encode", lambda texts: [[5, 6], [], [7], []])  # e.g. text the normalizer drops
+    flat, lengths = encoder.encode_chunk(["a", "b", "c", "d"])
+    assert flat.tolist() == expected and flat.dtype == np.uint16
+    extra = int(bos) + int(eos)
+    assert lengths.tolist() == [2 + extra, 0, 1 + extra, 0]
