@@ -21,11 +21,14 @@ import hashlib
 import json
 import logging
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
+import torch
 
 from cptron.data.config import DataConfig
 from cptron.data.indexed import shard_prefixes
@@ -73,6 +76,17 @@ class Piece:
 
 def _digest(obj: Any) -> str:
     return hashlib.blake2b(json.dumps(obj, sort_keys=True).encode(), digest_size=8).hexdigest()
+
+
+def batch_from_windows(windows: np.ndarray, input_doc_ids: np.ndarray) -> Batch:
+    """`Batch.from_windows` for int64 numpy windows [rows, seq_len + 1] and the document ids of the inputs
+    [rows, seq_len]: sliced in numpy and wrapped without a further copy.
+
+    Same result, but torch's strided copies run on its intra-op thread pool, which
+    on small shared hosts costs milliseconds per batch where numpy takes microseconds.
+    """
+    return Batch(torch.from_numpy(np.ascontiguousarray(windows[:, :-1])),
+                 torch.from_numpy(np.ascontiguousarray(windows[:, 1:])), torch.from_numpy(input_doc_ids))
 
 
 def _cap(src_cfg, windows: int, name: str) -> Optional[int]:
@@ -128,7 +142,7 @@ class MixtureLoader:
         self._segment_start = 0
         self._scheduler: Optional[QuotaScheduler] = None
         self._stage_index = self.stages[0].index
-        self.last_samples: list[SampleRef] = []
+        self._last: Optional[tuple] = None
 
     # ------------------------------------------------------------ mixture bookkeeping
 
@@ -185,6 +199,23 @@ class MixtureLoader:
         self.step += 1
         return src, pos
 
+    def expected_epochs(self, total_steps: int) -> dict[str, int]:
+        """How many epochs of each source `total_steps` steps reach (at most PREBUILT_EPOCHS), assuming no
+        cap runs out; an underestimate only means an epoch is built when first reached."""
+        need = [0] * len(self.names)
+        for k, stage in enumerate(self.stages):
+            end = self.stages[k + 1].start_step if k + 1 < len(self.stages) else total_steps
+            samples = max(0, min(end, total_steps) - stage.start_step) * self.global_batch_size
+            if samples:
+                table = shares(stage.weights, stage.replay_fraction, self._replay_sources)
+                for i, name in enumerate(self.names):
+                    need[i] += math.ceil(table[name] * samples) + 1
+        out = {}
+        for name, n, cap, w in zip(self.names, need, self.caps, self.windows):
+            n = n if cap is None else min(n, cap)
+            out[name] = max(1, min(PREBUILT_EPOCHS, -(-n // w)))
+        return out
+
     @property
     def current_shares(self) -> dict[str, float]:
         """Share of each source in the mixture for the next step (for logging)."""
@@ -202,27 +233,28 @@ class MixtureLoader:
         lo, hi = self.rows
         n_rows, span = hi - lo, self.seq_len + 1
         tokens = np.empty((n_rows, span), dtype=np.int64)
-        doc_ids = np.empty((n_rows, span), dtype=np.int64)
-        refs: list[Optional[SampleRef]] = [None] * n_rows
-        groups: dict[tuple[int, int], list[int]] = {}
-        for r in range(n_rows):
-            i, p = src[lo + r], pos[lo + r]
-            groups.setdefault((i, p // self.windows[i]), []).append(r)
-        for (i, epoch), rows in groups.items():
+        doc_ids = np.empty((n_rows, self.seq_len), dtype=np.int64)
+        src_rows = np.asarray(src[lo:hi], dtype=np.int64)
+        pos_rows = np.asarray(pos[lo:hi], dtype=np.int64)
+        windows_per_epoch = np.asarray(self.windows, dtype=np.int64)[src_rows]
+        epochs, ks = pos_rows // windows_per_epoch, pos_rows % windows_per_epoch
+        windows = np.empty(n_rows, dtype=np.int64)
+        for i, epoch in sorted({(int(i), int(e)) for i, e in zip(src_rows, epochs)}):
+            rows = np.flatnonzero((src_rows == i) & (epochs == epoch))
             source, index = self.sources[i], self.sources[i].epoch(epoch)
-            k = np.array([pos[lo + r] for r in rows], dtype=np.int64) - epoch * self.windows[i]
-            windows = np.asarray(index.perm[k], dtype=np.int64)
-            if len(rows) == n_rows:  # one group: read straight into the batch
-                source.read(index, windows, tokens, doc_ids)
-            else:
-                t = np.empty((len(rows), span), dtype=np.int64)
-                d = np.empty_like(t)
-                source.read(index, windows, t, d)
-                tokens[rows], doc_ids[rows] = t, d
-            for r, kk, w in zip(rows, k.tolist(), windows.tolist()):
-                refs[r] = SampleRef(first + lo + r, self.names[i], epoch, kk, w)
-        self.last_samples = refs
-        return Batch.from_windows(tokens, doc_ids)
+            windows[rows] = index.perm[ks[rows]]
+            source.read(index, windows[rows], tokens, doc_ids, None if len(rows) == n_rows else rows)
+        self._last = (first + lo, src_rows, epochs, ks, windows)
+        return batch_from_windows(tokens, doc_ids)
+
+    @property
+    def last_samples(self) -> list[SampleRef]:
+        """The ledger of the last batch: one SampleRef per row of this rank's slice."""
+        if self._last is None:
+            return []
+        start, src, epochs, ks, windows = self._last
+        return [SampleRef(start + r, self.names[i], e, k, w) for r, (i, e, k, w) in
+                enumerate(zip(src.tolist(), epochs.tolist(), ks.tolist(), windows.tolist()))]
 
     def describe(self, ref: SampleRef) -> list[Piece]:
         """The document pieces of sample `ref`, in order (they add up to seq_len + 1 tokens)."""
@@ -288,7 +320,7 @@ class MixtureLoader:
         if self._pending_counts is None:
             self._segment_key = None
         self._stage_index = int(state["stage"])
-        self.last_samples = []
+        self._last = None
 
 
 def _differences(old: Any, new: Any, path: str = "") -> list[str]:
@@ -321,10 +353,10 @@ def _validation_batches(source: SourceIndex, *, seq_len: int, global_batch_size:
         real = np.arange(first + lo, first + hi)
         real = real[real < total]
         tokens = np.zeros((hi - lo, span), dtype=np.int64)
-        doc_ids = np.zeros((hi - lo, span), dtype=np.int64)
+        doc_ids = np.zeros((hi - lo, seq_len), dtype=np.int64)
         if len(real):
-            source.read(index, real, tokens[:len(real)], doc_ids[:len(real)])
-        batch = Batch.from_windows(tokens, doc_ids)
+            source.read(index, real, tokens, doc_ids, np.arange(len(real)))
+        batch = batch_from_windows(tokens, doc_ids)
         batch.labels[len(real):] = IGNORE_INDEX
         yield batch
 
@@ -365,6 +397,24 @@ def _rank0_first(fn: Callable[[], None]) -> None:
         if original is not None:
             raise original
         raise (ConfigError if box[0][0] == "ConfigError" else CptronError)(box[0][1])
+
+
+BUILD_THREADS = max(1, min(4, os.cpu_count() or 1))
+"""Sources whose indices are built at the same time (numpy's shuffles and sorts release the GIL)."""
+PREBUILT_EPOCHS = 8
+"""Most epochs per source built up front; later ones are built when first reached."""
+
+
+def _in_parallel(tasks: list[Callable[[], None]]) -> None:
+    """Run `tasks` on up to BUILD_THREADS threads; the first failure (in task order) is raised."""
+    if len(tasks) <= 1 or BUILD_THREADS == 1:
+        for task in tasks:
+            task()
+        return
+    with ThreadPoolExecutor(max_workers=min(len(tasks), BUILD_THREADS)) as pool:
+        futures = [pool.submit(task) for task in tasks]
+    for future in futures:
+        future.result()
 
 
 def open_sources(cfg: DataConfig, *, seq_len: int, seed: int, cache_dir: Optional[str]) -> dict[str, SourceIndex]:
@@ -413,19 +463,30 @@ def build_data_loaders(cfg: DataConfig, *, seq_len: int, global_batch_size: int,
     cache = cache_dir if cache_dir is not None else cfg.cache_dir
     sources = open_sources(cfg, seq_len=seq_len, seed=data_seed, cache_dir=None if cache is None else str(cache))
 
+    def make_loader() -> MixtureLoader:
+        return MixtureLoader(cfg, sources, seq_len=seq_len, global_batch_size=global_batch_size, dp_rank=dp_rank,
+                             dp_size=dp_size, seed=data_seed, total_steps=total_steps)
+
+    def check_and_prepare(name: str, source: SourceIndex) -> None:
+        try:
+            source.check_vocab(vocab_size)
+        except CptronError as e:
+            raise CptronError(f"data.sources.{name}: {e}") from None
+        source.prepare()
+
     def build_indices() -> None:
-        for name, source in sources.items():
-            try:
-                source.check_vocab(vocab_size)
-            except CptronError as e:
-                raise CptronError(f"data.sources.{name}: {e}") from None
-            source.prepare()
+        _in_parallel([lambda n=n, s=s: check_and_prepare(n, s) for n, s in sources.items()])
+        if total_steps is not None:  # the epochs the run will reach, so that no rank builds one mid-run
+            for source in sources.values():
+                source.load()
+            expected = make_loader().expected_epochs(total_steps)
+            _in_parallel([lambda s=s, n=n: s.prepare(range(1, expected[n])) for n, s in sources.items()
+                          if expected[n] > 1])
 
     _rank0_first(build_indices)
     for source in sources.values():
         source.load()
-    loader = MixtureLoader(cfg, sources, seq_len=seq_len, global_batch_size=global_batch_size, dp_rank=dp_rank,
-                           dp_size=dp_size, seed=data_seed, total_steps=total_steps)
+    loader = make_loader()
     validation = {}
     for name, source in sources.items():
         meta = source.meta

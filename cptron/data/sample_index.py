@@ -12,13 +12,15 @@ Samples take the windows in a second shuffled order, so that the windows of one
 long document do not land in the same batch. Sample (source, epoch, k) is
 window perm_e[k].
 
-Shuffles sort a 64-bit mix of each item under a key derived from (seed,
-source, purpose, epoch) instead of using a NumPy generator, whose streams may
-change between NumPy versions: the order must survive an upgrade on resume.
+Shuffles use NumPy's legacy `RandomState`, whose stream NumPy keeps frozen
+across versions (NEP 19; the newer `Generator` streams may change), seeded from
+a hash of (seed, source, purpose, epoch): the order must survive an upgrade on
+resume. The held-out split hashes each document on its own (SplitMix64), so a
+document's side never depends on the others.
 
 Cache layout, per source: `<cache>/<source>-<fingerprint>/` holds `source.json`
 (sizes), `epoch-NNNNN.npy` and `validation.npy`, int64 arrays
-[D, W, order(D), ends(D), perm(W)] (validation: no perm). Files are written
+[D, W, order(D), offsets(D + 1), perm(W)] (validation: no perm). Files are written
 under a temporary name and renamed, and the first process to need a missing
 file builds it under an O_EXCL lock while the others wait and then map it.
 """
@@ -36,7 +38,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from cptron.data.indexed import IndexedDataset
+from cptron.data.indexed import IndexedDataset, bin_path
 from cptron.errors import ConfigError, CptronError
 
 log = logging.getLogger("cptron.data")
@@ -62,9 +64,15 @@ def key64(*parts) -> np.uint64:
     return np.uint64(int.from_bytes(digest, "little"))
 
 
-def shuffle_order(items: np.ndarray, key: np.uint64) -> np.ndarray:
-    """Positions of `items` (distinct int64 ids) in their order shuffled under `key`."""
-    return np.argsort(mix64(items.astype(np.uint64) ^ key), kind="stable")
+def seed_words(*parts) -> np.ndarray:
+    """A 128-bit RandomState seed (four uint32 words) from JSON-serializable parts."""
+    digest = hashlib.blake2b(json.dumps(parts).encode(), digest_size=16).digest()
+    return np.frombuffer(digest, dtype="<u4").astype(np.uint32)
+
+
+def permutation(n: int, seed: np.ndarray) -> np.ndarray:
+    """A random permutation of range(n) (int64), the same under every NumPy version."""
+    return np.random.RandomState(seed).permutation(n).astype(np.int64, copy=False)
 
 
 def held_out_mask(doc_ids: np.ndarray, fraction: Fraction, seed: int, source: str) -> np.ndarray:
@@ -81,8 +89,8 @@ class PackedIndex:
 
     order: np.ndarray
     """Source document ids in stream order."""
-    ends: np.ndarray
-    """Cumulative end offset (tokens) of each document in the stream."""
+    offsets: np.ndarray
+    """Token offset of each document in the stream, and the stream's length last (D + 1 entries)."""
     perm: Optional[np.ndarray]
     """Sample k of the epoch is window perm[k] (None for validation: window k)."""
     windows: int
@@ -91,33 +99,36 @@ class PackedIndex:
     @staticmethod
     def from_array(arr: np.ndarray, with_perm: bool, path: str) -> "PackedIndex":
         d, w = (int(arr[0]), int(arr[1])) if len(arr) >= 2 else (-1, -1)
-        if d < 0 or w < 0 or len(arr) != 2 + 2 * d + (w if with_perm else 0):
+        if d < 0 or w < 0 or len(arr) != 3 + 2 * d + (w if with_perm else 0):
             raise CptronError(f"sample index {path} is corrupt: {len(arr)} entries do not match its header "
                               f"({d} documents, {w} windows); delete it to rebuild")
-        return PackedIndex(arr[2:2 + d], arr[2 + d:2 + 2 * d], arr[2 + 2 * d:] if with_perm else None, w)
+        arr = arr.view(np.ndarray)  # plain views: indexing an np.memmap costs microseconds of Python each time
+        return PackedIndex(arr[2:2 + d], arr[2 + d:3 + 2 * d], arr[3 + 2 * d:] if with_perm else None, w)
 
 
-def pack(doc_ids: np.ndarray, lengths: np.ndarray, seq_len: int, doc_key: np.uint64,
-         window_key: Optional[np.uint64]) -> np.ndarray:
-    """The int64 array [D, W, order, ends, perm?] of documents `doc_ids` (with `lengths`) packed into windows."""
-    pos = shuffle_order(doc_ids, doc_key)
-    order = doc_ids[pos]
-    ends = np.cumsum(lengths[pos], dtype=np.int64)
-    total = int(ends[-1]) if len(ends) else 0
-    windows = max(total - 1, 0) // seq_len
-    parts = [np.array([len(order), windows], dtype=np.int64), order.astype(np.int64), ends]
-    if window_key is not None:
-        parts.append(shuffle_order(np.arange(windows, dtype=np.int64), window_key).astype(np.int64))
-    return np.concatenate(parts)
+def pack(doc_ids: np.ndarray, lengths: np.ndarray, seq_len: int, doc_seed: np.ndarray,
+         window_seed: Optional[np.ndarray]) -> np.ndarray:
+    """The int64 array [D, W, order, offsets, perm?] of documents `doc_ids` (with `lengths`) packed into windows:
+    documents shuffled under `doc_seed`, windows (when `window_seed` is given) under `window_seed`."""
+    d = len(doc_ids)
+    windows = max(int(lengths.sum()) - 1, 0) // seq_len
+    out = np.empty(3 + 2 * d + (windows if window_seed is not None else 0), dtype=np.int64)
+    out[0], out[1], out[2 + d] = d, windows, 0
+    pos = permutation(d, doc_seed)
+    np.take(doc_ids, pos, out=out[2:2 + d])
+    np.cumsum(np.take(lengths, pos), out=out[3 + d:3 + 2 * d])
+    if window_seed is not None:
+        out[3 + 2 * d:] = permutation(windows, window_seed)
+    return out
 
 
 def _atomic_save(path: str, arr: np.ndarray) -> None:
+    # No fsync: the cache can be rebuilt, and a file that a crash left short is detected
+    # (its length disagrees with its header) and rebuilt by SourceIndex.epoch.
     tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
     try:
         with open(tmp, "wb") as fh:
             np.save(fh, arr, allow_pickle=False)
-            fh.flush()
-            os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -129,8 +140,6 @@ def _atomic_write_json(path: str, data: dict) -> None:
     try:
         with open(tmp, "w", encoding="utf-8") as fh:
             json.dump(data, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -190,6 +199,8 @@ class SourceIndex:
         self.name, self.prefixes, self.seq_len, self.seed = name, prefixes, int(seq_len), int(seed)
         self.held_out_fraction = Fraction(held_out_fraction)
         self.shards = [IndexedDataset(p) for p in prefixes]
+        self._itemsize = [s.dtype.itemsize for s in self.shards]
+        self._views: Optional[list[np.ndarray]] = None
         counts = np.array([len(s) for s in self.shards], dtype=np.int64)
         self.shard_starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.num_documents = int(self.shard_starts[-1])
@@ -198,6 +209,7 @@ class SourceIndex:
                                                                      ".cptron-index")
         self.dir = os.path.join(root, f"{name}-{self.data_fingerprint[:16]}")
         self.meta: Optional[dict] = None
+        self._split_memo: Optional[tuple[np.ndarray, np.ndarray, np.ndarray]] = None
         self._epochs: dict[int, PackedIndex] = {}
 
     def _fingerprint(self) -> str:
@@ -215,10 +227,13 @@ class SourceIndex:
             shard.check_vocab(vocab_size)
 
     def _split(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        lengths = np.concatenate([s.sequence_lengths for s in self.shards]).astype(np.int64)
-        ids = np.arange(len(lengths), dtype=np.int64)
-        held = held_out_mask(ids, self.held_out_fraction, self.seed, self.name)
-        return lengths, ids[~held & (lengths > 0)], ids[held & (lengths > 0)]
+        """(lengths of all documents, training document ids, held-out document ids); kept while building."""
+        if self._split_memo is None:
+            lengths = np.concatenate([s.sequence_lengths for s in self.shards]).astype(np.int64)
+            ids = np.arange(len(lengths), dtype=np.int64)
+            held = held_out_mask(ids, self.held_out_fraction, self.seed, self.name)
+            self._split_memo = lengths, ids[~held & (lengths > 0)], ids[held & (lengths > 0)]
+        return self._split_memo
 
     def _path(self, what: str) -> str:
         return os.path.join(self.dir, what)
@@ -237,15 +252,15 @@ class SourceIndex:
     def _build_epoch(self, epoch: int) -> None:
         t0 = time.perf_counter()
         lengths, train, _ = self._split()
-        arr = pack(train, lengths[train], self.seq_len, key64("documents", self.seed, self.name, epoch),
-                   key64("windows", self.seed, self.name, epoch))
+        arr = pack(train, lengths[train], self.seq_len, seed_words("documents", self.seed, self.name, epoch),
+                   seed_words("windows", self.seed, self.name, epoch))
         _atomic_save(self._path(f"epoch-{epoch:05d}.npy"), arr)
         log.info("built sample index of source %s epoch %d (%d documents, %d windows) in %.2f s", self.name,
                  epoch, arr[0], arr[1], time.perf_counter() - t0)
 
     def _build_validation(self) -> None:
         lengths, _, val = self._split()
-        arr = pack(val, lengths[val], self.seq_len, key64("validation", self.seed, self.name), None)
+        arr = pack(val, lengths[val], self.seq_len, seed_words("validation", self.seed, self.name), None)
         _atomic_save(self._path("validation.npy"), arr)
 
     def _ensure_dir(self) -> None:
@@ -255,12 +270,36 @@ class SourceIndex:
             raise CptronError(f"cannot create the sample-index cache {self.dir} for source {self.name}: "
                               f"{e.strerror or e}; set data.cache_dir to a writable directory") from e
 
-    def prepare(self) -> None:
-        """Build (if missing) the sizes, epoch 0 and the validation index; done by one rank first."""
+    def prepare(self, epochs=(0,)) -> None:
+        """Build what is missing of the sizes, the validation index and `epochs`; done by one rank first."""
         self._ensure_dir()
-        load_or_build(self._path("source.json"), self._build_meta)
-        load_or_build(self._path("epoch-00000.npy"), lambda: self._build_epoch(0))
-        load_or_build(self._path("validation.npy"), self._build_validation)
+        try:
+            load_or_build(self._path("source.json"), self._build_meta)
+            if self.held_out_fraction > 0:
+                load_or_build(self._path("validation.npy"), self._build_validation)
+            for epoch in epochs:
+                load_or_build(self._path(f"epoch-{epoch:05d}.npy"), lambda: self._build_epoch(epoch))
+        finally:
+            self._split_memo = None  # O(documents) memory, needed only to build
+
+    def _open_packed(self, path: str, build: Callable[[], None], with_perm: bool) -> PackedIndex:
+        """The index file at `path`, memory-mapped; built if missing, rebuilt once if a crash left it short."""
+        self._ensure_dir()
+        for attempt in (0, 1):
+            try:
+                load_or_build(path, build)
+                return PackedIndex.from_array(np.load(path, mmap_mode="r"), with_perm, path)
+            except (CptronError, ValueError, EOFError) as e:  # np.load: ValueError/EOFError on a cut header
+                if attempt:
+                    raise CptronError(f"sample index {path} is unreadable after a rebuild: {e}") from e
+                log.warning("rebuilding the unreadable sample index %s: %s", path, e)
+                try:
+                    os.remove(path)
+                except FileNotFoundError:
+                    pass
+            finally:
+                self._split_memo = None
+        raise AssertionError("unreachable")
 
     # ------------------------------------------------------------ reading (every process)
 
@@ -289,9 +328,7 @@ class SourceIndex:
         index = self._epochs.get(epoch)
         if index is None:
             path = self._path(f"epoch-{epoch:05d}.npy")
-            self._ensure_dir()
-            load_or_build(path, lambda: self._build_epoch(epoch))
-            index = PackedIndex.from_array(np.load(path, mmap_mode="r"), True, path)
+            index = self._open_packed(path, lambda: self._build_epoch(epoch), True)
             if index.windows != self.windows_per_epoch:
                 raise CptronError(f"sample index {path} has {index.windows} windows, expected "
                                   f"{self.windows_per_epoch}; delete {self.dir} to rebuild")
@@ -301,9 +338,20 @@ class SourceIndex:
         return index
 
     def validation(self) -> PackedIndex:
-        path = self._path("validation.npy")
-        load_or_build(path, self._build_validation)
-        return PackedIndex.from_array(np.load(path, mmap_mode="r"), False, path)
+        return self._open_packed(self._path("validation.npy"), self._build_validation, False)
+
+    def _token_views(self) -> list[np.ndarray]:
+        """Each shard's whole .bin as one read-only typed array (memory-mapped once, on first read)."""
+        if self._views is None:
+            views = []
+            for shard in self.shards:
+                path = bin_path(shard.path_prefix)
+                n = os.path.getsize(path) // shard.dtype.itemsize
+                # a plain ndarray view: slicing an np.memmap costs microseconds of Python per slice
+                views.append(np.memmap(path, dtype=shard.dtype, mode="r", shape=(n,)).view(np.ndarray) if n
+                             else np.empty(0, dtype=shard.dtype))
+            self._views = views
+        return self._views
 
     def locate(self, docs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(shard index, sequence index) of source document ids `docs`."""
@@ -315,38 +363,51 @@ class SourceIndex:
         row, doc, shard, sequence, offset, length, and k (the piece's number within its row)."""
         span = self.seq_len + 1
         starts = np.asarray(windows, dtype=np.int64) * self.seq_len
-        first = np.searchsorted(index.ends, starts, side="right")
-        last = np.searchsorted(index.ends, starts + span - 1, side="right")
-        counts = last - first + 1
+        offsets = index.offsets
+        first = np.searchsorted(offsets, starts, side="right") - 1  # the document holding the window's first token
+        counts = np.searchsorted(offsets, starts + self.seq_len, side="right") - first  # ... through its last
         row = np.repeat(np.arange(len(starts)), counts)
-        offsets_in_row = np.arange(len(row)) - np.repeat(np.cumsum(counts) - counts, counts)
-        j = first[row] + offsets_in_row
-        doc_end = np.asarray(index.ends[j], dtype=np.int64)
-        doc_start = np.where(j > 0, np.asarray(index.ends[np.maximum(j - 1, 0)], dtype=np.int64), 0)
+        k = np.arange(len(row)) - np.repeat(np.cumsum(counts) - counts, counts)
+        j = first[row] + k
+        doc_start, doc_end = offsets[j], offsets[j + 1]
         lo = np.maximum(doc_start, starts[row])
         hi = np.minimum(doc_end, starts[row] + span)
-        doc = np.asarray(index.order[j], dtype=np.int64)
+        doc = index.order[j]
         shard, seq = self.locate(doc)
         return {"row": row, "doc": doc, "shard": shard, "sequence": seq, "offset": lo - doc_start,
-                "length": hi - lo, "k": offsets_in_row}
+                "length": hi - lo, "k": k}
 
-    def read(self, index: PackedIndex, windows: np.ndarray, tokens_out: np.ndarray,
-             doc_ids_out: np.ndarray) -> None:
-        """Fill rows of `tokens_out`/`doc_ids_out` ([len(windows), seq_len + 1]) with the windows' tokens
-        and per-row document numbers (0 at the row's first document, +1 at each boundary)."""
+    def read(self, index: PackedIndex, windows: np.ndarray, tokens_out: np.ndarray, doc_ids_out: np.ndarray,
+             rows: Optional[np.ndarray] = None) -> None:
+        """Write `windows` (window ids of `index`) into rows `rows` (default: all, in order) of `tokens_out`
+        ([batch, seq_len + 1]) and their per-token document numbers (0 at the row's first document, +1 at each
+        boundary) into the same rows of `doc_ids_out`, which holds the first doc_ids_out.shape[1] positions."""
+        span = self.seq_len + 1
         p = self.pieces(index, windows)
-        flat = tokens_out.reshape(-1)
-        pos = 0
-        shards = self.shards
-        for sh, seq, off, n in zip(p["shard"].tolist(), p["sequence"].tolist(), p["offset"].tolist(),
-                                   p["length"].tolist()):
-            flat[pos:pos + n] = shards[sh].get(seq, off, n)
-            pos += n
-        if pos != flat.size:
-            raise CptronError(f"source {self.name}: windows read {pos} tokens, expected {flat.size} "
-                              "(a corrupt sample index?)")
-        doc_ids_out.reshape(-1)[:] = np.repeat(p["k"], p["length"])
+        lengths = p["length"]
+        if int(lengths.sum()) != len(windows) * span:
+            raise CptronError(f"source {self.name}: windows hold {int(lengths.sum())} tokens, expected "
+                              f"{len(windows) * span} (a corrupt sample index?)")
+        # Source element offsets, vectorized per shard, and destination offsets in the flat batch,
+        # so that the loop below only copies: one slice assignment per piece.
+        shard = p["shard"]
+        starts = np.empty(len(shard), dtype=np.int64)
+        for k in (np.unique(shard) if len(self.shards) > 1 else (0,)):
+            sel = shard == k if len(self.shards) > 1 else slice(None)
+            starts[sel] = self.shards[k].sequence_pointers[p["sequence"][sel]] // self._itemsize[k] + p["offset"][sel]
+        row_of_piece = p["row"] if rows is None else np.asarray(rows, dtype=np.int64)[p["row"]]
+        within = np.cumsum(lengths) - lengths - (p["row"] * span)
+        dest = row_of_piece * span + within
+        views, flat = self._token_views(), tokens_out.reshape(-1)
+        for k, start, at, n in zip(shard.tolist(), starts.tolist(), dest.tolist(), lengths.tolist()):
+            flat[at:at + n] = views[k][start:start + n]
+        width = doc_ids_out.shape[1]
+        numbers = np.repeat(p["k"], lengths).reshape(len(windows), span)[:, :width]
+        if rows is None:
+            doc_ids_out[:] = numbers
+        else:
+            doc_ids_out[rows] = numbers
 
 
-__all__ = ["SourceIndex", "PackedIndex", "pack", "mix64", "key64", "held_out_mask", "shuffle_order",
+__all__ = ["SourceIndex", "PackedIndex", "pack", "mix64", "key64", "held_out_mask", "permutation", "seed_words",
            "load_or_build", "INDEX_FORMAT"]

@@ -282,12 +282,16 @@ def test_index_cache_is_built_once_under_a_fingerprinted_name_and_memory_mapped(
     src = loader.sources[loader.names.index("web")]
     assert os.path.basename(src.dir) == f"web-{src.data_fingerprint[:16]}"
     files = sorted(os.listdir(src.dir))
-    assert files == ["epoch-00000.npy", "source.json", "validation.npy"]  # no temporary or lock files left
+    assert files == ["epoch-00000.npy", "source.json"]  # no temporary or lock files; no validation index
     stamp = os.stat(os.path.join(src.dir, "epoch-00000.npy")).st_mtime_ns
     again, _ = build(config(shards), tmp_path)
     assert os.stat(os.path.join(src.dir, "epoch-00000.npy")).st_mtime_ns == stamp
     index = again.sources[again.names.index("web")].epoch(0)
-    assert isinstance(index.order.base, np.memmap) or isinstance(index.order, np.memmap)
+    owner = index.order
+    while owner is not None and not isinstance(owner, np.memmap):
+        owner = owner.base
+    assert isinstance(owner, np.memmap) and owner.filename.endswith("epoch-00000.npy")
+    assert not index.order.flags.writeable
     # the default cache sits beside the shards
     cfg = config(shards)
     loader, _ = build_data_loaders(cfg, seq_len=SEQ, global_batch_size=8, dp_rank=0, dp_size=1, vocab_size=VOCAB,
