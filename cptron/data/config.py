@@ -23,6 +23,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
+from cptron.data.mixture import check_mixture_config
 from cptron.errors import ConfigError
 
 SOURCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
@@ -167,9 +168,16 @@ class DataConfig:
         unknown = [n for n in self.replay.sources if n not in names]
         _need(not unknown or not names, "data.replay.sources", self.replay.sources,
               f"names of sources in data.sources {sorted(names)} (unknown: {unknown})")
-        given = [n for n, s in self.sources.items() if s.weight is not None]
-        _need(not given or len(given) == len(names), "data.sources", f"weights given for {given} only",
-              "a weight for every source or for none (none: proportional to size)")
+        # Weights are normalized within each replay group (or across all sources without replay),
+        # so a group mixes explicit weights and sizes never.
+        old = set(self.replay.sources) if self.replay.fraction is not None else set()
+        groups = [sorted(names & old), sorted(names - old)] if old else [sorted(names)]
+        given = {n for n, s in self.sources.items() if s.weight is not None}
+        for group in groups:
+            some = [n for n in group if n in given]
+            _need(not some or len(some) == len(group), "data.sources", f"weights given for {some} only",
+                  f"a weight for every source of {group} or for none (none: proportional to size)"
+                  + (" (replayed and new sources are separate groups)" if old else ""))
         steps = []
         for i, stage in enumerate(self.stages):
             where = f"data.stages[{i}]"
@@ -178,10 +186,10 @@ class DataConfig:
                 bad = [n for n in getattr(stage, key) if n not in names]
                 _need(not bad or not names, f"{where}.{key}", getattr(stage, key),
                       f"names of sources in data.sources {sorted(names)} (unknown: {bad})")
-            if stage.weights and not given and names:
-                raise ConfigError(f"{where}.weights={stage.weights!r} is invalid: expected scale (factors) "
-                                  "when data.sources give no weights; weights are in the units of "
-                                  "data.sources.<name>.weight")
+            sized = [n for n in stage.weights if n in names and n not in given]
+            if sized:
+                raise ConfigError(f"{where}.weights={stage.weights!r} is invalid: expected scale (factors) for "
+                                  f"{sized}, whose data.sources.<name>.weight is none (proportional to size)")
             if stage.replay_fraction is not None and self.replay.fraction is None:
                 raise ConfigError(f"{where}.replay_fraction={stage.replay_fraction!r} is invalid: expected "
                                   "data.replay.fraction to be set too (it names the replayed sources)")
@@ -193,8 +201,6 @@ class DataConfig:
         _need(fractions == sorted(set(fractions)), "data.stages", fractions,
               "stages in increasing order of distinct start_fraction")
         if names:
-            # Weight sums are checked per stage once the stage starts are known (cptron.data.mixture).
-            from cptron.data.mixture import check_mixture_config
             check_mixture_config(self)
 
 

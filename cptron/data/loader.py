@@ -33,8 +33,16 @@ import torch
 from cptron.data.config import DataConfig
 from cptron.data.indexed import shard_prefixes
 from cptron.data.interface import IGNORE_INDEX, Batch, dp_slice
-from cptron.data.mixture import (QuotaScheduler, exact, format_shares, mixture_description, resolve_stages,
-                                 shares, stage_at, stages_description)
+from cptron.data.mixture import (
+    QuotaScheduler,
+    exact,
+    format_shares,
+    mixture_description,
+    resolve_stages,
+    shares,
+    stage_at,
+    stages_description,
+)
 from cptron.data.sample_index import SourceIndex
 from cptron.errors import ConfigError, CptronError
 
@@ -131,9 +139,9 @@ class MixtureLoader:
         self._replay_sources = set(cfg.replay.sources)
         self._config = {"seq_len": self.seq_len, "seed": self.seed,
                         "mixture": mixture_description(cfg), "stages": stages_description(cfg)}
-        self._fingerprints = {
-            "data": _digest([self.seq_len, self.seed, {n: s.data_fingerprint for n, s in zip(self.names, self.sources)}]),
-            "mixture": _digest(self._config["mixture"]), "stages": _digest(self._config["stages"])}
+        data = {n: s.data_fingerprint for n, s in zip(self.names, self.sources)}
+        self._fingerprints = {"data": _digest([self.seq_len, self.seed, data]),
+                              "mixture": _digest(self._config["mixture"]), "stages": _digest(self._config["stages"])}
         self._shares_cache: dict[tuple, tuple[str, list[Fraction]]] = {}
         self.step = 0
         self.consumed_samples = 0
@@ -141,6 +149,7 @@ class MixtureLoader:
         self._segment_key: Optional[str] = None
         self._segment_start = 0
         self._scheduler: Optional[QuotaScheduler] = None
+        self._pending_counts: Optional[list[int]] = None  # a restored segment's counts, used by the next step
         self._stage_index = self.stages[0].index
         self._last: Optional[tuple] = None
 
@@ -181,8 +190,6 @@ class MixtureLoader:
             self._scheduler = QuotaScheduler(values, counts)
             self._segment_key = key
         self._pending_counts = None
-
-    _pending_counts: Optional[list[int]] = None
 
     def _schedule(self) -> tuple[list[int], list[int]]:
         """Source index and source position of every row of the next global batch; advances the state."""
@@ -227,7 +234,26 @@ class MixtureLoader:
     def __iter__(self) -> Iterator[Batch]:
         return self
 
+    def _snapshot(self) -> tuple:
+        scheduler = None if self._scheduler is None else self._scheduler.copy()
+        return (self.step, self.consumed_samples, list(self.positions), self._segment_key, self._segment_start,
+                scheduler, self._pending_counts, self._stage_index)
+
+    def _restore(self, snap: tuple) -> None:
+        (self.step, self.consumed_samples, self.positions, self._segment_key, self._segment_start,
+         self._scheduler, self._pending_counts, self._stage_index) = snap
+
     def __next__(self) -> Batch:
+        # A failed step (an unreadable shard, no samples left) leaves the state as it was: nothing is
+        # counted as consumed that was not delivered.
+        snap = self._snapshot()
+        try:
+            return self._next_batch()
+        except BaseException:
+            self._restore(snap)
+            raise
+
+    def _next_batch(self) -> Batch:
         first = self.consumed_samples
         src, pos = self._schedule()
         lo, hi = self.rows
@@ -468,11 +494,11 @@ def build_data_loaders(cfg: DataConfig, *, seq_len: int, global_batch_size: int,
                              dp_size=dp_size, seed=data_seed, total_steps=total_steps)
 
     def check_and_prepare(name: str, source: SourceIndex) -> None:
+        source.prepare()
         try:
             source.check_vocab(vocab_size)
         except CptronError as e:
             raise CptronError(f"data.sources.{name}: {e}") from None
-        source.prepare()
 
     def build_indices() -> None:
         _in_parallel([lambda n=n, s=s: check_and_prepare(n, s) for n, s in sources.items()])

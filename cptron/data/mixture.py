@@ -54,6 +54,12 @@ class QuotaScheduler:
             raise CptronError(f"scheduler counts {self.counts} do not fit {len(shares)} shares")
         self.total = sum(self.counts)
 
+    def copy(self) -> "QuotaScheduler":
+        clone = object.__new__(QuotaScheduler)
+        clone.numerators, clone.denominator = self.numerators, self.denominator
+        clone.counts, clone.total = list(self.counts), self.total
+        return clone
+
     def next(self) -> int:
         """The source index of the next sample."""
         upper = self.total + 1

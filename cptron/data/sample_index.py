@@ -149,7 +149,8 @@ def _atomic_write_json(path: str, data: dict) -> None:
 def _lock_is_stale(lock: str) -> bool:
     """True when the lock's builder is a dead process on this host (a crash left the lock behind)."""
     try:
-        host, pid = open(lock, encoding="utf-8").read().split()
+        with open(lock, encoding="utf-8") as fh:
+            host, pid = fh.read().split()
         if host != socket.gethostname():
             return False
         os.kill(int(pid), 0)
@@ -223,6 +224,14 @@ class SourceIndex:
     # ------------------------------------------------------------ building (one process)
 
     def check_vocab(self, vocab_size: int) -> None:
+        """Raise CptronError naming the shard if a token id is >= vocab_size. Uses the largest id recorded
+        in the cache (after prepare) so that shards without a sidecar are scanned once, not every run."""
+        path = self._path("source.json")
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as fh:
+                largest = json.load(fh).get("max_token_id")
+            if isinstance(largest, int) and largest < vocab_size:
+                return
         for shard in self.shards:
             shard.check_vocab(vocab_size)
 
@@ -246,7 +255,8 @@ class SourceIndex:
                 "train_documents": int(len(train)), "train_tokens": train_tokens,
                 "windows": max(train_tokens - 1, 0) // self.seq_len,
                 "validation_documents": int(len(val)), "validation_tokens": val_tokens,
-                "validation_windows": max(val_tokens - 1, 0) // self.seq_len}
+                "validation_windows": max(val_tokens - 1, 0) // self.seq_len,
+                "max_token_id": max(s.max_token_id() for s in self.shards)}
         _atomic_write_json(self._path("source.json"), meta)
 
     def _build_epoch(self, epoch: int) -> None:
@@ -278,7 +288,7 @@ class SourceIndex:
             if self.held_out_fraction > 0:
                 load_or_build(self._path("validation.npy"), self._build_validation)
             for epoch in epochs:
-                load_or_build(self._path(f"epoch-{epoch:05d}.npy"), lambda: self._build_epoch(epoch))
+                load_or_build(self._path(f"epoch-{epoch:05d}.npy"), lambda e=epoch: self._build_epoch(e))
         finally:
             self._split_memo = None  # O(documents) memory, needed only to build
 

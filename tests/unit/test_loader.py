@@ -73,7 +73,7 @@ def test_rows_hold_the_ledgers_tokens_and_document_ids(shards, tmp_path):
 def test_an_epoch_labels_every_training_token_once_and_the_next_reshuffles(shards, tmp_path):
     cfg = DataConfig(sources={"med": SourceConfig(paths=[shards["med"]])})
     cfg.validation.held_out_fraction = 0.2
-    loader, val = build(cfg, tmp_path, gbs=4)
+    loader, _ = build(cfg, tmp_path, gbs=4)
     windows = loader.windows[0]
     index = loader.sources[0].epoch(0)
     refs = []
@@ -101,7 +101,7 @@ def test_an_epoch_labels_every_training_token_once_and_the_next_reshuffles(shard
     for doc, spans in seen.items():
         spans.sort()
         assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), f"doc {doc} labelled twice"
-        covered += sum(h - l for l, h in spans)
+        covered += sum(hi - lo for lo, hi in spans)
     assert covered == windows * SEQ
     assert int(lengths[list(train_docs)].sum()) - 1 - covered < SEQ  # only the epoch's last partial window is cut
     held = set(range(len(lengths))) - train_docs - set(np.flatnonzero(lengths == 0).tolist())
@@ -130,6 +130,7 @@ def test_interrupted_and_resumed_run_reproduces_the_ledger_and_tokens(shards, tm
         got_tokens.append(next(resumed).tokens)
         got += resumed.last_samples
     assert got == expected
+    assert len(got_tokens) == len(expected_tokens)
     assert all(torch.equal(a, b) for a, b in zip(got_tokens, expected_tokens))
     assert resumed.state_dict() == full.state_dict()
 
@@ -160,7 +161,7 @@ def test_stage_change_mid_run_loses_and_repeats_nothing(shards, tmp_path):
     loader, _ = build(cfg, tmp_path, total_steps=10)
     per_source = defaultdict(list)
     shares_seen = []
-    for step in range(10):
+    for _ in range(10):
         shares_seen.append(loader.current_shares)
         next(loader)
         for r in loader.last_samples:
@@ -185,7 +186,7 @@ def test_changed_stage_schedule_is_accepted_on_resume(shards, tmp_path):
     resumed.load_state_dict(state)
     next(resumed)
     refs = resumed.last_samples
-    assert [r.position for r in refs if r.source == "med"][0] == state["sources"]["med"]["position"]
+    assert next(r.position for r in refs if r.source == "med") == state["sources"]["med"]["position"]
     assert resumed.current_shares == {"med": 0.5, "web": 0.5}
 
 
@@ -331,3 +332,91 @@ def test_bad_weights_and_names_are_refused_at_build(shards, tmp_path):
         build(config(shards, replay=ReplayConfig(fraction=0.5, sources=["wbe"])), tmp_path)
     with pytest.raises(ConfigError, match=r"data.stages\[0\].scale.*unknown: \['mde'\]"):
         build(config(shards, stages=[StageConfig(start_step=2, scale={"mde": 2.0})]), tmp_path)
+
+
+def test_every_prefix_of_the_ledger_stays_within_one_sample_of_the_shares(shards, tmp_path):
+    cfg = config(shards, names=("web", "code", "med"), weights=(0.45, 0.35, 0.2))
+    loader, _ = build(cfg, tmp_path, gbs=20)
+    counts = dict.fromkeys(loader.names, 0)
+    for n, ref in enumerate([r for _ in range(10) for r in (next(loader), loader.last_samples)[1]], start=1):
+        counts[ref.source] += 1
+        for name, share in (("web", 0.45), ("code", 0.35), ("med", 0.2)):
+            assert abs(counts[name] - share * n) < 1, (n, counts)
+
+
+def test_a_failed_step_consumes_nothing(shards, tmp_path, monkeypatch):
+    cfg = config(shards)
+    expected = ledger(build(cfg, tmp_path)[0], 3)
+    loader, _ = build(cfg, tmp_path)
+    got = ledger(loader, 1)
+    before = loader.state_dict()
+    from cptron.data.sample_index import SourceIndex
+    real = SourceIndex.read
+
+    def failing(self, *a, **kw):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(SourceIndex, "read", failing)
+    with pytest.raises(OSError, match="disk gone"):
+        next(loader)
+    assert loader.state_dict() == before
+    monkeypatch.setattr(SourceIndex, "read", real)
+    assert got + ledger(loader, 2) == expected
+
+
+def test_running_out_of_capped_sources_is_an_error_not_a_silent_stop(shards, tmp_path):
+    cfg = config(shards, weights=(1.0, 1.0))
+    cfg.sources["web"].max_samples, cfg.sources["med"].max_samples = 5, 6
+    loader, _ = build(cfg, tmp_path)
+    next(loader)
+    before = loader.state_dict()
+    with pytest.raises(CptronError, match=r"no samples left at step 1: sources \['med \(cap 6\)', 'web \(cap 5\)'\]"):
+        next(loader)
+    assert loader.state_dict() == before
+
+
+def test_later_epochs_are_built_up_front_or_on_first_use_and_a_cut_file_is_rebuilt(shards, tmp_path):
+    cfg = DataConfig(sources={"med": SourceConfig(paths=[shards["med"]])})
+    loader, _ = build(cfg, tmp_path, gbs=4, total_steps=60)
+    src = loader.sources[0]
+    expected_epochs = -(-60 * 4 // src.windows_per_epoch)
+    assert sorted(f for f in os.listdir(src.dir) if f.startswith("epoch")) == \
+        [f"epoch-{e:05d}.npy" for e in range(expected_epochs)]
+    reference = ledger(loader, 60)
+    path = os.path.join(src.dir, "epoch-00001.npy")
+    with open(path, "r+b") as fh:  # as a crash between write and rename could leave it on a filesystem without order
+        fh.truncate(os.path.getsize(path) // 2)
+    os.remove(os.path.join(src.dir, "epoch-00002.npy"))
+    again, _ = build(cfg, tmp_path, gbs=4)  # no total_steps: nothing more is built up front
+    assert not os.path.exists(os.path.join(src.dir, "epoch-00002.npy"))
+    assert ledger(again, 60) == reference
+    assert os.path.exists(os.path.join(src.dir, "epoch-00002.npy"))
+
+
+def test_an_index_lock_left_by_a_dead_builder_is_taken_over(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from cptron.data.sample_index import load_or_build
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    target = str(tmp_path / "index.npy")
+    with open(target + ".lock", "w") as fh:
+        fh.write(f"{socket.gethostname()} {dead.pid}")
+    load_or_build(target, lambda: np.save(target, np.arange(3)), wait_s=30)
+    assert np.load(target).tolist() == [0, 1, 2] and not os.path.exists(target + ".lock")
+    # a live builder is waited for, up to the deadline
+    other = str(tmp_path / "other.npy")
+    with open(other + ".lock", "w") as fh:
+        fh.write(f"{socket.gethostname()} {os.getpid()}")
+    load_or_build(other, lambda: np.save(other, np.arange(2)), wait_s=0.2)
+    assert np.load(other).tolist() == [0, 1]
+
+
+def test_data_seed_overrides_the_run_seed(shards, tmp_path):
+    runs = {}
+    for name, cfg_seed, run_seed in (("a", None, 1), ("b", 1, 2), ("c", None, 2)):
+        cfg = config(shards, seed=cfg_seed)
+        runs[name] = ledger(build(cfg, tmp_path, seed=run_seed)[0], 2)
+    assert runs["a"] == runs["b"] != runs["c"]

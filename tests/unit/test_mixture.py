@@ -105,7 +105,7 @@ def test_stage_starts_resolve_exactly_and_stage_at_picks_the_latest():
     (lambda c: setattr(c.sources["web"], "weight", -1.0), "data.sources.web.weight=-1.0 is invalid"),
     (lambda c: setattr(c.sources["web"], "weight", 0.0) or setattr(c.sources["med"], "weight", 0.0),
      "sum to zero"),
-    (lambda c: setattr(c.sources["web"], "weight", None), "a weight for every source or for none"),
+    (lambda c: setattr(c.sources["web"], "weight", None), "a weight for every source of ['med', 'web'] or for none"),
     (lambda c: setattr(c.sources["med"], "epochs", 0.0), "data.sources.med.epochs=0.0 is invalid"),
     (lambda c: setattr(c.sources["med"], "paths", []), "data.sources.med.paths=[] is invalid"),
     (lambda c: setattr(c, "replay", ReplayConfig(fraction=0.3, sources=["wbe"])), "unknown: ['wbe']"),
@@ -159,3 +159,16 @@ def test_data_config_round_trips_through_the_config_system():
     for name in ("--data.sources", "--data.stages", "--data.replay.fraction", "--data.allow_mixture_change",
                  "--data.validation.held_out_fraction"):
         assert name in text
+
+
+def test_the_yaml_example_in_the_config_docs_parses():
+    import yaml
+
+    import cptron.data.config as module
+    doc = module.__doc__
+    block = doc[doc.index("    data:"):doc.index("`sources` is")]
+    job = config_from_dict(_Job, yaml.safe_load(block))
+    assert set(job.data.sources) == {"web", "code", "medical"}
+    assert job.data.replay.fraction == 0.25 and job.data.stages[0].start_fraction == 0.9
+    weights = {n: s.weight for n, s in job.data.sources.items()}
+    assert weights == {"web": 3.0, "code": 1.0, "medical": None}
