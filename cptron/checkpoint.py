@@ -26,6 +26,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -216,6 +217,38 @@ def recover_interrupted_write(path: str | os.PathLike) -> None:
         shutil.rmtree(old)
 
 
+def _prepare_staging(path: Path, overwrite: bool) -> Path:
+    """Collective: rank 0 readies the empty staging directory of `path`; returns it."""
+    tmp, _ = side_dirs(path)
+
+    def prepare():
+        recover_interrupted_write(path)
+        if path.exists() and not overwrite:
+            raise CheckpointError(f"{path} already exists; pass overwrite to replace it")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)  # an incomplete write of a killed run; never read
+        tmp.mkdir()
+
+    _on_rank0(f"preparing checkpoint {path}", prepare)
+    return tmp
+
+
+def _finish_staged(path: Path, meta: dict, tokenizer_files: Optional[list[Path]]) -> None:
+    """Rank 0 only, once every rank's tensors are on disk: add the tokenizer, the metadata
+    and the COMPLETE marker to the staging directory, then move it into place."""
+    tmp, _ = side_dirs(path)
+    if tokenizer_files:
+        (tmp / TOKENIZER_DIR).mkdir()
+        for f in tokenizer_files:
+            shutil.copy2(f, tmp / TOKENIZER_DIR / Path(f).name)
+    _write_synced(tmp / META_FILE, json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=2,
+                                              sort_keys=True))
+    _write_synced(tmp / COMPLETE_MARKER, "complete\n")  # last: marks everything above as durable
+    _fsync_dir(tmp)
+    replace_dir(tmp, path)
+
+
 def write_checkpoint(path: str | os.PathLike, state_dict: dict[str, Any], meta: dict,
                      fetch: Optional[Callable[[str], torch.Tensor]] = None,
                      tokenizer_files: Optional[list[Path]] = None,
@@ -230,18 +263,7 @@ def write_checkpoint(path: str | os.PathLike, state_dict: dict[str, Any], meta: 
     `tokenizer_files` are copied into `<path>/tokenizer/`.
     """
     path = Path(path)
-    tmp, _ = side_dirs(path)
-
-    def prepare():
-        recover_interrupted_write(path)
-        if path.exists() and not overwrite:
-            raise CheckpointError(f"{path} already exists; pass overwrite to replace it")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)  # an incomplete write of a killed run; never read
-        tmp.mkdir()
-
-    _on_rank0(f"preparing checkpoint {path}", prepare)
+    tmp = _prepare_staging(path, overwrite)
     planner = _LazySavePlanner(fetch) if fetch is not None else DefaultSavePlanner()
     # One file per tensor when streaming: DCP keeps every tensor of a file alive
     # until the file is closed, which would defeat streaming.
@@ -253,19 +275,98 @@ def write_checkpoint(path: str | os.PathLike, state_dict: dict[str, Any], meta: 
         except (Exception, CheckpointException) as e:  # the partial directory stays hidden under its .incomplete name
             raise CheckpointError(f"writing checkpoint {path} failed: {_describe(e)}") from e
 
-    def finish():
-        if tokenizer_files:
-            (tmp / TOKENIZER_DIR).mkdir()
-            for f in tokenizer_files:
-                shutil.copy2(f, tmp / TOKENIZER_DIR / Path(f).name)
-        _write_synced(tmp / META_FILE, json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=2,
-                                                  sort_keys=True))
-        _write_synced(tmp / COMPLETE_MARKER, "complete\n")  # last: marks everything above as durable
-        _fsync_dir(tmp)
-        replace_dir(tmp, path)
-
-    _on_rank0(f"finishing checkpoint {path}", finish)
+    _on_rank0(f"finishing checkpoint {path}", lambda: _finish_staged(path, meta, tokenizer_files))
     return path
+
+
+def raise_on_every_rank(error: Optional[str], group=None) -> None:
+    """Collective: if any rank passes an error message, raise CheckpointError with the
+    first one (naming its rank) on every rank, so no rank is left waiting in a collective."""
+    if not (dist.is_available() and dist.is_initialized()):
+        if error is not None:
+            raise CheckpointError(error)
+        return
+    errors: list[Optional[str]] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(errors, error, group=group)
+    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+    if failed:
+        rank, first = failed[0]
+        more = f" (and {len(failed) - 1} more rank(s))" if len(failed) > 1 else ""
+        raise CheckpointError(f"rank {rank}: {first}{more}" if len(errors) > 1 else first)
+
+
+class PendingCheckpointWrite:
+    """A checkpoint whose tensors are being written in the background (`write_checkpoint_async`).
+
+    Rank 0 finishes it on its own as soon as DCP reports success: DCP's coordinator
+    (rank 0) only succeeds after every rank's files are written and synced and the
+    `.metadata` is written, so no collective is needed for the COMPLETE marker and a
+    crash of the training loop after that point keeps the checkpoint. Until then it is
+    a hidden `.incomplete` directory that no reader looks at.
+    """
+
+    def __init__(self, path: Path, future, meta: dict, tokenizer_files: Optional[list[Path]],
+                 on_complete: Optional[Callable[[Path], None]], process_group=None):
+        self.path = path
+        self._error: Optional[str] = None
+        # DCP's coordinator is rank 0 of the group that carried the write.
+        distributed = dist.is_available() and dist.is_initialized()
+        self._coordinator = not distributed or dist.get_rank(process_group) == 0
+        self._thread = threading.Thread(target=self._finish, args=(future, meta, tokenizer_files, on_complete),
+                                        name=f"finish-{path.name}")
+        self._thread.start()
+
+    def _finish(self, future, meta, tokenizer_files, on_complete) -> None:
+        try:
+            future.result()
+        except (Exception, CheckpointException) as e:
+            self._error = f"writing checkpoint {self.path} failed: {_describe(e)}"
+            return
+        if not self._coordinator:
+            return
+        try:
+            _finish_staged(self.path, meta, tokenizer_files)
+        except Exception as e:
+            self._error = f"finishing checkpoint {self.path} failed: {type(e).__name__}: {e}"
+            return
+        if on_complete is not None:
+            on_complete(self.path)  # must not raise: the checkpoint is already complete
+
+    def done(self) -> bool:
+        """True when this rank has nothing left to do for the write (not collective)."""
+        return not self._thread.is_alive()
+
+    def wait(self) -> Path:
+        """Collective: block until the write is finished on every rank; a failure on any
+        rank raises CheckpointError everywhere and leaves only the hidden staging directory."""
+        self._thread.join()
+        raise_on_every_rank(self._error)
+        return self.path
+
+
+def write_checkpoint_async(path: str | os.PathLike, state_dict: dict[str, Any], meta: dict,
+                           tokenizer_files: Optional[list[Path]] = None, overwrite: bool = False,
+                           process_group=None,
+                           on_complete: Optional[Callable[[Path], None]] = None) -> PendingCheckpointWrite:
+    """Like `write_checkpoint`, but returns once the tensors are copied to CPU memory; a
+    background thread writes them (`dcp.async_save`) while the caller goes on changing
+    the originals. Collective. `process_group` carries the background thread's
+    collectives: give it a group of its own with a CPU backend (gloo), so they never
+    interleave with the caller's collectives on the default group. `on_complete(path)`
+    runs on rank 0 in the background once the checkpoint is complete.
+    """
+    path = Path(path)
+    tmp = _prepare_staging(path, overwrite)
+    writer = FileSystemWriter(str(tmp), single_file_per_rank=True, sync_files=True)
+    error, future = None, None
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process.*")
+        try:
+            future = dcp.async_save(state_dict, storage_writer=writer, process_group=process_group)
+        except (Exception, CheckpointException) as e:
+            error = f"starting the write of checkpoint {path} failed: {_describe(e)}"
+    raise_on_every_rank(error)
+    return PendingCheckpointWrite(path, future, meta, tokenizer_files, on_complete, process_group)
 
 
 def load_state(path: str | os.PathLike, state_dict: dict[str, Any]) -> None:
