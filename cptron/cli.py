@@ -3,6 +3,7 @@
     cptron init            random-initialized cptron checkpoint from a model preset
     cptron convert hf-to-cptron | cptron-to-hf | verify
     cptron data tokenize   text (jsonl, jsonl.gz, parquet, txt) -> Megatron .bin/.idx token shards
+    cptron train           continual pretraining with any mix of TP/SP, PP and sharded DP (torchrun for >1 process)
 
 `cptron <command> --help` lists every field with its docstring and default.
 """
@@ -15,8 +16,9 @@ from pathlib import Path
 from typing import Callable, Literal, Optional
 
 from cptron import __version__
-from cptron.config import parse_config
+from cptron.config import dump_yaml, parse_config
 from cptron.data.tokenize import TokenizeConfig, run_tokenize
+from cptron.train.config import TrainConfig
 from cptron.errors import ConfigError, CptronError
 from cptron.models.config import ModelConfig
 
@@ -183,6 +185,25 @@ def run_verify(cfg: VerifyConfig) -> float:
     return diff
 
 
+def run_train(cfg: TrainConfig) -> None:
+    import torch.distributed as dist
+
+    from cptron.train.trainer import Trainer
+
+    try:
+        trainer = Trainer(cfg)
+        if trainer.rank == 0:
+            Path(cfg.training.run_dir).mkdir(parents=True, exist_ok=True)
+            dump_yaml(cfg, str(Path(cfg.training.run_dir) / "config.yaml"))
+        result = trainer.run()
+        if trainer.rank == 0:
+            last = result.losses.get(result.last_step - 1)
+            log.info("finished at step %d%s", result.last_step, f", last loss {last:.4f}" if last is not None else "")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 # ------------------------------------------------------------------ dispatch
 
 # command path -> (config class, runner)
@@ -192,6 +213,7 @@ COMMANDS: dict[tuple[str, ...], tuple[type, Callable]] = {
     ("convert", "cptron-to-hf"): (CptronToHFConfig, run_cptron_to_hf),
     ("convert", "verify"): (VerifyConfig, run_verify),
     ("data", "tokenize"): (TokenizeConfig, run_tokenize),
+    ("train",): (TrainConfig, run_train),
 }
 
 

@@ -61,7 +61,7 @@ class TrainingConfig:
 class TrainConfig:
     """Continually pretrain a Llama-family model (any mix of tensor/sequence, pipeline and sharded data parallelism)."""
 
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(preset="tiny"))
+    model: ModelConfig = field(default_factory=lambda: ModelConfig.from_preset("tiny"))
     """Architecture; ignored (taken from the checkpoint) when checkpoint.init_from is set, except pad_vocab_to_multiple_of."""
     training: TrainingConfig = field(default_factory=TrainingConfig)
     """Batch, run length, evaluation, non-finite policy."""

@@ -147,7 +147,7 @@ class Trainer:
         self.skipped: list[int] = []
         self.resumed_from: Optional[str] = None
         self._last_saved: Optional[int] = None
-        latest = self.checkpointer.latest() if cfg.checkpoint.resume else None
+        latest = self.checkpointer.resume_path()
         if latest is not None:
             state = self.checkpointer.load(latest, self.parts, self.optimizers)
             self._restore_train_state(state)
@@ -386,7 +386,9 @@ class Trainer:
         self.checkpointer.save(self.step, self.parts, self.optimizers, self.train_state())
         self._last_saved = self.step
 
-    def run(self) -> TrainResult:
+    def run(self, stop_at: Optional[int] = None) -> TrainResult:
+        """Train to training.steps. `stop_at` ends this invocation after that step
+        without the final eval and save, as a preemption would (tests, job-time limits)."""
         from cptron.train.metrics import MetricsLogger, Throughput, device_peak_flops, flops_per_token, \
             memory_stats
 
@@ -402,7 +404,8 @@ class Trainer:
         tokens_per_step = t.global_batch_size * t.seq_len
         ckpt_every = cfg.checkpoint.interval
         try:
-            while self.step < t.steps:
+            end = t.steps if stop_at is None else min(stop_at, t.steps)
+            while self.step < end:
                 batch = next(self.data)
                 loss, norm, stepped = self.train_step(batch)
                 step = self.step
@@ -435,6 +438,9 @@ class Trainer:
                 if ckpt_every and self.step % ckpt_every == 0 and self.step < t.steps:
                     self.save()
                     meter.reset()
+            if self.step < t.steps:
+                result.last_step = self.step
+                return result
             if self.val_sets:
                 result.eval_losses[self.step] = ev = self.evaluate()
                 metrics.log(self.step, {f"val/{k}": v for k, v in ev.items()}, kind="eval")
