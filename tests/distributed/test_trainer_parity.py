@@ -10,78 +10,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.distributed.tensor import DTensor
 
-from cptron.data.interface import Batch, dp_slice
-from cptron.models.config import model_config_from_preset
-from cptron.models.llama import canonical_param_name
 from cptron.parallel.dims import ParallelConfig
 from cptron.testing.distributed import run_distributed
-from cptron.train.checkpointing import CheckpointConfig
-from cptron.train.config import TrainConfig, TrainingConfig
-from cptron.train.lr import LRConfig
-from cptron.train.metrics import MetricsConfig
-from cptron.train.optim import OptimizerConfig
+from cptron.testing.training import PackedSource, full_grads, make_train_config
 from cptron.train.trainer import Trainer
 
 STEPS = 3
-VOCAB = 500  # padded to 512: padded columns must not change the loss
-EOS = 2
-
-
-class PackedSource:
-    """Deterministic packed windows with documents separated by EOS, sliced per DP rank."""
-
-    def __init__(self, seq_len: int, global_batch: int, dp_rank: int, dp_size: int, seed: int = 0):
-        self.seq_len, self.global_batch, self.seed = seq_len, global_batch, seed
-        self.rows = dp_slice(global_batch, dp_rank, dp_size)
-        self.step = 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> Batch:
-        g = torch.Generator().manual_seed(self.seed * 7919 + self.step)
-        w = torch.randint(3, VOCAB, (self.global_batch, self.seq_len + 1), generator=g)
-        w[torch.rand(w.shape, generator=g) < 0.08] = EOS
-        eos = (w == EOS).long()
-        docs = torch.cumsum(eos, dim=1) - eos  # EOS is the last token of its document
-        self.step += 1
-        return Batch.from_windows(w[self.rows[0]:self.rows[1]], docs[self.rows[0]:self.rows[1]])
-
-    def state_dict(self):
-        return {"step": self.step}
-
-    def load_state_dict(self, state):
-        self.step = state["step"]
-
-
-def make_config(run_dir, parallel: ParallelConfig, **training) -> TrainConfig:
-    model = model_config_from_preset("tiny", n_layers=4, vocab_size=VOCAB, pad_vocab_to_multiple_of=64,
-                                     max_seq_len=64)
-    t = dict(run_dir=str(run_dir), steps=STEPS, global_batch_size=8, micro_batch_size=1, seq_len=16, seed=0,
-             device="cpu")
-    t.update(training)
-    return TrainConfig(model=model, training=TrainingConfig(**t), parallel=parallel,
-                       optim=OptimizerConfig(lr=3e-3, grad_clip=0.05, weight_decay=0.1),
-                       lr=LRConfig(schedule="cosine", warmup_steps=1),
-                       checkpoint=CheckpointConfig(interval=0, save_final=False, resume=False),
-                       metrics=MetricsConfig(log_every=1, jsonl=False, progress_bar="off"))
-
-
-def full_grads(parts) -> dict[str, torch.Tensor]:
-    out = {}
-    for part in parts:
-        for name, p in part.named_parameters():
-            g = p.grad
-            if g is None:
-                continue
-            out[canonical_param_name(name)] = (g.full_tensor() if isinstance(g, DTensor) else g).clone()
-    return out
 
 
 def train_and_record(rank, world_size, run_dir, parallel: ParallelConfig):
-    cfg = make_config(run_dir, parallel)
+    cfg = make_train_config(run_dir, parallel, steps=STEPS)
     grads: dict[int, dict[str, torch.Tensor]] = {}
     trainer = Trainer(cfg, data_factory=lambda r, n: (PackedSource(16, 8, r, n), {}),
                       grad_hook=lambda step, parts: grads.__setitem__(step, full_grads(parts)))
