@@ -119,6 +119,9 @@ class MixtureLoader:
     `describe(ref)` lists the document pieces of a sample.
     """
 
+    packs_documents = True
+    """Rows hold several documents; Batch.doc_ids tells them apart (for document masking)."""
+
     def __init__(self, cfg: DataConfig, sources: dict[str, SourceIndex], *, seq_len: int, global_batch_size: int,
                  dp_rank: int, dp_size: int, seed: int, total_steps: Optional[int] = None):
         self.cfg, self.seq_len, self.global_batch_size = cfg, int(seq_len), int(global_batch_size)
@@ -311,6 +314,16 @@ class MixtureLoader:
         if not isinstance(state, dict) or state.get("kind") != "mixture" or state.get("format") != STATE_FORMAT:
             raise CptronError(f"data state was not saved by the mixture loader (format {STATE_FORMAT}): "
                               f"kind={state.get('kind') if isinstance(state, dict) else state!r}")
+        try:
+            self._load_state(state)
+        except CptronError:
+            raise
+        except (KeyError, TypeError, ValueError) as e:
+            raise CptronError(f"data state is malformed ({type(e).__name__}: {e}): expected what "
+                              "MixtureLoader.state_dict() returns") from e
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        # Everything is checked before anything is assigned: a refused state leaves the loader as it was.
         old = state["config"]
         for key in ("seq_len", "seed"):
             if old[key] != self._config[key]:
@@ -335,17 +348,12 @@ class MixtureLoader:
         if old["stages"] != self._config["stages"]:
             log.info("data stages changed since the checkpoint; the new schedule applies from step %d",
                      state["step"])
-        self.positions = [int(saved[n]["position"]) if n in saved else 0 for n in self.names]
-        self.step, self.consumed_samples = int(state["step"]), int(state["consumed_samples"])
-        seg = state["segment"]
-        self._segment_key, self._segment_start = seg["shares"], int(seg["start"])
-        self._scheduler = None
-        counts = seg["counts"]
-        self._pending_counts = ([int(counts[n]) for n in self.names]
-                                if counts is not None and list(counts) == self.names else None)
-        if self._pending_counts is None:
-            self._segment_key = None
-        self._stage_index = int(state["stage"])
+        positions = [int(saved[n]["position"]) if n in saved else 0 for n in self.names]
+        seg, counts = state["segment"], state["segment"]["counts"]
+        pending = [int(counts[n]) for n in self.names] if counts is not None and list(counts) == self.names else None
+        values = (int(state["step"]), int(state["consumed_samples"]), positions,
+                  seg["shares"] if pending is not None else None, int(seg["start"]), None, pending, int(state["stage"]))
+        self._restore(values)
         self._last = None
 
 
@@ -494,20 +502,24 @@ def build_data_loaders(cfg: DataConfig, *, seq_len: int, global_batch_size: int,
                              dp_size=dp_size, seed=data_seed, total_steps=total_steps)
 
     def check_and_prepare(name: str, source: SourceIndex) -> None:
-        source.prepare()
+        source.prepare_meta()
         try:
             source.check_vocab(vocab_size)
         except CptronError as e:
             raise CptronError(f"data.sources.{name}: {e}") from None
 
     def build_indices() -> None:
-        _in_parallel([lambda n=n, s=s: check_and_prepare(n, s) for n, s in sources.items()])
-        if total_steps is not None:  # the epochs the run will reach, so that no rank builds one mid-run
+        try:
+            _in_parallel([lambda n=n, s=s: check_and_prepare(n, s) for n, s in sources.items()])
+            expected = dict.fromkeys(sources, 1)
+            if total_steps is not None:  # the epochs the run will reach, so that no rank builds one mid-run
+                for source in sources.values():
+                    source.load_meta()
+                expected = make_loader().expected_epochs(total_steps)
+            _in_parallel([lambda s=s, e=e: s.prepare_epoch(e) for n, s in sources.items() for e in range(expected[n])])
+        finally:
             for source in sources.values():
-                source.load()
-            expected = make_loader().expected_epochs(total_steps)
-            _in_parallel([lambda s=s, n=n: s.prepare(range(1, expected[n])) for n, s in sources.items()
-                          if expected[n] > 1])
+                source.release()
 
     _rank0_first(build_indices)
     for source in sources.values():

@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from fractions import Fraction
@@ -85,7 +86,7 @@ def held_out_mask(doc_ids: np.ndarray, fraction: Fraction, seed: int, source: st
 
 @dataclass
 class PackedIndex:
-    """One epoch's (or the validation set's) packing: documents in order, their end offsets, window order."""
+    """One epoch's (or the validation set's) packing: documents in order, their offsets, window order."""
 
     order: np.ndarray
     """Source document ids in stream order."""
@@ -211,14 +212,15 @@ class SourceIndex:
         self.dir = os.path.join(root, f"{name}-{self.data_fingerprint[:16]}")
         self.meta: Optional[dict] = None
         self._split_memo: Optional[tuple[np.ndarray, np.ndarray, np.ndarray]] = None
+        self._split_lock = threading.Lock()
         self._epochs: dict[int, PackedIndex] = {}
 
     def _fingerprint(self) -> str:
         h = hashlib.blake2b(digest_size=16)
         h.update(json.dumps([INDEX_FORMAT, self.name, self.seq_len, self.seed, str(self.held_out_fraction)]).encode())
         for shard in self.shards:  # content identity, not paths: moved data keeps its cache and its run state
-            h.update(json.dumps([len(shard), shard.num_tokens, shard.dtype.name]).encode())
-            h.update(np.ascontiguousarray(shard.sequence_lengths).tobytes())
+            h.update(json.dumps([len(shard), shard.num_tokens, shard.dtype.name, shard.tokenizer_fingerprint]).encode())
+            h.update(memoryview(np.ascontiguousarray(shard.sequence_lengths)))
         return h.hexdigest()
 
     # ------------------------------------------------------------ building (one process)
@@ -237,12 +239,13 @@ class SourceIndex:
 
     def _split(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(lengths of all documents, training document ids, held-out document ids); kept while building."""
-        if self._split_memo is None:
-            lengths = np.concatenate([s.sequence_lengths for s in self.shards]).astype(np.int64)
-            ids = np.arange(len(lengths), dtype=np.int64)
-            held = held_out_mask(ids, self.held_out_fraction, self.seed, self.name)
-            self._split_memo = lengths, ids[~held & (lengths > 0)], ids[held & (lengths > 0)]
-        return self._split_memo
+        with self._split_lock:  # epochs of one source may be built on several threads
+            if self._split_memo is None:
+                lengths = np.concatenate([s.sequence_lengths for s in self.shards]).astype(np.int64)
+                ids = np.arange(len(lengths), dtype=np.int64)
+                held = held_out_mask(ids, self.held_out_fraction, self.seed, self.name)
+                self._split_memo = lengths, ids[~held & (lengths > 0)], ids[held & (lengths > 0)]
+            return self._split_memo
 
     def _path(self, what: str) -> str:
         return os.path.join(self.dir, what)
@@ -280,17 +283,29 @@ class SourceIndex:
             raise CptronError(f"cannot create the sample-index cache {self.dir} for source {self.name}: "
                               f"{e.strerror or e}; set data.cache_dir to a writable directory") from e
 
-    def prepare(self, epochs=(0,)) -> None:
-        """Build what is missing of the sizes, the validation index and `epochs`; done by one rank first."""
+    def prepare_meta(self) -> None:
+        """Build what is missing of the sizes (source.json) and the validation index."""
         self._ensure_dir()
+        load_or_build(self._path("source.json"), self._build_meta)
+        if self.held_out_fraction > 0:
+            load_or_build(self._path("validation.npy"), self._build_validation)
+
+    def prepare_epoch(self, epoch: int) -> None:
+        """Build epoch `epoch`'s index if it is missing (safe to call from several threads at once)."""
+        load_or_build(self._path(f"epoch-{epoch:05d}.npy"), lambda: self._build_epoch(epoch))
+
+    def release(self) -> None:
+        """Drop what building needed: O(documents) memory."""
+        self._split_memo = None
+
+    def prepare(self, epochs=(0,)) -> None:
+        """Build what is missing of the sizes, the validation index and `epochs`."""
         try:
-            load_or_build(self._path("source.json"), self._build_meta)
-            if self.held_out_fraction > 0:
-                load_or_build(self._path("validation.npy"), self._build_validation)
+            self.prepare_meta()
             for epoch in epochs:
-                load_or_build(self._path(f"epoch-{epoch:05d}.npy"), lambda e=epoch: self._build_epoch(e))
+                self.prepare_epoch(epoch)
         finally:
-            self._split_memo = None  # O(documents) memory, needed only to build
+            self.release()
 
     def _open_packed(self, path: str, build: Callable[[], None], with_perm: bool) -> PackedIndex:
         """The index file at `path`, memory-mapped; built if missing, rebuilt once if a crash left it short."""
@@ -316,6 +331,10 @@ class SourceIndex:
     def load(self) -> None:
         """Read the sizes (building what is missing, e.g. in a node-local cache) and check them."""
         self.prepare()
+        self.load_meta()
+
+    def load_meta(self) -> None:
+        """Read the sizes from the cache and check them."""
         path = self._path("source.json")
         with open(path, encoding="utf-8") as fh:
             meta = json.load(fh)

@@ -17,12 +17,13 @@ VOCAB = 1000
 SEQ = 16
 
 
-def write_source(root, name, shards, docs, seed, lo=1, hi=60, vocab=VOCAB):
+def write_source(root, name, shards, docs, seed, lo=1, hi=60, vocab=VOCAB, empty_every=0):
     rng = np.random.default_rng(seed)
     for k in range(shards):
         with IndexedDatasetWriter(os.path.join(root, name, f"part_{k:02d}"), vocab_size=vocab) as w:
-            for _ in range(docs):
-                w.add_document(rng.integers(0, vocab, int(rng.integers(lo, hi))))
+            for d in range(docs):
+                n = 0 if empty_every and d % empty_every == 3 else int(rng.integers(lo, hi))
+                w.add_document(rng.integers(0, vocab, n))
     return os.path.join(root, name)
 
 
@@ -30,7 +31,7 @@ def write_source(root, name, shards, docs, seed, lo=1, hi=60, vocab=VOCAB):
 def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("shards")
     return {"web": write_source(root, "web", 3, 40, 1), "code": write_source(root, "code", 2, 30, 2),
-            "med": write_source(root, "med", 2, 25, 3)}
+            "med": write_source(root, "med", 2, 25, 3, empty_every=7)}
 
 
 def config(shards, names=("web", "med"), weights=(3.0, 1.0), **kw):
@@ -97,6 +98,7 @@ def test_an_epoch_labels_every_training_token_once_and_the_next_reshuffles(shard
     train_docs = set(np.asarray(index.order).tolist())
     lengths = np.concatenate([IndexedDataset(p).sequence_lengths for p in loader.sources[0].prefixes])
     assert set(seen) <= train_docs
+    assert (lengths == 0).any() and not (lengths[list(train_docs)] == 0).any()  # empty documents are skipped
     covered = 0
     for doc, spans in seen.items():
         spans.sort()
@@ -420,3 +422,18 @@ def test_data_seed_overrides_the_run_seed(shards, tmp_path):
         cfg = config(shards, seed=cfg_seed)
         runs[name] = ledger(build(cfg, tmp_path, seed=run_seed)[0], 2)
     assert runs["a"] == runs["b"] != runs["c"]
+
+
+def test_foreign_or_malformed_states_are_refused_and_leave_the_loader_unchanged(shards, tmp_path):
+    loader, _ = build(config(shards), tmp_path)
+    ledger(loader, 1)
+    earlier = loader.state_dict()
+    ledger(loader, 1)
+    before = loader.state_dict()
+    with pytest.raises(CptronError, match="not saved by the mixture loader"):
+        loader.load_state_dict({"kind": "memory", "step": 3, "fingerprint": "x"})
+    broken = json.loads(json.dumps(earlier))
+    del broken["segment"]
+    with pytest.raises(CptronError, match="malformed.*segment"):
+        loader.load_state_dict(broken)
+    assert loader.state_dict() == before
