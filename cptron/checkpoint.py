@@ -359,12 +359,11 @@ def write_checkpoint_async(path: str | os.PathLike, state_dict: dict[str, Any], 
     tmp = _prepare_staging(path, overwrite)
     writer = FileSystemWriter(str(tmp), single_file_per_rank=True, sync_files=True)
     error, future = None, None
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process.*")
-        try:
-            future = dcp.async_save(state_dict, storage_writer=writer, process_group=process_group)
-        except (Exception, CheckpointException) as e:
-            error = f"starting the write of checkpoint {path} failed: {_describe(e)}"
+    try:
+        future = dcp.async_save(state_dict, storage_writer=writer, process_group=process_group,
+                                no_dist=not (dist.is_available() and dist.is_initialized()))
+    except (Exception, CheckpointException) as e:
+        error = f"starting the write of checkpoint {path} failed: {_describe(e)}"
     raise_on_every_rank(error)
     return PendingCheckpointWrite(path, future, meta, tokenizer_files, on_complete, process_group)
 

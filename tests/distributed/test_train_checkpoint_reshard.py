@@ -1,5 +1,6 @@
-"""Training checkpoints across layouts: FSDP2 <-> one process, a pipeline-like split <-> one
-process, async saves on several ranks, and HF initial weights streamed into FSDP shards."""
+"""Training checkpoints across layouts: FSDP2 <-> one process, tensor parallel -> one process,
+a pipeline-like split <-> one process, async saves on several ranks, and HF initial weights
+streamed into FSDP and tensor-parallel shards."""
 import dataclasses
 
 import pytest
@@ -8,6 +9,7 @@ import transformers
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from cptron import checkpoint as ckpt
 from cptron.models.config import model_config_from_preset
@@ -56,6 +58,20 @@ def _fsdp(model, world_size):
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
+
+
+def _tp(model, world_size):
+    """Megatron-style tensor parallelism of the blocks (heads and MLP columns split)."""
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",))
+    plan = {"attention.wq": ColwiseParallel(), "attention.wk": ColwiseParallel(), "attention.wv": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(), "feed_forward.w1": ColwiseParallel(),
+            "feed_forward.w3": ColwiseParallel(), "feed_forward.w2": RowwiseParallel()}
+    for block in model.layers.values():
+        parallelize_module(block, mesh, plan)
+    return model
+
+
+LAYOUTS = {"fsdp": _fsdp, "tp": _tp}
 
 
 def _checkpointer(run_dir, cfg, **kw):
@@ -117,6 +133,21 @@ def test_fsdp_checkpoint_loads_in_one_process_and_back(tmp_path):
     fsdp_loaded = run_distributed(_fsdp_load, 2, single)
     _assert_equal(fsdp_loaded[0], reference)
     _assert_equal(fsdp_loaded[1], reference)
+
+
+def _tp_save(rank, world_size, run_dir):
+    model = _tp(build_model(UNTIED, seed=6), world_size)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    _step(model, opt, UNTIED, seed=6)
+    assert model.layers["0"].attention.wo.weight.to_local().shape == (64, 32)  # split along columns
+    _checkpointer(run_dir, UNTIED).save(1, [model], [opt], STATE)
+    return _full_state(model, opt)
+
+
+def test_tensor_parallel_checkpoint_loads_in_one_process(tmp_path):
+    saved = run_distributed(_tp_save, 2, tmp_path)
+    _assert_equal(saved[0], saved[1])
+    _assert_equal(_plain_loaded(UNTIED, tmp_path / "checkpoints" / "step-00000001"), saved[0])
 
 
 # ------------------------------------------------------------------ pipeline-like split
@@ -195,24 +226,25 @@ def hf_model(tmp_path_factory):
     return hf, path
 
 
-def _hf_init(rank, world_size, hf_dir, tokens):
+def _hf_init(rank, world_size, hf_dir, tokens, layout):
     cfg = model_config_for_init(hf_dir, pad_vocab_to_multiple_of=64)
-    model = _fsdp(build_model(cfg, seed=1), world_size)
+    model = LAYOUTS[layout](build_model(cfg, seed=1), world_size)
     with torch.no_grad():  # non-zero everywhere, so a forgotten row or tensor shows up
         for p in model.parameters():
-            p.to_local().fill_(0.5)
+            (p.to_local() if isinstance(p, DTensor) else p).fill_(0.5)
     _checkpointer(hf_dir.parent / "run", cfg).load_initial_weights(hf_dir, [model])
     with torch.no_grad():
         logits = model(tokens)
     return logits, _full(model.tok_embeddings.weight)
 
 
-def test_hf_initial_weights_stream_into_fsdp_shards(hf_model):
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_hf_initial_weights_stream_into_shards(hf_model, layout):
     hf, path = hf_model
     tokens = torch.randint(0, HF_VOCAB, (2, 20), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         reference = hf(tokens).logits
-    for logits, embedding in run_distributed(_hf_init, 2, path, tokens):
+    for logits, embedding in run_distributed(_hf_init, 2, path, tokens, layout):
         assert (logits[..., :HF_VOCAB] - reference).abs().max() < 1e-5
         assert embedding.shape[0] == 320 and torch.count_nonzero(embedding[HF_VOCAB:]) == 0
         assert torch.equal(embedding[:HF_VOCAB], hf.model.embed_tokens.weight)

@@ -1,5 +1,7 @@
 """Training checkpoints in one process: exact resume, layout, pruning, async saves, crashes,
 initial weights from Hugging Face and cptron checkpoints."""
+import copy
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -88,6 +90,32 @@ def test_resume_restores_weights_optimizer_and_train_state_exactly(tmp_path):
         m(tokens).float().logsumexp(-1).mean().backward()
         o.step()
     _assert_same(model, opt, fresh, fresh_opt)
+
+
+def test_virtual_stages_on_one_rank_save_and_load_as_one_model(tmp_path):
+    cfg = dataclasses.replace(CFG, tie_embeddings=False)
+    whole = build_model(cfg, seed=2)
+    first, second = copy.deepcopy(whole), copy.deepcopy(whole)
+    del first.layers["1"]
+    first.norm = first.output = None
+    del second.layers["0"]
+    second.tok_embeddings = None
+    opts = [torch.optim.AdamW(part.parameters(), lr=1e-2) for part in (first, second)]
+    for part, opt in zip((first, second), opts, strict=True):
+        for name, p in part.named_parameters():
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name)))
+        opt.step()
+    cp = TrainCheckpointer(CheckpointConfig(), tmp_path, model_cfg=cfg)
+    path = cp.save(1, [first, second], opts, {"step": 1})
+    loaded = build_model(cfg, seed=3)
+    loaded_opt = torch.optim.AdamW(loaded.parameters(), lr=1e-2)
+    cp.load(path, [loaded], [loaded_opt])
+    state = {n: loaded_opt.state[p] for n, p in loaded.named_parameters()}
+    for part, opt in zip((first, second), opts, strict=True):
+        for name, p in part.named_parameters():
+            assert torch.equal(dict(loaded.named_parameters())[name], p), name
+            for key in ("step", "exp_avg", "exp_avg_sq"):
+                assert torch.equal(state[name][key], opt.state[p][key]), (name, key)
 
 
 def test_wrapped_blocks_save_and_load_under_plain_names(tmp_path):
