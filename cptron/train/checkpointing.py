@@ -135,11 +135,20 @@ def _optimizer_state(part: nn.Module, optimizer: torch.optim.Optimizer) -> dict[
         for p in params:
             p.grad = None
     try:
-        return get_optimizer_state_dict(part, optimizer, options=_FLAT)
+        state = get_optimizer_state_dict(part, optimizer, options=_FLAT)
     finally:
         if fresh:
             for p, g in zip(params, grads, strict=True):
                 p.grad = g
+    if fresh:
+        # That zero-lr step counted as a step (Adam's bias correction reads the count): reset
+        # it, so the live and the saved state equal a fresh optimizer's (zero moments, step 0).
+        live = [st["step"] for st in optimizer.state.values() if isinstance(st.get("step"), torch.Tensor)]
+        saved = [v for k, v in state.items() if k.startswith("state.") and k.endswith(".step")
+                 and isinstance(v, torch.Tensor)]
+        for count in live + saved:
+            count.zero_()
+    return state
 
 
 def _stored_entries(path: Path) -> dict[str, Optional[torch.Size]]:

@@ -92,6 +92,26 @@ def test_resume_restores_weights_optimizer_and_train_state_exactly(tmp_path):
     _assert_same(model, opt, fresh, fresh_opt)
 
 
+def test_saving_a_fresh_optimizer_leaves_it_fresh(tmp_path):
+    model, untouched = build_model(CFG, seed=0), build_model(CFG, seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    path = _checkpointer(tmp_path).save(0, [model], [opt], {"step": 0})
+    stored = ckpt.tensor_metadata(path)
+    assert "optimizer.state.layers.0.attention.wq.weight.step" in stored
+    resumed = build_model(CFG, seed=3)
+    resumed_opt = torch.optim.AdamW(resumed.parameters(), lr=1e-2)
+    _checkpointer(tmp_path).load(path, [resumed], [resumed_opt])
+    tokens = torch.randint(0, 500, (2, 16), generator=torch.Generator().manual_seed(9))
+    runs = [(model, opt), (untouched, torch.optim.AdamW(untouched.parameters(), lr=1e-2)), (resumed, resumed_opt)]
+    for m, o in runs:  # Adam's first step moves every weight by about lr: a step count of 2 would not
+        m(tokens).float().logsumexp(-1).mean().backward()
+        o.step()
+    for m, o in runs[1:]:
+        for a, b in zip(model.parameters(), m.parameters(), strict=True):
+            assert torch.equal(a, b)
+        assert all(st["step"].item() == 1 for st in o.state.values())
+
+
 def test_virtual_stages_on_one_rank_save_and_load_as_one_model(tmp_path):
     cfg = dataclasses.replace(CFG, tie_embeddings=False)
     whole = build_model(cfg, seed=2)
@@ -314,19 +334,20 @@ def _scramble(model):
             p.fill_(0.5)
 
 
-def make_hf(path, tie=False, vocab=HF_VOCAB):
+def make_hf(path, tie=False, vocab=HF_VOCAB, **save_kwargs):
     torch.manual_seed(0)
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, rope_theta=50000.0, tie_word_embeddings=tie,
         bos_token_id=1, eos_token_id=2)).eval()
-    hf.save_pretrained(path)
+    hf.save_pretrained(path, **save_kwargs)
     return hf
 
 
-@pytest.mark.parametrize("tie", [False, True])
-def test_initial_weights_from_hf_match_transformers_logits(tmp_path, tie):
-    hf = make_hf(tmp_path / "hf", tie=tie)
+@pytest.mark.parametrize("tie, shards", [(False, 1), (True, 1), (False, 4)])
+def test_initial_weights_from_hf_match_transformers_logits(tmp_path, tie, shards):
+    hf = make_hf(tmp_path / "hf", tie=tie, max_shard_size="5GB" if shards == 1 else "60KB")
+    assert len(list((tmp_path / "hf").glob("*.safetensors"))) >= shards
     cfg = model_config_for_init(str(tmp_path / "hf"), pad_vocab_to_multiple_of=64)
     assert cfg.padded_vocab_size == 320 and cfg.rope_theta == 50000.0 and cfg.tie_embeddings == tie
     model = build_model(cfg, seed=1)
