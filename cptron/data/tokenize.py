@@ -18,6 +18,8 @@ import os
 import re
 import time
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
@@ -391,7 +393,7 @@ def read_documents(path: str, cfg: TokenizeConfig) -> Iterator[Document]:
 
 # ------------------------------------------------------------------ workers
 
-# One encoder per worker process, built by the pool initializer: Pool tasks can only reach
+# One encoder per worker process, built by the pool initializer: pool tasks can only reach
 # per-process state through a module global.
 _WORKER_ENCODER: Optional[DocumentEncoder] = None
 
@@ -405,6 +407,14 @@ def _init_worker(spec: TokenizerSpec) -> None:
 
 def _encode_in_worker(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return _WORKER_ENCODER.encode_chunk(texts)
+
+
+def _result_of(future):
+    try:
+        return future.result()
+    except BrokenProcessPool as e:
+        raise CptronError(f"a tokenizer worker process died ({e}); out of memory? try fewer --workers or a "
+                          "smaller --chunk_docs") from e
 
 
 class _ShardSink:
@@ -484,15 +494,18 @@ def run_tokenize(cfg: TokenizeConfig) -> dict:
     pool = None
     if workers > 1:  # before the progress bar starts its monitor thread: fork a thread-free process
         ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-        pool = ctx.Pool(workers, initializer=_init_worker, initargs=(spec,))
+        # ProcessPoolExecutor, not multiprocessing.Pool: a worker that dies (OOM-killed) fails the run
+        # with BrokenProcessPool instead of leaving its task to wait forever.
+        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(spec,))
+        pool.submit(int).result()  # with fork, the first task forks every worker: do it now, thread-free
     total_bytes = sum(os.path.getsize(f) for f in files)
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenize", disable=not cfg.progress)
     sink = _ShardSink(cfg.output_prefix, spec, cfg.shard_size_tokens, cfg.overwrite)
     empty, empty_examples = 0, []
     try:
         if pool is not None:
-            submit = lambda texts: pool.apply_async(_encode_in_worker, (texts,))  # noqa: E731
-            wait = lambda handle: handle.get()  # noqa: E731
+            submit = lambda texts: pool.submit(_encode_in_worker, texts)  # noqa: E731
+            wait = _result_of
         else:
             encoder = DocumentEncoder(spec)
             submit, wait = encoder.encode_chunk, (lambda result: result)
@@ -543,8 +556,7 @@ def run_tokenize(cfg: TokenizeConfig) -> dict:
     finally:
         bar.close()
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            pool.shutdown(wait=True, cancel_futures=True)
     seconds = time.perf_counter() - start
     if empty:
         log.warning("skipped %d empty document(s), e.g. %s", empty, ", ".join(empty_examples))

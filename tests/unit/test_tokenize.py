@@ -255,3 +255,23 @@ def test_specials_frame_each_nonempty_document_only(bpe, monkeypatch, bos, eos, 
     assert flat.tolist() == expected and flat.dtype == np.uint16
     extra = int(bos) + int(eos)
     assert lengths.tolist() == [2 + extra, 0, 1 + extra, 0]
+
+
+def test_a_worker_that_dies_fails_the_run_and_writes_nothing(tmp_path, bpe, monkeypatch):
+    import os
+    import signal
+
+    from cptron.data.tokenize import DocumentEncoder
+
+    parent = os.getpid()
+
+    def die_in_a_worker(self, texts):
+        if os.getpid() != parent:  # as if the kernel's OOM killer took the worker
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(self, texts)
+
+    real = DocumentEncoder.encode_chunk
+    monkeypatch.setattr(DocumentEncoder, "encode_chunk", die_in_a_worker)  # forked workers inherit the patch
+    with pytest.raises(CptronError, match="a tokenizer worker process died"):
+        tokenize(tmp_path, [write_text(tmp_path / "en.txt", EN)], bpe[0], workers=2, chunk_docs=50)
+    assert not list((tmp_path / "out").glob("corpus_*"))
