@@ -9,16 +9,19 @@ A checkpoint is one directory:
       COMPLETE                   written last; a directory without it is never read
 
 DCP keys are namespaced: model weights live under `model.<parameter name>` (the
-names of `cptron.models.llama.Transformer`); the trainer adds `optimizer.*`,
-`scheduler`, `dataloader`, `rng` and so on beside them. DCP stores each tensor with
-its global shape, so a checkpoint written under one parallel layout loads under any
-other. Tied output weights are stored once, under `model.tok_embeddings.weight`.
+names of `cptron.models.llama.Transformer`); the trainer adds `optimizer.*` beside
+them and keeps its JSON train state in cptron.json (see `cptron.train.checkpointing`).
+DCP stores each tensor with its global shape, so a checkpoint written under one
+parallel layout loads under any other. Tied output weights are stored once, under
+`model.tok_embeddings.weight`.
 
 Writes are atomic: everything goes into `.<name>.incomplete` next to the target,
 the metadata and then the COMPLETE marker are written and synced, then the
 directory is renamed into place (an existing one is first moved to `.<name>.old`).
 A crash at any point leaves the previous checkpoint, the new one, or both under
 hidden names, which `recover_interrupted_write` resolves on the next read or write.
+`write_checkpoint_async` writes the tensors in a background thread and adds the
+marker once DCP reports every rank's files written; until then the directory stays hidden.
 """
 from __future__ import annotations
 
