@@ -94,7 +94,7 @@ def main() -> int:
             base_s = min(base_s, _timed(lambda: encode_all(encoder, batches)))
             for w in workers:
                 cfg.workers = w
-                secs[w] = min(secs[w], _timed(lambda: documents.update({w: run_tokenize(cfg)["documents"]})))
+                secs[w] = min(secs[w], _timed(lambda w=w: documents.update({w: run_tokenize(cfg)["documents"]})))
         print(f"text: {size_mb:.1f} MB, {len(lines)} documents, {tokens} tokens without EOS; "
               f"tokenizer: {spec.kind} {Path(tokenizer).name} (vocab {spec.vocab_size}); best of {args.repeats}")
         print(f"baseline  tokenizer batch encode (in memory, 1 thread): {tokens / base_s:12,.0f} tokens/s")

@@ -39,6 +39,7 @@ from cptron.errors import CptronError
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
 SIDECAR_FORMAT_VERSION = 1
+_SCAN_BLOCK = 1 << 24  # tokens per block when scanning a whole .bin
 _HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequence count, document-index count
 
 DTYPE_CODES: dict[int, np.dtype] = {
@@ -256,37 +257,60 @@ class IndexedDataset:
             self._max_token_id = self._scan_max()
         return self._max_token_id
 
-    def _scan_max(self) -> int:
-        if len(self) == 0 or self.num_tokens == 0:
-            return -1
-        typed = self._tokens[: self._tokens.nbytes - self._tokens.nbytes % self.dtype.itemsize].view(self.dtype)
-        best = -1
-        # Contiguous shards (everything Megatron and cptron write) scan as one array, in chunks to bound memory.
+    def _contiguous_tokens(self) -> Optional[np.ndarray]:
+        """Every token as one typed view when the sequences lie back to back from byte 0 (as everything
+        Megatron and cptron write does), else None."""
         itemsize = self.dtype.itemsize
         starts = self.sequence_pointers // itemsize
-        if int(starts[0]) == 0 and bool((np.diff(starts) == self.sequence_lengths[:-1]).all()):
-            stop = self.num_tokens
-            for lo in range(0, stop, 1 << 24):
-                best = max(best, int(typed[lo: min(stop, lo + (1 << 24))].max()))
+        if len(self) == 0 or int(self.sequence_pointers[0]) != 0 or \
+                not bool((np.diff(starts) == self.sequence_lengths[:-1]).all()):
+            return None
+        return np.frombuffer(self._tokens.data, dtype=self.dtype, count=self.num_tokens)
+
+    def _scan_max(self) -> int:
+        if self.num_tokens == 0:
+            return -1
+        tokens, best = self._contiguous_tokens(), -1
+        if tokens is not None:
+            for lo in range(0, tokens.size, _SCAN_BLOCK):  # blocks bound the temporary memory of max()
+                best = max(best, int(tokens[lo: lo + _SCAN_BLOCK].max()))
             return best
         for i in range(len(self)):
             if self.sequence_lengths[i]:
                 best = max(best, int(self.get(i).max()))
         return best
 
+    def _first_token_at_least(self, limit: int) -> Optional[tuple[int, int]]:
+        """(sequence, position) of the first token id >= limit, or None."""
+        tokens = self._contiguous_tokens()
+        if tokens is not None:
+            starts = self.sequence_pointers // self.dtype.itemsize
+            for lo in range(0, tokens.size, _SCAN_BLOCK):
+                bad = np.flatnonzero(tokens[lo: lo + _SCAN_BLOCK] >= limit)
+                if bad.size:
+                    pos = lo + int(bad[0])
+                    # the last sequence starting at or before pos (skipping empty ones that start there too)
+                    seq = int(np.searchsorted(starts, pos, side="right")) - 1
+                    return seq, pos - int(starts[seq])
+            return None
+        for i in range(len(self)):
+            bad = np.flatnonzero(self.get(i) >= limit)
+            if bad.size:
+                return i, int(bad[0])
+        return None
+
     def check_vocab(self, vocab_size: int) -> None:
         """Raise CptronError naming the shard and the first offending id if any token id is >= vocab_size."""
         if self.max_token_id() < vocab_size:
             return
-        for i in range(len(self)):
-            bad = np.flatnonzero(self.get(i) >= vocab_size)
-            if bad.size:
-                pos = int(bad[0])
-                raise CptronError(f"{self._bin_file}: token id {int(self.get(i)[pos])} at sequence {i}, position "
-                                  f"{pos} is >= vocab_size={vocab_size} (largest id {self.max_token_id()}); "
-                                  "was it tokenized with another tokenizer?")
-        raise CptronError(f"{sidecar_path(self.path_prefix)} says max_token_id={self.max_token_id()} >= "
-                          f"vocab_size={vocab_size}, but no such id is in {self._bin_file}: stale sidecar")
+        found = self._first_token_at_least(vocab_size)
+        if found is None:
+            raise CptronError(f"{sidecar_path(self.path_prefix)} says max_token_id={self.max_token_id()} >= "
+                              f"vocab_size={vocab_size}, but no such id is in {self._bin_file}: stale sidecar")
+        seq, pos = found
+        raise CptronError(f"{self._bin_file}: token id {int(self.get(seq)[pos])} at sequence {seq}, position {pos} "
+                          f"is >= vocab_size={vocab_size} (largest id {self.max_token_id()}); was it tokenized "
+                          "with another tokenizer?")
 
     def __getstate__(self) -> dict:
         # Memory maps do not pickle; a copy sent to a spawned worker reopens the files.

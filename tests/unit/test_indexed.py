@@ -4,6 +4,7 @@ import os
 import pickle
 import struct
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -75,7 +76,7 @@ def test_round_trip_documents_views_and_sidecar(tmp_path, vocab_size, dtype):
 
 def test_index_bytes_follow_the_documented_layout(tmp_path):
     prefix = write_shard(tmp_path / "s")
-    raw = open(prefix + ".idx", "rb").read()
+    raw = Path(prefix + ".idx").read_bytes()
     assert raw[:9] == b"MMIDIDX\x00\x00"
     version, code, n_seq, n_doc = struct.unpack_from("<QBQQ", raw, 9)
     assert (version, code, n_seq, n_doc) == (1, 8, 4, 5)
@@ -178,8 +179,8 @@ def test_existing_shard_is_refused_unless_overwrite(tmp_path):
 def test_bad_shards_are_refused_naming_the_file(tmp_path, damage, message):
     prefix = write_shard(tmp_path / "s")
     idx, bin_, side = prefix + ".idx", prefix + ".bin", prefix + ".json"
-    raw = bytearray(open(idx, "rb").read())
-    meta = json.load(open(side))
+    raw = bytearray(Path(idx).read_bytes())
+    meta = json.loads(Path(side).read_text())
     if damage == "no_bin":
         os.remove(bin_)
     elif damage == "no_idx":
@@ -208,9 +209,9 @@ def test_bad_shards_are_refused_naming_the_file(tmp_path, damage, message):
     elif damage == "sidecar_count":
         meta["token_count"] = 99
     if damage.startswith("idx") or damage in ("magic", "version", "dtype_code", "float_dtype", "doc_end"):
-        open(idx, "wb").write(bytes(raw))
+        Path(idx).write_bytes(bytes(raw))
     if damage.startswith("sidecar"):
-        open(side, "w").write("{not json" if damage == "sidecar_json" else json.dumps(meta))
+        Path(side).write_text("{not json" if damage == "sidecar_json" else json.dumps(meta))
     with pytest.raises(CptronError, match=message):
         IndexedDataset(prefix)
 
@@ -268,3 +269,22 @@ def test_any_documents_round_trip(tmp_path_factory, docs, vocab_size):
     ds = IndexedDataset(prefix)
     assert [d.tolist() for d in ds] == docs
     assert ds.num_tokens == sum(map(len, docs))
+
+
+def test_check_vocab_skips_empty_sequences_and_gaps_between_sequences(tmp_path):
+    prefix = write_shard(tmp_path / "e", [[1], [], [12, 3]], vocab_size=20)
+    os.remove(prefix + ".json")
+    with pytest.raises(CptronError, match=r"token id 12 at sequence 2, position 0 is >= vocab_size=10"):
+        IndexedDataset(prefix).check_vocab(10)
+    # Sequences need not be back to back: bytes between them (here the id 99) belong to no sequence.
+    gap = str(tmp_path / "gap")
+    np.array([1, 2, 99, 3], dtype="<u2").tofile(gap + ".bin")
+    with open(gap + ".idx", "wb") as fh:
+        fh.write(INDEX_MAGIC + struct.pack("<QBQQ", 1, 8, 2, 3))
+        fh.write(np.array([2, 1], "<i4").tobytes() + np.array([0, 6], "<i8").tobytes()
+                 + np.array([0, 1, 2], "<i8").tobytes())
+    ds = IndexedDataset(gap)
+    assert ds[1].tolist() == [3] and ds.max_token_id() == 3
+    ds.check_vocab(4)
+    with pytest.raises(CptronError, match=r"token id 3 at sequence 1, position 0 is >= vocab_size=3"):
+        ds.check_vocab(3)
