@@ -150,19 +150,13 @@ def resolve_parallel_dims(cfg: ParallelConfig, world_size: int, model: ModelConf
     return dims
 
 
-def build_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh:
-    """The 4-D mesh plus flattened `dp` (data ranks). Needs the default process group."""
+def build_mesh(dims: ParallelDims, device_type: str) -> tuple[DeviceMesh, DeviceMesh]:
+    """The 4-D mesh, and the flattened `dp` mesh (the ranks that see different data).
+    Needs the default process group."""
     mesh = init_device_mesh(device_type, (dims.pp, dims.dp_replicate, dims.dp_shard, dims.tp),
                             mesh_dim_names=MESH_DIMS)
-    mesh["dp_replicate", "dp_shard"]._flatten("dp")
-    return mesh
-
-
-def mesh_coordinates(mesh: DeviceMesh) -> dict[str, int]:
-    """This rank's index along each named dimension (plus `dp`)."""
-    out = {name: mesh[name].get_local_rank() for name in MESH_DIMS}
-    out["dp"] = mesh["dp"].get_local_rank()
-    return out
+    dp_mesh = mesh["dp_replicate", "dp_shard"]._flatten("dp")
+    return mesh, dp_mesh
 
 
 def mixed_precision_dtype(cfg: ParallelConfig, device: torch.device) -> torch.dtype:

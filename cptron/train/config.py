@@ -35,6 +35,8 @@ class TrainingConfig:
     """Where to train; auto: cuda when available, else cpu."""
     eval_every: int = 0
     """Evaluate the held-out sets every N steps (0: only at the end when validation sets exist)."""
+    eval_at_start: bool = True
+    """Evaluate the held-out sets before the first step of a fresh run (the base model's losses, the CPT baseline)."""
     eval_batches: int = 0
     """Limit each validation set to this many batches (0: all)."""
     nonfinite: Literal["stop", "skip"] = "stop"

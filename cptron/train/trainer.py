@@ -119,8 +119,8 @@ class Trainer:
                               f"{mc.max_seq_len}")
 
         self.dims = resolve_parallel_dims(cfg.parallel, self.world_size, mc)
-        self.mesh = build_mesh(self.dims, self.device.type)
-        self.dp_rank = self.mesh["dp"].get_local_rank()
+        self.mesh, self.dp_mesh = build_mesh(self.dims, self.device.type)
+        self.dp_rank = self.dp_mesh.get_local_rank()
         self.pp_group = self.mesh["pp"].get_group() if self.dims.pp > 1 else None
         self.param_dtype = mixed_precision_dtype(cfg.parallel, self.device)
         self._check_batch_shape()
@@ -263,7 +263,7 @@ class Trainer:
 
     def _global_tokens(self, batch: Batch) -> torch.Tensor:
         n = (batch.labels != IGNORE_INDEX).sum().to(self.device, torch.float32)
-        dist.all_reduce(n, group=self.mesh["dp"].get_group())
+        dist.all_reduce(n, group=self.dp_mesh.get_group())
         return n
 
     def forward_backward(self, batch: Batch) -> torch.Tensor:
@@ -299,7 +299,7 @@ class Trainer:
                         loss = self.loss_hook(self.step, loss)
                     loss.backward()
                     total += loss.detach()
-        dist.all_reduce(total, group=self.mesh["dp"].get_group())
+        dist.all_reduce(total, group=self.dp_mesh.get_group())
         if self.pp_group is not None:
             dist.all_reduce(total, group=self.pp_group)  # only last-stage ranks hold a loss
         self._last_loss = float(total)
@@ -368,8 +368,8 @@ class Trainer:
                             loss = cross_entropy_sum(self.parts[0](b.tokens, doc_ids=b.doc_ids), b.labels,
                                                      self.model_cfg.vocab_size)
                             loss_sum += loss.full_tensor() if isinstance(loss, DTensor) else loss
-            dist.all_reduce(tokens, group=self.mesh["dp"].get_group())
-            dist.all_reduce(loss_sum, group=self.mesh["dp"].get_group())
+            dist.all_reduce(tokens, group=self.dp_mesh.get_group())
+            dist.all_reduce(loss_sum, group=self.dp_mesh.get_group())
             if self.pp_group is not None:
                 dist.all_reduce(loss_sum, group=self.pp_group)
             out[name] = float(loss_sum / tokens.clamp_min(1.0))
@@ -405,6 +405,9 @@ class Trainer:
         ckpt_every = cfg.checkpoint.interval
         try:
             end = t.steps if stop_at is None else min(stop_at, t.steps)
+            if self.val_sets and t.eval_at_start and self.step == 0:
+                result.eval_losses[0] = ev = self.evaluate()
+                metrics.log(0, {f"val/{k}": v for k, v in ev.items()}, kind="eval")
             while self.step < end:
                 batch = next(self.data)
                 loss, norm, stepped = self.train_step(batch)

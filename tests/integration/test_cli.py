@@ -62,6 +62,8 @@ PRESET_COMMANDS = {
     "configs/convert/cptron-to-hf.yaml": ("convert", "cptron-to-hf"),
     "configs/data/bible-en.yaml": ("data", "tokenize"),
     "configs/data/bible-de.yaml": ("data", "tokenize"),
+    "configs/train/quickstart-base.yaml": ("train",),
+    "configs/train/quickstart-cpt.yaml": ("train",),
 }
 
 
@@ -72,7 +74,7 @@ def test_every_shipped_yaml_preset_parses_for_its_command():
         cls, _ = COMMANDS[path]
         required = {"init": ["--output", "o"], "hf-to-cptron": ["--input", str(REPO), "--output", "o"],
                     "cptron-to-hf": ["--input", "i", "--output", "o"],
-                    "tokenize": ["--tokenizer", "tokenizer.json"]}[path[-1]]
+                    "tokenize": ["--tokenizer", "tokenizer.json"], "train": []}[path[-1]]
         cfg = parse_config(cls, [str(REPO / rel), *required], allow_positional_yaml=True)
         if path == ("init",):
             assert cfg.model.preset in ("tiny", "llama3.2-1b")

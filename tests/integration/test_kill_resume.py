@@ -1,0 +1,128 @@
+"""A run killed with SIGKILL and restarted with the same command reproduces the
+uninterrupted run bit for bit (one process), including a kill in the middle of a
+checkpoint write.
+
+The runs go through the real CLI and the real replay mixture over Megatron shards,
+so the data loader's state is part of what must resume exactly.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from cptron.data.indexed import IndexedDatasetWriter
+
+VOCAB = 500
+STEPS = 10
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("kill")
+    rng = np.random.default_rng(0)
+    for name, n_docs in (("old", 300), ("new", 200)):
+        with IndexedDatasetWriter(root / name / "shard", vocab_size=VOCAB) as w:
+            for _ in range(n_docs):
+                doc = rng.integers(3, VOCAB, size=int(rng.integers(5, 60)))
+                w.add_document(np.append(doc, 2))
+    cfg = {
+        "model": {"preset": "tiny", "vocab_size": VOCAB, "pad_vocab_to_multiple_of": 64, "max_seq_len": 64},
+        "training": {"steps": STEPS, "global_batch_size": 8, "micro_batch_size": 4, "seq_len": 32, "seed": 3,
+                     "device": "cpu"},
+        "optim": {"lr": 3e-3, "grad_clip": 0.5},
+        "lr": {"warmup_steps": 2},
+        "data": {"sources": {"old": {"paths": [str(root / "old")]}, "new": {"paths": [str(root / "new")]}},
+                 "replay": {"fraction": 0.25, "sources": ["old"]},
+                 "stages": [{"start_step": 6, "replay_fraction": 0.5}]},
+        "checkpoint": {"interval": 2, "keep_last": 2},
+        "metrics": {"log_every": 1, "progress_bar": "off"},
+    }
+    path = root / "train.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def command(config: Path, run_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "cptron.cli", "train", str(config), "--training.run_dir", str(run_dir)]
+
+
+def env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
+    assert len(losses) == len([r for r in rows if r["kind"] == "train"]), "a step was logged twice"
+    return losses
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(config, tmp_path_factory) -> dict[int, float]:
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    subprocess.run(command(config, run_dir), check=True, env=env(), capture_output=True)
+    losses = train_losses(run_dir)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    return losses
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sigkill_at_a_random_moment_then_same_command(config, uninterrupted, tmp_path, seed):
+    rng = random.Random(seed)
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(command(config, run_dir), env=env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 3) and proc.poll() is None:
+        assert time.time() < deadline, "training never started"
+        time.sleep(0.02)
+    time.sleep(rng.uniform(0.0, 0.6))
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    done_before = max(train_losses(run_dir))
+    assert done_before < STEPS
+
+    subprocess.run(command(config, run_dir), check=True, env=env(), capture_output=True)
+    assert train_losses(run_dir) == uninterrupted
+
+
+KILL_IN_SAVE = """
+import os, signal, sys
+import cptron.checkpoint as c
+orig = c._write_synced
+def write(path, text):
+    if path.name == {marker!r} and "step-00000004" in str(path.parent):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return orig(path, text)
+c._write_synced = write
+from cptron.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("marker", ["cptron.json", "COMPLETE"])
+def test_sigkill_during_checkpoint_write(config, uninterrupted, tmp_path, marker):
+    run_dir = tmp_path / "run"
+    args = command(config, run_dir)[3:]
+    killed = subprocess.run([sys.executable, "-c", KILL_IN_SAVE.format(marker=marker), *args], env=env(),
+                            capture_output=True)
+    assert killed.returncode == -signal.SIGKILL
+    ckpts = run_dir / "checkpoints"
+    assert (ckpts / "step-00000002" / "COMPLETE").is_file()
+    assert not (ckpts / "step-00000004").exists(), "a half-written checkpoint must not look complete"
+
+    out = subprocess.run(command(config, run_dir), check=True, env=env(), capture_output=True, text=True)
+    assert "resumed from" in out.stderr and "step-00000002" in out.stderr
+    assert train_losses(run_dir) == uninterrupted
+    assert (ckpts / f"step-{STEPS:08d}" / "COMPLETE").is_file()
