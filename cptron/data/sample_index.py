@@ -107,16 +107,20 @@ class PackedIndex:
         return PackedIndex(arr[2:2 + d], arr[2 + d:3 + 2 * d], arr[3 + 2 * d:] if with_perm else None, w)
 
 
-def pack(doc_ids: np.ndarray, lengths: np.ndarray, seq_len: int, doc_seed: np.ndarray,
+def pack(doc_ids: Optional[np.ndarray], lengths: np.ndarray, seq_len: int, doc_seed: np.ndarray,
          window_seed: Optional[np.ndarray]) -> np.ndarray:
-    """The int64 array [D, W, order, offsets, perm?] of documents `doc_ids` (with `lengths`) packed into windows:
-    documents shuffled under `doc_seed`, windows (when `window_seed` is given) under `window_seed`."""
-    d = len(doc_ids)
+    """The int64 array [D, W, order, offsets, perm?] of documents `doc_ids` (with `lengths`; None: all of
+    range(len(lengths))) packed into windows: documents shuffled under `doc_seed`, windows (when `window_seed`
+    is given) under `window_seed`."""
+    d = len(lengths)
     windows = max(int(lengths.sum()) - 1, 0) // seq_len
     out = np.empty(3 + 2 * d + (windows if window_seed is not None else 0), dtype=np.int64)
     out[0], out[1], out[2 + d] = d, windows, 0
     pos = permutation(d, doc_seed)
-    np.take(doc_ids, pos, out=out[2:2 + d])
+    if doc_ids is None:
+        out[2:2 + d] = pos
+    else:
+        np.take(doc_ids, pos, out=out[2:2 + d])
     np.cumsum(np.take(lengths, pos), out=out[3 + d:3 + 2 * d])
     if window_seed is not None:
         out[3 + 2 * d:] = permutation(windows, window_seed)
@@ -265,7 +269,9 @@ class SourceIndex:
     def _build_epoch(self, epoch: int) -> None:
         t0 = time.perf_counter()
         lengths, train, _ = self._split()
-        arr = pack(train, lengths[train], self.seq_len, seed_words("documents", self.seed, self.name, epoch),
+        everything = len(train) == len(lengths)  # nothing held out or empty: skip two gathers
+        arr = pack(None if everything else train, lengths if everything else lengths[train], self.seq_len,
+                   seed_words("documents", self.seed, self.name, epoch),
                    seed_words("windows", self.seed, self.name, epoch))
         _atomic_save(self._path(f"epoch-{epoch:05d}.npy"), arr)
         log.info("built sample index of source %s epoch %d (%d documents, %d windows) in %.2f s", self.name,
