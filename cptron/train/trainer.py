@@ -19,7 +19,6 @@ one process computing the token-mean loss of the whole batch.
 """
 from __future__ import annotations
 
-import base64
 import logging
 import math
 import os
@@ -235,20 +234,27 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
 
+    # RNG: each step reseeds torch's generators from (training.seed, step)
+    # (`_seed_step`), so a resumed run draws the same random numbers as the
+    # uninterrupted one without storing generator states. Those differ per rank
+    # and could not be mapped onto a different layout anyway.
+
     def train_state(self) -> dict:
-        rng = {"cpu": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
         return {"step": self.step, "data": self.data.state_dict(), "skipped_steps": list(self.skipped),
-                "rng": rng, "world_size": self.world_size, "layout": self.dims.describe()}
+                "rng": {"seed": self.cfg.training.seed, "policy": "reseeded from (seed, step) every step"},
+                "world_size": self.world_size, "layout": self.dims.describe()}
 
     def _restore_train_state(self, state: dict) -> None:
-        import numpy as np
-
         self.step = int(state["step"])
         self.skipped = list(state.get("skipped_steps", []))
         self.data.load_state_dict(state["data"])
-        if "rng" in state:
-            raw = np.frombuffer(base64.b64decode(state["rng"]["cpu"]), dtype=np.uint8).copy()
-            torch.set_rng_state(torch.from_numpy(raw))
+        saved_seed = state.get("rng", {}).get("seed", self.cfg.training.seed)
+        if saved_seed != self.cfg.training.seed:
+            raise ConfigError(f"training.seed={self.cfg.training.seed} is invalid for this resume: the checkpoint "
+                              f"was trained with seed {saved_seed}")
+
+    def _seed_step(self) -> None:
+        torch.manual_seed((self.cfg.training.seed * 1_000_003 + self.step) % (2 ** 63))
 
     # ------------------------------------------------------------------ step
 
@@ -309,6 +315,7 @@ class Trainer:
         """One optimizer step. Returns (loss, grad_norm, stepped)."""
         from cptron.train.lr import apply_lr
 
+        self._seed_step()
         self._lr = apply_lr(self.optimizers, self.cfg.optim.lr, self.lr_schedule.factor(self.step))
         loss = self.forward_backward(batch)
         if self.grad_hook is not None:
