@@ -70,7 +70,7 @@ class TokenizeConfig:
     shard_size_tokens: int = 1_000_000_000
     """Tokens per shard; a shard closes before the document that would overflow it (documents never split)."""
     workers: int = 1
-    """Tokenizer processes (0: one per CPU core); the output bytes do not depend on it."""
+    """Tokenizer processes, one thread each (1: this process; 0: one per CPU core); output does not depend on it."""
     chunk_docs: int = 1000
     """Documents per task sent to a worker."""
     overwrite: bool = False
@@ -507,7 +507,8 @@ def run_tokenize(cfg: TokenizeConfig) -> dict:
             submit = lambda texts: pool.submit(_encode_in_worker, texts)  # noqa: E731
             wait = _result_of
         else:
-            encoder = DocumentEncoder(spec)
+            # One SentencePiece thread, as in the pool; HF tokenizers' own threads follow TOKENIZERS_PARALLELISM.
+            encoder = DocumentEncoder(spec, threads=1)
             submit, wait = encoder.encode_chunk, (lambda result: result)
         pending: deque = deque()
         max_pending = 2 * workers  # bounds memory while keeping every worker busy
