@@ -1,6 +1,6 @@
 """Throughput of `cptron data tokenize` against the tokenizer's own batch encode, on the same text.
 
-    python benchmarks/tokenize.py [--mb 4] [--tokenizer bpe|sentencepiece] [--workers 1,2] [--repeats 5]
+    python benchmarks/tokenize_throughput.py [--mb 4] [--tokenizer bpe|sentencepiece] [--workers 1,2] [--repeats 5]
 
 The shipped Bible text (English and German verses, one document per line) is
 repeated to about `--mb` MB and written to a plain-text file. Then, in this
