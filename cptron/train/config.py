@@ -31,6 +31,8 @@ class TrainingConfig:
     """Tokens per training sequence."""
     seed: int = 0
     """Seed of the initialization and of the data order."""
+    document_masking: bool = True
+    """Attend only within each packed document and restart positions per document; false: plain causal attention over the window (Megatron's default; lets SDPA use the flash kernel on GPU)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train; auto: cuda when available, else cpu."""
     eval_every: int = 0

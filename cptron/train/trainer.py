@@ -198,7 +198,8 @@ class Trainer:
             n_stages = dims.pp * pcfg.pp_stages_per_rank
             ranges = pl.split_layers(mc.n_layers, n_stages, pcfg.pp_layers_per_stage)
             stage_ids = pl.stage_ids_for_rank(pp_rank, dims.pp, pcfg.pp_stages_per_rank, pcfg.pp_schedule)
-            parts = pl.build_stage_modules(mc, stage_ids, n_stages, ranges, ids_are_doc_ids=True)
+            parts = pl.build_stage_modules(mc, stage_ids, n_stages, ranges,
+                                           ids_are_doc_ids=self.cfg.training.document_masking)
         else:
             with torch.device("meta"):
                 parts = [Transformer(mc)]
@@ -225,10 +226,9 @@ class Trainer:
         log.info("world %d: %s", self.world_size,
                  describe_parallelism(self.dims, self.cfg.parallel, self.param_dtype, self.device))
         impl = self.cfg.optim.implementation
-        log.info("optimizer: AdamW (%s), attention: SDPA (%s)",
-                 ("fused" if self.device.type == "cuda" else "foreach") if impl == "auto" else impl,
-                 "document-masked, boolean mask" if getattr(self.data, "packs_documents", True)
-                 else "causal")
+        log.info("optimizer: AdamW (%s); attention: %s", ("fused" if self.device.type == "cuda" else "foreach")
+                 if impl == "auto" else impl, _attention_description(self.cfg.training.document_masking,
+                                                                        self.device, self.model_cfg))
         log.info("batch: %d sequences x %d tokens per step = %d ranks x %d microbatches x %d", t.global_batch_size,
                  t.seq_len, self.dims.dp, self.n_micro, t.micro_batch_size)
 
@@ -267,6 +267,16 @@ class Trainer:
             loss = self.loss_hook(self.step, loss)
         return loss
 
+    def _doc_ids(self, b: Batch) -> Optional[torch.Tensor]:
+        return b.doc_ids if self.cfg.training.document_masking else None
+
+    def _ids(self, b: Batch) -> torch.Tensor:
+        """What pipeline stages pass along: doc_ids (all zero for a batch without
+        documents: one document per row), or plain positions without document masking."""
+        if not self.cfg.training.document_masking:
+            return torch.arange(b.tokens.shape[1]).expand_as(b.tokens)
+        return b.doc_ids if b.doc_ids is not None else torch.zeros_like(b.tokens)
+
     def _global_tokens(self, batch: Batch) -> torch.Tensor:
         n = (batch.labels != IGNORE_INDEX).sum().to(self.device, torch.float32)
         dist.all_reduce(n, group=self.dp_mesh.get_group())
@@ -286,7 +296,7 @@ class Trainer:
                 chunk = mbs * self.pp_microbatches
                 for i in range(0, batch.rows, chunk):
                     b = batch.slice(i, i + chunk).to(self.device)
-                    out = pipeline_train_step(self.pipeline, b.tokens, _ids(b), b.labels)
+                    out = pipeline_train_step(self.pipeline, b.tokens, self._ids(b), b.labels)
                     if out is not None:
                         total += out.detach()
             else:
@@ -296,7 +306,7 @@ class Trainer:
                     if hasattr(model, "set_requires_gradient_sync"):
                         # Reduce-scatter gradients once, after the last microbatch.
                         model.set_requires_gradient_sync(i == self.n_micro - 1)
-                    logits = model(b.tokens, doc_ids=b.doc_ids)
+                    logits = model(b.tokens, doc_ids=self._doc_ids(b))
                     loss = cross_entropy_sum(logits, b.labels, self.model_cfg.vocab_size)
                     if isinstance(loss, DTensor):
                         loss = loss.full_tensor()
@@ -366,13 +376,13 @@ class Trainer:
                         chunk = mbs * self.pp_microbatches
                         for j in range(0, batch.rows, chunk):
                             b = batch.slice(j, j + chunk).to(self.device)
-                            s = pipeline_eval_step(self.pipeline, b.tokens, _ids(b), b.labels)
+                            s = pipeline_eval_step(self.pipeline, b.tokens, self._ids(b), b.labels)
                             if s is not None:
                                 loss_sum += s
                     else:
                         for j in range(0, batch.rows, mbs):
                             b = batch.slice(j, j + mbs).to(self.device)
-                            loss = cross_entropy_sum(self.parts[0](b.tokens, doc_ids=b.doc_ids), b.labels,
+                            loss = cross_entropy_sum(self.parts[0](b.tokens, doc_ids=self._doc_ids(b)), b.labels,
                                                      self.model_cfg.vocab_size)
                             loss_sum += loss.full_tensor() if isinstance(loss, DTensor) else loss
             dist.all_reduce(tokens, group=self.dp_mesh.get_group())
@@ -463,12 +473,20 @@ class Trainer:
         return result
 
 
-def _ids(b: Batch) -> torch.Tensor:
-    """What pipeline stages pass along: doc_ids, or the positions of a plain causal batch
-    (all-zero doc_ids: one document per row, so positions restart nowhere)."""
-    if b.doc_ids is not None:
-        return b.doc_ids
-    return torch.zeros_like(b.tokens)
+def _attention_description(document_masking: bool, device: torch.device, mc: ModelConfig) -> str:
+    if document_masking:
+        what = "SDPA with a boolean block-diagonal causal mask (documents masked; no flash kernel)"
+    elif mc.sliding_window is not None:
+        what = f"SDPA with a sliding-window causal mask ({mc.sliding_window} tokens)"
+    else:
+        what = "SDPA causal (is_causal: flash kernel eligible on CUDA)"
+    if device.type == "cuda":
+        enabled = [name for name, on in (("flash", torch.backends.cuda.flash_sdp_enabled()),
+                                         ("mem_efficient", torch.backends.cuda.mem_efficient_sdp_enabled()),
+                                         ("cudnn", torch.backends.cuda.cudnn_sdp_enabled()),
+                                         ("math", torch.backends.cuda.math_sdp_enabled())) if on]
+        what += f"; SDPA backends enabled: {', '.join(enabled)}"
+    return what
 
 
 def _tokenizer_dir_of(path: Optional[str]) -> Optional[str]:

@@ -97,3 +97,19 @@ def test_activation_checkpointing_changes_nothing(mode, tmp_path, tmp_path_facto
     ref = reference(tmp_path_factory)
     got = run_distributed(train_and_record, 1, str(tmp_path), ParallelConfig(activation_checkpoint=mode))[0]
     assert_matches(got, ref, tol=1e-6)
+
+
+def train_unmasked(rank, world_size, run_dir, parallel):
+    cfg = make_train_config(run_dir, parallel, steps=STEPS, document_masking=False)
+    return Trainer(cfg, data_factory=lambda r, n: (PackedSource(16, 8, r, n), {})).run().losses
+
+
+@pytest.mark.parametrize("world_size,parallel", [(2, ParallelConfig(pp=2, dp_shard=1)),
+                                                 (2, ParallelConfig(tp=2))], ids=["pp2", "tp2"])
+def test_without_document_masking(world_size, parallel, tmp_path, tmp_path_factory):
+    masked = reference(tmp_path_factory)[0]
+    ref = run_distributed(train_unmasked, 1, str(tmp_path / "ref"), ParallelConfig())[0]
+    got = run_distributed(train_unmasked, world_size, str(tmp_path / "par"), parallel)[0]
+    assert abs(ref[0] - masked[0]) > 1e-4, "attention across documents must change the loss"
+    for step in ref:
+        assert abs(got[step] - ref[step]) <= 1e-5
