@@ -172,11 +172,11 @@ def run_child(args, name: str, timeout: float) -> dict:
 
 def dry_run(args) -> int:
     """Build every configuration's TrainConfig and check it as the Trainer would, without a GPU."""
+    import torch
+
     from cptron.config import validate_config
     from cptron.parallel.dims import mixed_precision_dtype, resolve_parallel_dims
     from cptron.train.metrics import flops_per_token
-
-    import torch
 
     device = torch.device("cuda" if args.device in ("auto", "cuda") else "cpu")
     print(f"dry run: {len(args.configs)} configurations of preset {args.preset}, seq {args.seq_len}, "
