@@ -40,7 +40,7 @@ from cptron.parallel.dims import build_mesh, mixed_precision_dtype, resolve_para
 from cptron.parallel.parallelize import describe_parallelism, parallelize_llama
 from cptron.train.config import TrainConfig
 from cptron.train.loss import cross_entropy_sum, loss_parallel_context
-from cptron.train.optim import build_optimizers, clip_gradients, global_grad_norm
+from cptron.train.optim import build_optimizers, clip_gradients, global_grad_norm, resolve_adamw_implementation
 
 log = logging.getLogger("cptron.train")
 
@@ -225,10 +225,8 @@ class Trainer:
                  self.model_cfg.padded_vocab_size)
         log.info("world %d: %s", self.world_size,
                  describe_parallelism(self.dims, self.cfg.parallel, self.param_dtype, self.device))
-        impl = self.cfg.optim.implementation
-        log.info("optimizer: AdamW (%s); attention: %s", ("fused" if self.device.type == "cuda" else "foreach")
-                 if impl == "auto" else impl, _attention_description(self.cfg.training.document_masking,
-                                                                        self.device, self.model_cfg))
+        log.info("optimizer: AdamW (%s); attention: %s", resolve_adamw_implementation(self.cfg.optim, self.device),
+                 _attention_description(self.cfg.training.document_masking, self.device, self.model_cfg))
         log.info("batch: %d sequences x %d tokens per step = %d ranks x %d microbatches x %d", t.global_batch_size,
                  t.seq_len, self.dims.dp, self.n_micro, t.micro_batch_size)
 
