@@ -271,7 +271,7 @@ class MixtureLoader:
         for i, epoch in sorted({(int(i), int(e)) for i, e in zip(src_rows, epochs)}):
             rows = np.flatnonzero((src_rows == i) & (epochs == epoch))
             source, index = self.sources[i], self.sources[i].epoch(epoch)
-            windows[rows] = index.perm[ks[rows]]
+            windows[rows] = index.window_of(ks[rows])
             source.read(index, windows[rows], tokens, doc_ids, None if len(rows) == n_rows else rows)
         self._last = (first + lo, src_rows, epochs, ks, windows)
         return batch_from_windows(tokens, doc_ids)

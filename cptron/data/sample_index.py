@@ -9,8 +9,8 @@ tokens [j * T, j * T + T + 1) of that stream (T = seq_len), so consecutive
 windows share one token and every token but the first is a label exactly once
 per epoch. The last partial window of an epoch is dropped (fewer than T tokens).
 Samples take the windows in a second shuffled order, so that the windows of one
-long document do not land in the same batch. Sample (source, epoch, k) is
-window perm_e[k].
+long document do not land in the same batch: sample (source, epoch, k) is window
+perm_e[k].
 
 Shuffles use NumPy's legacy `RandomState`, whose stream NumPy keeps frozen
 across versions (NEP 19; the newer `Generator` streams may change), seeded from
@@ -19,8 +19,9 @@ resume. The held-out split hashes each document on its own (SplitMix64), so a
 document's side never depends on the others.
 
 Cache layout, per source: `<cache>/<source>-<fingerprint>/` holds `source.json`
-(sizes), `epoch-NNNNN.npy` and `validation.npy`, int64 arrays
-[D, W, order(D), offsets(D + 1), perm(W)] (validation: no perm). Files are written
+(sizes), `epoch-NNNNN.npy` and `validation.npy`: the bytes of an int64 header,
+the document order, the D + 1 int64 document offsets and the window order
+(int32 ids where they fit; see `pack`). Files are written
 under a temporary name and renamed, and the first process to need a missing
 file builds it under an O_EXCL lock while the others wait and then map it.
 """
@@ -44,7 +45,7 @@ from cptron.errors import ConfigError, CptronError
 
 log = logging.getLogger("cptron.data")
 
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2
 LOCK_WAIT_S = 900.0
 """How long a process waits for another one's index build before building itself."""
 
@@ -84,46 +85,74 @@ def held_out_mask(doc_ids: np.ndarray, fraction: Fraction, seed: int, source: st
     return mix64(doc_ids.astype(np.uint64) ^ key64("held-out", seed, source)) < threshold
 
 
+_HEADER_WORDS = 4  # int64: documents, windows, bytes per document id, bytes per window id (0: no window order)
+
+
 @dataclass
 class PackedIndex:
-    """One epoch's (or the validation set's) packing: documents in order, their offsets, window order."""
+    """One epoch's (or the validation set's) packing: documents in order, their offsets, the window order."""
 
     order: np.ndarray
-    """Source document ids in stream order."""
+    """Source document ids in stream order (int32 when they fit, else int64)."""
     offsets: np.ndarray
-    """Token offset of each document in the stream, and the stream's length last (D + 1 entries)."""
-    perm: Optional[np.ndarray]
-    """Sample k of the epoch is window perm[k] (None for validation: window k)."""
+    """Token offset of each document in the stream, and the stream's length last (D + 1 entries, int64)."""
     windows: int
     """Number of windows."""
+    perm: Optional[np.ndarray]
+    """Sample k of the epoch is window perm[k] (int32 when they fit); None (validation): window k."""
+
+    def window_of(self, k: np.ndarray) -> np.ndarray:
+        """Window ids of the epoch's samples `k`."""
+        k = np.asarray(k, dtype=np.int64)
+        return k if self.perm is None else self.perm[k].astype(np.int64)
 
     @staticmethod
-    def from_array(arr: np.ndarray, with_perm: bool, path: str) -> "PackedIndex":
-        d, w = (int(arr[0]), int(arr[1])) if len(arr) >= 2 else (-1, -1)
-        if d < 0 or w < 0 or len(arr) != 3 + 2 * d + (w if with_perm else 0):
-            raise CptronError(f"sample index {path} is corrupt: {len(arr)} entries do not match its header "
-                              f"({d} documents, {w} windows); delete it to rebuild")
-        arr = arr.view(np.ndarray)  # plain views: indexing an np.memmap costs microseconds of Python each time
-        return PackedIndex(arr[2:2 + d], arr[2 + d:3 + 2 * d], arr[3 + 2 * d:] if with_perm else None, w)
+    def from_bytes(raw: np.ndarray, path: str) -> "PackedIndex":
+        """Views into `raw` (the uint8 array `pack` returns, usually memory-mapped)."""
+        raw = raw.view(np.ndarray)  # plain views: indexing an np.memmap costs microseconds of Python each time
+        at = 8 * _HEADER_WORDS
+        d, w, id_bytes, perm_bytes = (int(v) for v in raw[:at].view(np.int64)) if len(raw) >= at else (-1,) * 4
+        ok = d >= 0 and w >= 0 and id_bytes in (4, 8) and perm_bytes in (0, 4, 8)
+        if not ok or len(raw) != at + _pad8(d * id_bytes) + 8 * (d + 1) + _pad8(w * perm_bytes):
+            raise CptronError(f"sample index {path} is corrupt: {len(raw)} bytes do not match its header "
+                              f"({d} documents, {w} windows, {id_bytes}/{perm_bytes}-byte ids)")
+        order = raw[at:at + d * id_bytes].view(_int_of(id_bytes))
+        at += _pad8(d * id_bytes)
+        offsets = raw[at:at + 8 * (d + 1)].view(np.int64)
+        at += 8 * (d + 1)
+        perm = raw[at:at + w * perm_bytes].view(_int_of(perm_bytes)) if perm_bytes else None
+        return PackedIndex(order, offsets, w, perm)
+
+
+def _pad8(n: int) -> int:
+    return -(-n // 8) * 8
+
+
+def _int_of(width: int) -> type:
+    return np.int32 if width == 4 else np.int64
 
 
 def pack(doc_ids: Optional[np.ndarray], lengths: np.ndarray, seq_len: int, doc_seed: np.ndarray,
          window_seed: Optional[np.ndarray]) -> np.ndarray:
-    """The int64 array [D, W, order, offsets, perm?] of documents `doc_ids` (with `lengths`; None: all of
-    range(len(lengths))) packed into windows: documents shuffled under `doc_seed`, windows (when `window_seed`
-    is given) under `window_seed`."""
+    """Documents `doc_ids` (with `lengths`; None: all of range(len(lengths))) in an order shuffled under
+    `doc_seed`, and (with `window_seed`) an order of their windows, as the bytes (uint8) of: an int64
+    header [D, W, id bytes, window-id bytes], the ids, the D + 1 int64 offsets, the window order;
+    ids are int32 when they fit, and each part is padded to 8 bytes."""
     d = len(lengths)
-    windows = max(int(lengths.sum()) - 1, 0) // seq_len
-    out = np.empty(3 + 2 * d + (windows if window_seed is not None else 0), dtype=np.int64)
-    out[0], out[1], out[2 + d] = d, windows, 0
+    largest = d - 1 if doc_ids is None else (int(doc_ids.max()) if d else 0)
+    id_bytes = 4 if largest < 2**31 else 8
+    windows = max(int(lengths.sum(dtype=np.int64)) - 1, 0) // seq_len
+    perm_bytes = 0 if window_seed is None else (4 if windows <= 2**31 else 8)
+    at = 8 * _HEADER_WORDS
+    out = np.zeros(at + _pad8(d * id_bytes) + 8 * (d + 1) + _pad8(windows * perm_bytes), dtype=np.uint8)
+    out[:at].view(np.int64)[:] = [d, windows, id_bytes, perm_bytes]
     pos = permutation(d, doc_seed)
-    if doc_ids is None:
-        out[2:2 + d] = pos
-    else:
-        np.take(doc_ids, pos, out=out[2:2 + d])
-    np.cumsum(np.take(lengths, pos), out=out[3 + d:3 + 2 * d])
-    if window_seed is not None:
-        out[3 + 2 * d:] = permutation(windows, window_seed)
+    out[at:at + d * id_bytes].view(_int_of(id_bytes))[:] = pos if doc_ids is None else doc_ids[pos]
+    at += _pad8(d * id_bytes)
+    np.cumsum(np.take(lengths, pos), dtype=np.int64, out=out[at + 8:at + 8 * (d + 1)].view(np.int64))
+    at += 8 * (d + 1)
+    if perm_bytes:
+        out[at:at + windows * perm_bytes].view(_int_of(perm_bytes))[:] = permutation(windows, window_seed)
     return out
 
 
@@ -245,10 +274,14 @@ class SourceIndex:
         """(lengths of all documents, training document ids, held-out document ids); kept while building."""
         with self._split_lock:  # epochs of one source may be built on several threads
             if self._split_memo is None:
-                lengths = np.concatenate([s.sequence_lengths for s in self.shards]).astype(np.int64)
-                ids = np.arange(len(lengths), dtype=np.int64)
-                held = held_out_mask(ids, self.held_out_fraction, self.seed, self.name)
-                self._split_memo = lengths, ids[~held & (lengths > 0)], ids[held & (lengths > 0)]
+                lengths = np.concatenate([s.sequence_lengths for s in self.shards])
+                if self.held_out_fraction > 0:
+                    ids = np.arange(len(lengths), dtype=np.int64)
+                    held = held_out_mask(ids, self.held_out_fraction, self.seed, self.name)
+                    train, val = ids[~held & (lengths > 0)], ids[held & (lengths > 0)]
+                else:
+                    train, val = np.flatnonzero(lengths > 0), np.empty(0, dtype=np.int64)
+                self._split_memo = lengths, train, val
             return self._split_memo
 
     def _path(self, what: str) -> str:
@@ -256,7 +289,8 @@ class SourceIndex:
 
     def _build_meta(self) -> None:
         lengths, train, val = self._split()
-        train_tokens, val_tokens = int(lengths[train].sum()), int(lengths[val].sum())
+        train_tokens = int((lengths if len(train) == len(lengths) else lengths[train]).sum(dtype=np.int64))
+        val_tokens = int(lengths[val].sum(dtype=np.int64))
         meta = {"format": INDEX_FORMAT, "source": self.name, "fingerprint": self.data_fingerprint,
                 "shards": [os.path.basename(p) for p in self.prefixes], "seq_len": self.seq_len,
                 "train_documents": int(len(train)), "train_tokens": train_tokens,
@@ -270,17 +304,17 @@ class SourceIndex:
         t0 = time.perf_counter()
         lengths, train, _ = self._split()
         everything = len(train) == len(lengths)  # nothing held out or empty: skip two gathers
-        arr = pack(None if everything else train, lengths if everything else lengths[train], self.seq_len,
+        raw = pack(None if everything else train, lengths if everything else lengths[train], self.seq_len,
                    seed_words("documents", self.seed, self.name, epoch),
                    seed_words("windows", self.seed, self.name, epoch))
-        _atomic_save(self._path(f"epoch-{epoch:05d}.npy"), arr)
-        log.info("built sample index of source %s epoch %d (%d documents, %d windows) in %.2f s", self.name,
-                 epoch, arr[0], arr[1], time.perf_counter() - t0)
+        _atomic_save(self._path(f"epoch-{epoch:05d}.npy"), raw)
+        log.info("built sample index of source %s epoch %d (%d documents) in %.2f s", self.name, epoch,
+                 len(train), time.perf_counter() - t0)
 
     def _build_validation(self) -> None:
         lengths, _, val = self._split()
-        arr = pack(val, lengths[val], self.seq_len, seed_words("validation", self.seed, self.name), None)
-        _atomic_save(self._path("validation.npy"), arr)
+        raw = pack(val, lengths[val], self.seq_len, seed_words("validation", self.seed, self.name), None)
+        _atomic_save(self._path("validation.npy"), raw)
 
     def _ensure_dir(self) -> None:
         try:
@@ -313,13 +347,13 @@ class SourceIndex:
         finally:
             self.release()
 
-    def _open_packed(self, path: str, build: Callable[[], None], with_perm: bool) -> PackedIndex:
+    def _open_packed(self, path: str, build: Callable[[], None]) -> PackedIndex:
         """The index file at `path`, memory-mapped; built if missing, rebuilt once if a crash left it short."""
         self._ensure_dir()
         for attempt in (0, 1):
             try:
                 load_or_build(path, build)
-                return PackedIndex.from_array(np.load(path, mmap_mode="r"), with_perm, path)
+                return PackedIndex.from_bytes(np.load(path, mmap_mode="r"), path)
             except (CptronError, ValueError, EOFError) as e:  # np.load: ValueError/EOFError on a cut header
                 if attempt:
                     raise CptronError(f"sample index {path} is unreadable after a rebuild: {e}") from e
@@ -363,7 +397,7 @@ class SourceIndex:
         index = self._epochs.get(epoch)
         if index is None:
             path = self._path(f"epoch-{epoch:05d}.npy")
-            index = self._open_packed(path, lambda: self._build_epoch(epoch), True)
+            index = self._open_packed(path, lambda: self._build_epoch(epoch))
             if index.windows != self.windows_per_epoch:
                 raise CptronError(f"sample index {path} has {index.windows} windows, expected "
                                   f"{self.windows_per_epoch}; delete {self.dir} to rebuild")
@@ -373,7 +407,7 @@ class SourceIndex:
         return index
 
     def validation(self) -> PackedIndex:
-        return self._open_packed(self._path("validation.npy"), self._build_validation, False)
+        return self._open_packed(self._path("validation.npy"), self._build_validation)
 
     def _token_views(self) -> list[np.ndarray]:
         """Each shard's whole .bin as one read-only typed array (memory-mapped once, on first read)."""

@@ -437,3 +437,19 @@ def test_foreign_or_malformed_states_are_refused_and_leave_the_loader_unchanged(
     with pytest.raises(CptronError, match="malformed.*segment"):
         loader.load_state_dict(broken)
     assert loader.state_dict() == before
+
+
+@pytest.mark.parametrize("big_ids", [False, True])
+def test_packed_index_round_trips_with_32_and_64_bit_document_ids(big_ids):
+    from cptron.data.sample_index import PackedIndex, pack, seed_words
+    lengths = np.array([5, 0, 7, 3, 9], dtype=np.int64)
+    ids = np.array([0, 1, 2, 3, 4], dtype=np.int64) + (2**31 if big_ids else 0)
+    raw = pack(ids, lengths, 4, seed_words("t"), seed_words("w"))
+    index = PackedIndex.from_bytes(raw, "test")
+    assert index.order.dtype == (np.int64 if big_ids else np.int32) and index.perm.dtype == np.int32
+    assert sorted(index.order.tolist()) == ids.tolist() and index.windows == (24 - 1) // 4
+    assert np.array_equal(np.diff(index.offsets), lengths[index.order - ids[0]]) and index.offsets[0] == 0
+    assert sorted(index.perm.tolist()) == list(range(index.windows))
+    assert PackedIndex.from_bytes(pack(ids, lengths, 4, seed_words("t"), None), "test").perm is None
+    with pytest.raises(CptronError, match="is corrupt"):
+        PackedIndex.from_bytes(raw[:-8], "cut")
