@@ -275,6 +275,13 @@ class Trainer:
             return torch.arange(b.tokens.shape[1]).expand_as(b.tokens)
         return b.doc_ids if b.doc_ids is not None else torch.zeros_like(b.tokens)
 
+    def _pieces(self, batch: Batch):
+        """The rows one forward takes at a time, on the device: a microbatch, or with
+        pipelining the pp_microbatches microbatches of one schedule step."""
+        rows = self.cfg.training.micro_batch_size * (self.pp_microbatches if self.pipeline is not None else 1)
+        for i in range(0, batch.rows, rows):
+            yield batch.slice(i, i + rows).to(self.device)
+
     def _global_tokens(self, batch: Batch) -> torch.Tensor:
         n = (batch.labels != IGNORE_INDEX).sum().to(self.device, torch.float32)
         dist.all_reduce(n, group=self.dp_mesh.get_group())
@@ -286,21 +293,17 @@ class Trainer:
         self._loss_scale = 1.0 / n_tokens.clamp_min(1.0)
         lp = self.dims.tp > 1 and self.cfg.parallel.loss_parallel
         total = torch.zeros((), device=self.device)
-        mbs = self.cfg.training.micro_batch_size
         with loss_parallel_context(lp):
             if self.pipeline is not None:
                 from cptron.parallel.pipeline import pipeline_train_step
 
-                chunk = mbs * self.pp_microbatches
-                for i in range(0, batch.rows, chunk):
-                    b = batch.slice(i, i + chunk).to(self.device)
+                for b in self._pieces(batch):
                     out = pipeline_train_step(self.pipeline, b.tokens, self._ids(b), b.labels)
                     if out is not None:
                         total += out.detach()
             else:
                 model = self.parts[0]
-                for i in range(self.n_micro):
-                    b = batch.slice(i * mbs, (i + 1) * mbs).to(self.device)
+                for i, b in enumerate(self._pieces(batch)):
                     if hasattr(model, "set_requires_gradient_sync"):
                         # Reduce-scatter gradients once, after the last microbatch.
                         model.set_requires_gradient_sync(i == self.n_micro - 1)
@@ -358,7 +361,6 @@ class Trainer:
         out = {}
         limit = self.cfg.training.eval_batches
         lp = self.dims.tp > 1 and self.cfg.parallel.loss_parallel
-        mbs = self.cfg.training.micro_batch_size
         for name, make in self.val_sets.items():
             loss_sum = torch.zeros((), device=self.device)
             tokens = torch.zeros((), device=self.device)
@@ -371,15 +373,12 @@ class Trainer:
                     if self.pipeline is not None:
                         from cptron.parallel.pipeline import pipeline_eval_step
 
-                        chunk = mbs * self.pp_microbatches
-                        for j in range(0, batch.rows, chunk):
-                            b = batch.slice(j, j + chunk).to(self.device)
+                        for b in self._pieces(batch):
                             s = pipeline_eval_step(self.pipeline, b.tokens, self._ids(b), b.labels)
                             if s is not None:
                                 loss_sum += s
                     else:
-                        for j in range(0, batch.rows, mbs):
-                            b = batch.slice(j, j + mbs).to(self.device)
+                        for b in self._pieces(batch):
                             loss = cross_entropy_sum(self.parts[0](b.tokens, doc_ids=self._doc_ids(b)), b.labels,
                                                      self.model_cfg.vocab_size)
                             loss_sum += loss.full_tensor() if isinstance(loss, DTensor) else loss
