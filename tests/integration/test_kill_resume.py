@@ -23,7 +23,7 @@ import yaml
 from cptron.data.indexed import IndexedDatasetWriter
 
 VOCAB = 500
-STEPS = 10
+STEPS = 30
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def config(tmp_path_factory) -> Path:
         "lr": {"warmup_steps": 2},
         "data": {"sources": {"old": {"paths": [str(root / "old")]}, "new": {"paths": [str(root / "new")]}},
                  "replay": {"fraction": 0.25, "sources": ["old"]},
-                 "stages": [{"start_step": 6, "replay_fraction": 0.5}]},
+                 "stages": [{"start_step": 15, "replay_fraction": 0.5}]},
         "checkpoint": {"interval": 2, "keep_last": 2},
         "metrics": {"log_every": 1, "progress_bar": "off"},
     }
@@ -83,11 +83,12 @@ def test_sigkill_at_a_random_moment_then_same_command(config, uninterrupted, tmp
     proc = subprocess.Popen(command(config, run_dir), env=env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     metrics = run_dir / "metrics.jsonl"
+    target = rng.randint(2, STEPS - 6)  # kill soon after this many steps were logged
     deadline = time.time() + 120
-    while not (metrics.exists() and metrics.read_text().count("\n") >= 3) and proc.poll() is None:
-        assert time.time() < deadline, "training never started"
-        time.sleep(0.02)
-    time.sleep(rng.uniform(0.0, 0.6))
+    while not (metrics.exists() and metrics.read_text().count("\n") >= target) and proc.poll() is None:
+        assert time.time() < deadline, "training never got there"
+        time.sleep(0.005)
+    time.sleep(rng.uniform(0.0, 0.05))
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     done_before = max(train_losses(run_dir))
