@@ -7,6 +7,21 @@ mapping and on the command line as `--section.field value`. A section with a
 `preset` field and a `from_preset(name)` classmethod starts from that preset
 whenever the preset is given; its other explicitly given fields override it.
 Every value is checked at start-up, and errors name the dotted field.
+
+A field that holds a mapping of names to sections (`dict[str, SourceConfig]`) or a
+list of sections (`list[StageConfig]`) is set in YAML as a mapping or list, and on
+the command line in two ways:
+  - one field of one item: `--data.sources.web.paths /x,/y` (an existing item keeps
+    its other fields; a new name starts from the item class's defaults) and
+    `--data.stages.0.replay_fraction 0.2` (an index below the list's length changes
+    that item; the index equal to the length appends a new item);
+  - the whole value in YAML flow style, parsed with yaml.safe_load:
+    `--data.sources '{web: {paths: [/x]}}'`, `--data.stages '[{start_step: 5}]'`.
+    It replaces the YAML file's value; per-item options then apply on top of it,
+    whatever their order on the command line.
+A mapping key may contain dots (`--data.sources.web.en.paths` names source
+`web.en`): the last component that names a field of the item class ends the key.
+The `--help` text is laid out by cptron/config_help.py.
 """
 from __future__ import annotations
 
@@ -89,12 +104,39 @@ def _field_default(f: dataclasses.Field) -> Any:
     return dataclasses.MISSING
 
 
+# How `--help` and the suggestions write an item's key in a mapping or list of sections.
+_PLACEHOLDER = {dict: "<name>", list: "<index>"}
+
+
+def _without_none(tp: Any) -> Any:
+    """`X` for `Optional[X]`, else `tp`."""
+    others = [a for a in typing.get_args(tp) if a is not type(None)] if _is_union(tp) else [tp]
+    return others[0] if len(others) == 1 else tp
+
+
+def _items_of(tp: Any) -> tuple[type, type] | None:
+    """(dict or list, item class) when `tp` is a mapping or list of sections (or Optional of one)."""
+    tp = _without_none(tp)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is list and len(args) == 1 and _is_section(args[0]):
+        return list, args[0]
+    if origin is dict and len(args) == 2 and _is_section(args[1]):
+        return dict, args[1]
+    return None
+
+
 def _dotted_fields(cls: type, prefix: str = "") -> list[str]:
-    """Every settable leaf field of `cls` as a dotted name."""
+    """Every settable field of `cls` as a dotted name (items of mappings/lists as `<name>`/`<index>`)."""
     out = []
     for name in _init_fields(cls):
         tp = _hints(cls)[name]
-        out += _dotted_fields(tp, f"{prefix}{name}.") if _is_section(tp) else [prefix + name]
+        items = _items_of(tp)
+        if _is_section(tp):
+            out += _dotted_fields(tp, f"{prefix}{name}.")
+        elif items:
+            out += [prefix + name] + _dotted_fields(items[1], f"{prefix}{name}.{_PLACEHOLDER[items[0]]}.")
+        else:
+            out.append(prefix + name)
     return out
 
 
@@ -120,8 +162,12 @@ def _expected(tp: Any) -> str:
     if origin in (list, tuple, set, frozenset) or tp in (list, tuple):
         if origin is tuple and args and args[-1] is not Ellipsis:
             return f"{len(args)} comma-separated values ({', '.join(_expected(a) for a in args)})"
+        if args and _is_section(args[0]):
+            return f"a list of mappings of {args[0].__name__} fields"
         item = _expected(args[0]) if args else "anything"
         return f"a list (comma-separated on the command line) whose items are each {item}"
+    if origin is dict and len(args) == 2 and _is_section(args[1]):
+        return f"a mapping of names to mappings of {args[1].__name__} fields"
     if origin is dict or tp is dict:
         return "a mapping (k=v,k2=v2 on the command line)"
     if _is_section(tp):
@@ -137,13 +183,14 @@ def _convert(tp: Any, raw: Any, name: str, source: str | None = None) -> Any:
             return True
         raise ConfigError(f"--{name}: missing value: expected {_expected(tp)}")
     try:
-        return _coerce(tp, raw, name)
+        return _coerce(tp, raw, name, source)
     except _Bad:
         where = f" (in {source})" if source else ""
         raise ConfigError(f"{name}={raw!r} is invalid: expected {_expected(tp)}{where}") from None
 
 
-def _coerce(tp: Any, raw: Any, name: str) -> Any:
+def _coerce(tp: Any, raw: Any, name: str, source: str | None = None) -> Any:
+    """`raw` as `tp`, or _Bad; sections inside (items of lists and mappings) name `source` in their errors."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is Any or tp is object:
         return raw
@@ -152,7 +199,7 @@ def _coerce(tp: Any, raw: Any, name: str) -> Any:
             return None
         for arg in (a for a in args if a is not type(None)):
             try:
-                return _coerce(arg, raw, name)
+                return _coerce(arg, raw, name, source)
             except _Bad:
                 pass
         raise _Bad
@@ -173,12 +220,16 @@ def _coerce(tp: Any, raw: Any, name: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(items) != len(args):
                 raise _Bad
-            return tuple(_coerce(a, x, f"{name}[{i}]") for i, (a, x) in enumerate(zip(args, items)))
+            return tuple(_coerce(a, x, f"{name}[{i}]", source) for i, (a, x) in enumerate(zip(args, items)))
         item_tp = args[0] if args else Any
-        out = [_coerce(item_tp, x, f"{name}[{i}]") for i, x in enumerate(items)]
+        if isinstance(raw, str) and _is_section(item_tp):  # "a,b" cannot spell sections
+            raise _Bad
+        out = [_coerce(item_tp, x, f"{name}[{i}]", source) for i, x in enumerate(items)]
         return (origin or tp)(out)
     if origin is dict or tp is dict:
         key_tp, val_tp = args or (Any, Any)
+        if isinstance(raw, str) and _is_section(val_tp):  # "k=v" cannot spell sections
+            raise _Bad
         if isinstance(raw, str):
             pairs = [p.split("=", 1) for p in raw.split(",") if p.strip()]
             if any(len(p) != 2 for p in pairs):
@@ -186,11 +237,12 @@ def _coerce(tp: Any, raw: Any, name: str) -> Any:
             raw = {k.strip(): v.strip() for k, v in pairs}
         if not isinstance(raw, Mapping):
             raise _Bad
-        return {_coerce(key_tp, k, name): _coerce(val_tp, v, f"{name}.{k}") for k, v in raw.items()}
+        return {_coerce(key_tp, k, name, source): _coerce(val_tp, v, f"{name}.{k}", source)
+                for k, v in raw.items()}
     if _is_section(tp):  # e.g. items of a list of dataclasses, given in YAML
         if isinstance(raw, tp):
             return raw
-        return _build(tp, name + ".", None, raw, {}, None) if isinstance(raw, Mapping) else _fail()
+        return _build(tp, name + ".", None, raw, {}, source) if isinstance(raw, Mapping) else _fail()
     if isinstance(tp, type):
         return raw if isinstance(raw, tp) else _fail()
     return raw
@@ -217,6 +269,58 @@ def _fail() -> Any:
 
 
 # ---------------------------------------------------------------- building
+
+class _Items:
+    """Command-line values of a mapping or list of sections: the whole value, then per-item fields."""
+
+    def __init__(self) -> None:
+        self.whole: Any = dataclasses.MISSING
+        self.entries: dict[Any, dict] = {}  # item key (str name or int index) -> its fields' CLI tree
+
+
+def _flow_value(raw: Any, dotted: str, kind: type, item_cls: type) -> Any:
+    """The YAML flow-style text given as `--dotted` for a whole mapping or list of sections, loaded."""
+    example = "'{NAME: {FIELD: VALUE}}'" if kind is dict else "'[{FIELD: VALUE}, ...]'"
+    one = f"--{dotted}.{_PLACEHOLDER[kind]}.<field> VALUE"
+    shape = "mapping of names to" if kind is dict else "list of"
+    if raw is not _BARE:
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            value = e
+        if isinstance(value, Mapping if kind is dict else list):
+            return value
+    given = ": missing value" if raw is _BARE else f"={raw!r} is invalid"
+    raise ConfigError(f"--{dotted}{given}: expected a YAML flow {shape} "
+                      f"mappings of {item_cls.__name__} fields, e.g. --{dotted} {example}, or one field "
+                      f"as {one}")
+
+
+def _apply_items(tp: Any, dotted: str, current: Any, items: _Items) -> Any:
+    """`current` (from YAML, a base or defaults) with the command line's whole value and item fields."""
+    kind, item_cls = _items_of(tp)
+    if items.whole is not dataclasses.MISSING:
+        if _is_union(tp) and isinstance(items.whole, str) and items.whole.strip().lower() in _NONE:
+            if not items.entries:
+                return None
+            current = None
+        else:
+            current = _convert(tp, _flow_value(items.whole, dotted, kind, item_cls), dotted)
+    out = kind() if current is None or current is dataclasses.MISSING else kind(current)  # a copy: bases stay
+    for key in sorted(items.entries) if kind is list else items.entries:
+        cli = items.entries[key]
+        if kind is dict:
+            name = _convert(typing.get_args(_without_none(tp))[0], key, f"{dotted} key")
+            out[name] = _build(item_cls, f"{dotted}.{key}.", out.get(name), {}, cli, None)
+        elif key > len(out):
+            raise ConfigError(f"--{dotted}.{key}.<field>: index {key} is invalid: expected an index below "
+                              f"{len(out)} (the items of {dotted}) or {len(out)} to append one; several new items "
+                              f"are easier to give in YAML or as --{dotted} '[{{FIELD: VALUE}}, ...]'")
+        else:
+            base = out[key] if key < len(out) else None
+            out[key:key + 1] = [_build(item_cls, f"{dotted}[{key}].", base, {}, cli, None)]
+    return out
+
 
 def _build(cls: type, prefix: str, base: Any, yaml_map: Any, cli_map: dict, source: str | None) -> Any:
     """An instance of `cls` from `base` (or the class defaults), then YAML, then CLI values."""
@@ -250,6 +354,14 @@ def _build(cls: type, prefix: str, base: Any, yaml_map: Any, cli_map: dict, sour
             sub_base = getattr(base, name) if base is not None else _field_default(f)
             sub_base = None if sub_base is dataclasses.MISSING else sub_base
             values[name] = _build(tp, dotted + ".", sub_base, yaml_map.get(name), cli_map.get(name, {}), source)
+        elif isinstance(cli_map.get(name), _Items):
+            if cli_map[name].whole is not dataclasses.MISSING:
+                current = None  # replaced by the command line's whole value
+            elif name in yaml_map:
+                current = _convert(tp, yaml_map[name], dotted, source)
+            else:
+                current = getattr(base, name) if base is not None else _field_default(f)
+            values[name] = _apply_items(tp, dotted, current, cli_map[name])
         elif name in cli_map:
             values[name] = _convert(tp, cli_map[name], dotted)
         elif name in yaml_map:
@@ -264,19 +376,46 @@ def _build(cls: type, prefix: str, base: Any, yaml_map: Any, cli_map: dict, sour
     return cls(**values)
 
 
-def validate_config(obj: Any) -> None:
-    """Call `validate()` on every dataclass in `obj`, sections before their parent."""
+def validate_config(obj: Any, key: Any = dataclasses.MISSING) -> None:
+    """Call `validate()` on every dataclass in `obj`, sections and items before their parent.
+
+    Sections, items of lists and values of mappings are all visited. A mapping's
+    value gets its key as validate's argument when validate takes one, so its
+    errors can name it (SourceConfig.validate(name) writes `data.sources.<name>`).
+    A parent may check its items again with more context (DataConfig does); the
+    item's own checks then fail first, with the same message.
+    """
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
-        for item in (value if isinstance(value, (list, tuple)) else [value]):
+        if isinstance(value, Mapping):
+            items = list(value.items())
+        else:
+            items = [(dataclasses.MISSING, v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+        for item_key, item in items:
             if dataclasses.is_dataclass(item) and not isinstance(item, type):
-                validate_config(item)
-    if callable(getattr(obj, "validate", None)):
-        obj.validate()
+                validate_config(item, item_key)
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        if key is not dataclasses.MISSING and _takes_an_argument(validate):
+            validate(key)
+        else:
+            validate()
+
+
+def _takes_an_argument(fn: Any) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature
+        return False
+    return any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) for p in params)
 
 
 def _parse_argv(cls: type, argv: list[str], allow_positional_yaml: bool) -> tuple[str | None, dict]:
-    """(positional YAML path or None, nested dict of CLI overrides) from `argv`."""
+    """(positional YAML path or None, nested dict of CLI overrides) from `argv`.
+
+    The tree holds a raw value per leaf field, a dict per section and an _Items
+    per mapping or list of sections.
+    """
     yaml_path, tree, i = None, {}, 0
     known = _dotted_fields(cls)
     while i < len(argv):
@@ -294,21 +433,57 @@ def _parse_argv(cls: type, argv: list[str], allow_positional_yaml: bool) -> tupl
                 raw, i = argv[i], i + 1
             else:
                 raw = _BARE
-        key = key.replace("-", "_")
-        node, klass, parts = tree, cls, key.split(".")
-        for depth, part in enumerate(parts):
-            fields = _init_fields(klass)
-            tp = _hints(klass)[part] if part in fields else None
-            last = depth == len(parts) - 1
-            if tp is None or (not last and not _is_section(tp)):
-                raise ConfigError(f"--{key}: unknown field {key!r}{_suggest(key, known)} (see --help)")
-            if last and _is_section(tp):
-                raise ConfigError(f"--{key}: {key!r} is a section: set its fields as --{key}.<field>")
-            if last:
-                node[part] = raw
-            else:
-                node, klass = node.setdefault(part, {}), tp
+        _place(cls, key.split("."), "", tree, raw, key, known)
     return yaml_path, tree
+
+
+def _place(klass: type, parts: list[str], prefix: str, node: dict, raw: Any, option: str, known: list[str]) -> None:
+    """Store the value `raw` of `--option` in `node`, the CLI tree of `klass`; `parts` are the names left."""
+    name, rest = parts[0].replace("-", "_"), parts[1:]  # dashes only in field names: keys keep theirs
+    fields, dotted = _init_fields(klass), prefix + name
+    tp = _hints(klass)[name] if name in fields else None
+    if tp is None:
+        tail = "".join("." + p for p in rest)
+        close = difflib.get_close_matches(name, list(fields), n=3, cutoff=0.6)
+        hint = (f"; did you mean {' or '.join(prefix + c + tail for c in close)}?" if close
+                else _suggest(option.replace("-", "_"), known))
+        raise ConfigError(f"--{option}: unknown field {option!r}{hint} (see --help)")
+    items = _items_of(tp)
+    if rest and not _is_section(tp) and not items:
+        raise ConfigError(f"--{option}: unknown field {option!r}: {dotted} has no fields; expected --{dotted} "
+                          f"VALUE, {_expected(tp)} (see --help)")
+    if _is_section(tp):
+        if not rest:
+            raise ConfigError(f"--{option}: {dotted!r} is a section: set its fields as --{dotted}.<field>")
+        _place(tp, rest, dotted + ".", node.setdefault(name, {}), raw, option, known)
+        return
+    if not items:
+        node[name] = raw
+        return
+    kind, item_cls = items
+    entry = node.get(name)
+    if not isinstance(entry, _Items):
+        entry = node[name] = _Items()
+    if not rest:
+        entry.whole = raw
+        return
+    item_fields = _init_fields(item_cls)
+    usage = (f"--{dotted}.{_PLACEHOLDER[kind]}.<field> VALUE with <field> a {item_cls.__name__} field, "
+             f"one of {sorted(item_fields)}")
+    if kind is list:
+        if not rest[0].isdigit() or len(rest) < 2:
+            raise ConfigError(f"--{option}: expected {usage}; <index> counts from 0")
+        item_key, sub = int(rest[0]), rest[1:]
+    else:
+        # The longest key whose next component is a field: source names may contain dots.
+        cut = next((j for j in range(len(rest) - 1, 0, -1) if rest[j].replace("-", "_") in item_fields), None)
+        if cut is None:
+            item = ".".join(rest[:-1]) or "<name>"
+            close = difflib.get_close_matches(rest[-1].replace("-", "_"), list(item_fields), n=3, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(f'{dotted}.{item}.{c}' for c in close)}?" if close else ""
+            raise ConfigError(f"--{option}: unknown field {option!r}{hint} (expected {usage})")
+        item_key, sub = ".".join(rest[:cut]), rest[cut:]
+    _place(item_cls, sub, f"{dotted}.{item_key}.", entry.entries.setdefault(item_key, {}), raw, option, known)
 
 
 def load_yaml(path: str) -> dict:
@@ -382,72 +557,12 @@ def dump_yaml(obj: Any, path: str | None = None) -> str:
 
 # ---------------------------------------------------------------- help
 
-def _type_label(tp: Any) -> str:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if _is_union(tp):
-        parts = [_type_label(a) for a in args if a is not type(None)]
-        return "|".join(parts + (["none"] if type(None) in args else []))
-    if origin is Literal:
-        return "{" + ",".join(str(a) for a in args) + "}"
-    if origin is tuple and args and args[-1] is not Ellipsis:
-        return ",".join(_type_label(a) for a in args)
-    if origin in (list, tuple, set, frozenset):
-        return f"{_type_label(args[0]) if args else 'VALUE'},..."
-    if origin is dict:
-        return "KEY=VALUE,..."
-    return {bool: "BOOL", int: "INT", float: "FLOAT", str: "STR", pathlib.Path: "PATH"}.get(
-        tp, getattr(tp, "__name__", str(tp)).upper())
-
-
-def _format_value(value: Any) -> str:
-    if value is None:
-        return "none"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return ",".join(_format_value(v) for v in value) if value else "empty"
-    return str(value)
-
-
-def _class_summary(cls: type) -> str:
-    doc = inspect.getdoc(cls) or ""
-    # dataclasses invent "Name(field: type, ...)" when a class has no docstring
-    return "" if doc.startswith(cls.__name__ + "(") else doc.splitlines()[0] if doc else ""
-
-
-def _help_section(cls: type, prefix: str, defaults: Any, out: list[str], doc: str = "") -> None:
-    leaves, sections = [], []
-    docs, hints = _field_docs(cls), _hints(cls)
-    for name, f in _init_fields(cls).items():
-        default = getattr(defaults, name) if defaults is not None else _field_default(f)
-        (sections if _is_section(hints[name]) else leaves).append((name, default))
-    if leaves:
-        title = prefix[:-1] if prefix else "options"
-        # A section is described by its field's docstring in the parent; the top level by the description.
-        summary = doc or (_class_summary(cls) if prefix else "")
-        out.append(f"\n{title}:" + (f" {summary}" if summary else ""))
-    for name, default in leaves:
-        shown = "required" if default is dataclasses.MISSING else f"default: {_format_value(default)}"
-        out.append(f"  --{prefix}{name} {_type_label(hints[name])}  ({shown})")
-        out.append(textwrap.fill(docs.get(name, "(undocumented)"), width=88,
-                                 initial_indent=" " * 6, subsequent_indent=" " * 6))
-    for name, default in sections:
-        _help_section(hints[name], f"{prefix}{name}.", None if default is dataclasses.MISSING else default, out,
-                      docs.get(name, ""))
-
-
 def format_help(cls: type, prog: str = "cptron", description: str | None = None, *,
                 positional_yaml: bool = False) -> str:
     """Every field of `cls` (dotted), with its type, default and docstring, grouped by section."""
-    usage = f"usage: {prog}" + (" [CONFIG.yaml]" if positional_yaml else "") + " [--section.field VALUE ...]"
-    out = [usage]
-    if description:
-        out.append("\n" + description.strip())
-    out.append("\nValues apply in order: defaults, then the YAML file, then the command line. "
-               "Booleans take true/false/yes/no/1/0 (a bare --flag is true), optional fields take "
-               "none, lists are comma-separated. A section's preset applies before its other fields.")
-    _help_section(cls, "", None, out)
-    return "\n".join(out) + "\n"
+    from cptron.config_help import help_text  # imported here: config_help builds on this module
+
+    return help_text(cls, prog, description, positional_yaml=positional_yaml)
 
 
 __all__ = ["field_docs", "parse_config", "format_help", "config_to_dict", "config_from_dict",
