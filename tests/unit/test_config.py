@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from cptron.config import (config_from_dict, config_to_dict, dump_yaml, field_docs, format_help,
-                           parse_config)
+                           parse_config, validate_config)
+from cptron.data.config import DataConfig, SourceConfig, StageConfig
 from cptron.errors import ConfigError
 from cptron.models.config import PRESETS, ModelConfig
 
@@ -335,3 +336,199 @@ def test_help_flag_prints_and_exits(capsys):
     assert info.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: cptron train") and "--model.n_kv_heads" in out
+
+
+# ---------------------------------------------------------------- mappings and lists of sections
+
+@dataclass
+class DataJob:
+    data: DataConfig = field(default_factory=DataConfig)
+    """The data section."""
+
+
+TWO_SOURCES = {"data": {"sources": {"web": {"paths": ["/w"], "weight": 3}, "med": {"paths": ["/m"], "weight": 1}},
+                        "replay": {"fraction": 0.25, "sources": ["web"]},
+                        "stages": [{"start_fraction": 0.9, "replay_fraction": 0.1}]}}
+
+
+def data_error(argv, yaml_path=None):
+    with pytest.raises(ConfigError) as info:
+        parse_config(DataJob, argv, yaml_path)
+    return str(info.value)
+
+
+def test_cli_sets_one_field_of_a_source_from_yaml(tmp_path):
+    path = write_yaml(tmp_path, TWO_SOURCES)
+    data = parse_config(DataJob, ["--data.sources.web.paths", "/x,/y"], path).data
+    assert data.sources["web"] == SourceConfig(paths=["/x", "/y"], weight=3.0)
+    assert data.sources["med"] == SourceConfig(paths=["/m"], weight=1.0)
+
+
+def test_cli_creates_a_source_from_the_defaults_and_validation_checks_it():
+    data = parse_config(DataJob, ["--data.sources.new.paths", "/n", "--data.sources.new.epochs", "2"]).data
+    assert data.sources == {"new": SourceConfig(paths=["/n"], epochs=2.0)}
+    assert "data.sources.new.paths=[] is invalid" in data_error(["--data.sources.new.weight", "2"])
+
+
+def test_source_names_keep_their_dots_and_dashes():
+    argv = ["--data.sources.web.en.paths", "/a", "--data.sources.my-web.paths", "/b",
+            "--data.sources.my-web.held-out-fraction", "0.1"]
+    sources = parse_config(DataJob, argv).data.sources
+    assert sources == {"web.en": SourceConfig(paths=["/a"]), "my-web": SourceConfig(paths=["/b"], held_out_fraction=0.1)}
+
+
+def test_unknown_item_fields_are_named_with_a_suggestion():
+    msg = data_error(["--data.sources.web.pathz", "/x"])
+    assert "'data.sources.web.pathz'" in msg and "did you mean data.sources.web.paths?" in msg
+    msg = data_error(["--data.sourcs.web.paths", "/x"])
+    assert "'data.sourcs.web.paths'" in msg and "did you mean data.sources.web.paths?" in msg
+    msg = data_error(["--data.sources.web", "/x"])
+    assert "'data.sources.web'" in msg and "--data.sources.<name>.<field>" in msg and "held_out_fraction" in msg
+    msg = data_error(["--data.stages.0.replay_fractio", "0.2"])
+    assert "did you mean data.stages.0.replay_fraction" in msg
+    msg = data_error(["--data.seed.x", "1"])
+    assert "'data.seed.x'" in msg and "--data.seed VALUE" in msg
+
+
+def test_whole_mapping_in_yaml_flow_style_replaces_the_file_then_item_options_apply(tmp_path):
+    path = write_yaml(tmp_path, TWO_SOURCES)
+    whole = ["--data.sources", "{web: {paths: [/a]}, med: {paths: [/b]}}"]
+    for argv in (whole + ["--data.sources.med.weight", "1", "--data.sources.web.weight", "2"],
+                 ["--data.sources.med.weight", "1", "--data.sources.web.weight", "2"] + whole):
+        data = parse_config(DataJob, argv, path).data
+        assert data.sources == {"web": SourceConfig(paths=["/a"], weight=2.0),
+                                "med": SourceConfig(paths=["/b"], weight=1.0)}
+    data = parse_config(DataJob, ['--data.sources={"web": {"paths": ["/j"]}}']).data  # JSON is YAML too
+    assert data.sources == {"web": SourceConfig(paths=["/j"])}
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["--data.sources", "/x"], ["--data.sources='/x' is invalid", "YAML flow mapping", "--data.sources.<name>.<field>"]),
+    (["--data.sources", "{web: {paths: [/a]"], ["YAML flow mapping", "'{NAME: {FIELD: VALUE}}'"]),
+    (["--data.sources"], ["--data.sources: missing value"]),
+    (["--data.sources", "{web: {paths: [/a], wieght: 1}}"], ["data.sources.web.wieght is not a field",
+                                                             "data.sources.web.weight"]),
+    (["--data.stages", "0.9"], ["--data.stages='0.9' is invalid", "YAML flow list", "--data.stages.<index>.<field>"]),
+])
+def test_bad_whole_values_name_the_option_and_the_other_spelling(argv, needles):
+    msg = data_error(argv)
+    for needle in needles:
+        assert needle in msg
+
+
+def test_indexed_stage_options_change_or_append_one_stage(tmp_path):
+    path = write_yaml(tmp_path, TWO_SOURCES)
+    stages = parse_config(DataJob, ["--data.stages.0.replay_fraction", "0.2"], path).data.stages
+    assert stages == [StageConfig(start_fraction=0.9, replay_fraction=0.2)]
+    argv = ["--data.stages.1.start_fraction", "0.95", "--data.stages.1.scale", "med=2"]
+    stages = parse_config(DataJob, argv, path).data.stages
+    assert stages == [StageConfig(start_fraction=0.9, replay_fraction=0.1),
+                      StageConfig(start_fraction=0.95, scale={"med": 2.0})]
+    msg = data_error(["--data.stages.3.start_fraction", "0.95"], path)
+    assert "index 3 is invalid" in msg and "below 1" in msg
+    assert "<index> counts from 0" in data_error(["--data.stages.last.start_step", "1"], path)
+    assert "data.stages[0].replay_fraction='abc'" in data_error(["--data.stages.0.replay_fraction", "abc"], path)
+    stages = parse_config(DataJob, ["--data.stages", "[{start_step: 5}]"], path).data.stages
+    assert stages == [StageConfig(start_step=5)]
+
+
+def test_list_of_sections_from_yaml_is_typed(tmp_path):
+    path = write_yaml(tmp_path, TWO_SOURCES)
+    data = parse_config(DataJob, [], path).data
+    assert data.stages == [StageConfig(start_fraction=0.9, replay_fraction=0.1)]
+    assert all(isinstance(s, SourceConfig) for s in data.sources.values())
+
+
+def test_cli_item_overrides_survive_a_yaml_dump(tmp_path):
+    path = write_yaml(tmp_path, TWO_SOURCES)
+    cfg = parse_config(DataJob, ["--data.sources.web.epochs", "4", "--data.stages.0.scale", "med=3"], path)
+    dumped = tmp_path / "dumped.yaml"
+    dump_yaml(cfg, str(dumped))
+    assert parse_config(DataJob, [], str(dumped)) == cfg
+
+
+@pytest.mark.parametrize("data, needle", [
+    ({"data": {"sources": {"web": {"paths": ["/w"], "wieght": 3}}}}, "data.sources.web.wieght is not a field"),
+    ({"data": {"sources": {"web": {"paths": ["/w"], "weight": "x"}}}}, "data.sources.web.weight='x'"),
+    ({"data": {"sources": ["web"]}}, "expected a mapping of names to mappings of SourceConfig fields"),
+    ({"data": {"stages": [{"start_step": 1, "bogus": 1}]}}, r"data.stages[0].bogus is not a field"),
+])
+def test_errors_inside_nested_sections_name_the_yaml_file(tmp_path, data, needle):
+    path = write_yaml(tmp_path, data)
+    msg = data_error([], path)
+    assert needle in msg and f"(in {path})" in msg
+
+
+def test_list_item_errors_name_the_yaml_file(tmp_path):
+    bad = write_yaml(tmp_path, {"run_name": "r", "sources": [{"path": "a", "wieght": 2}]})
+    with pytest.raises(ConfigError, match=r"sources\[0\]\.wieght.*\(in .*\.yaml\)"):
+        parse_config(Mixture, [], bad)
+
+
+def test_a_bad_source_fails_with_the_message_data_config_gives():
+    msg = data_error(["--data.sources.web.paths", "/w", "--data.sources.web.weight", "-1"])
+    direct = DataConfig(sources={"web": SourceConfig(paths=["/w"], weight=-1.0)})
+    with pytest.raises(ConfigError) as info:
+        direct.validate()
+    assert msg == str(info.value) and "data.sources.web.weight=-1.0" in msg
+
+
+@dataclass
+class Named:
+    x: int = 0
+    """A number."""
+
+    def validate(self, name: str = "?") -> None:
+        if self.x < 0:
+            raise ConfigError(f"items.{name}.x={self.x} is invalid: expected >= 0")
+
+
+@dataclass
+class Plain:
+    y: int = 0
+    """Another number."""
+
+    def validate(self) -> None:
+        if self.y < 0:
+            raise ConfigError(f"y={self.y} is invalid: expected >= 0")
+
+
+@dataclass
+class Holder:
+    """No validate of its own: only validate_config reaches the items."""
+
+    items: dict[str, Named] = field(default_factory=dict)
+    """Named items."""
+    plain: dict[str, Plain] = field(default_factory=dict)
+    """Items whose validate takes no argument."""
+    maybe: Optional[dict[str, Named]] = None
+    """An optional mapping."""
+
+
+def test_validate_config_descends_into_mapping_values_with_their_keys():
+    with pytest.raises(ConfigError, match=r"items\.b\.x=-1"):
+        parse_config(Holder, ["--items.a.x", "1", "--items.b.x", "-1"])
+    with pytest.raises(ConfigError, match="y=-2"):
+        parse_config(Holder, ["--plain.p.y", "-2"])
+    with pytest.raises(ConfigError, match=r"items\.k\.x=-3"):
+        validate_config(Holder(maybe={"k": Named(-3)}))
+    validate_config(Holder(items={"a": Named(1)}, plain={"p": Plain(2)}))
+
+
+def test_optional_mapping_of_sections_from_the_cli():
+    assert parse_config(Holder, ["--maybe", "none"]).maybe is None
+    assert parse_config(Holder, ["--maybe.a.x", "2"]).maybe == {"a": Named(2)}
+    assert parse_config(Holder, ["--maybe", "{a: {x: 1}}", "--maybe.b.x", "3"]).maybe == {"a": Named(1), "b": Named(3)}
+
+
+def test_help_shows_a_mapping_of_sections_as_one_block_of_item_fields():
+    text = format_help(DataJob, "cptron train")
+    line = next(t for t in text.splitlines() if t.startswith("  --data.sources "))
+    assert "KEY=VALUE" not in line and "{NAME: {FIELD: VALUE}" in line
+    assert text.count("\ndata.sources.<name>:") == 1 and text.count("\ndata.stages.<index>:") == 1
+    flat = " ".join(text.split())
+    for name, doc in field_docs(SourceConfig).items():
+        assert f"--data.sources.<name>.{name} " in text and " ".join(doc.split()) in flat
+    for name in field_docs(StageConfig):
+        assert f"--data.stages.<index>.{name} " in text
+    assert "--data.sources.<name>.<field> VALUE" in flat
