@@ -12,9 +12,10 @@ A YAML example (every field is documented on its dataclass below):
         - {start_fraction: 0.9, replay_fraction: 0.1}         # last 10%: more domain data
       validation: {held_out_fraction: 0.001, num_batches: 20}
 
-`sources` is a mapping of names to `SourceConfig` sections. The config system
-reads it from YAML; on the command line only whole-section fields such as
-`--data.replay.fraction` can be overridden.
+`sources` is a mapping of names to `SourceConfig` sections. On the command
+line, set one field of one source (`--data.sources.web.paths /x,/y`; a new name
+adds a source), a stage's field (`--data.stages.0.replay_fraction 0.2`), or a
+whole value as a YAML flow mapping (`--data.sources '{web: {paths: [/x]}}'`).
 """
 from __future__ import annotations
 
