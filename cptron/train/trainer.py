@@ -455,7 +455,9 @@ class Trainer:
                 if ckpt_every and self.step % ckpt_every == 0 and self.step < t.steps:
                     self.save()
                     meter.reset()
-            if self.step < t.steps:
+            if self.step < t.steps:  # stopped early: no final eval or save
+                self.checkpointer.wait()
+                metrics.close()
                 result.last_step = self.step
                 return result
             if self.val_sets:
@@ -463,9 +465,20 @@ class Trainer:
                 metrics.log(self.step, {f"val/{k}": v for k, v in ev.items()}, kind="eval")
             if cfg.checkpoint.save_final and self._last_saved != self.step:
                 self.save()
-        finally:
+        except NonFiniteLossError:
+            # Raised on every rank at the same step (the loss and norm are global),
+            # so the collective wait is safe: a checkpoint still being written in
+            # the background is the last good state and must be completed.
             self.checkpointer.wait()
             metrics.close()
+            raise
+        except BaseException:
+            # Possibly raised on this rank only: a collective wait could hang, so
+            # a pending background save is left incomplete (it stays ignored).
+            metrics.close()
+            raise
+        self.checkpointer.wait()
+        metrics.close()
         result.last_step = self.step
         return result
 

@@ -68,3 +68,25 @@ def test_resume_on_one_process_is_bit_identical(tmp_path, tmp_path_factory):
     losses, resumed_from, _ = run_distributed(train, 1, str(tmp_path), ParallelConfig())[0]
     assert resumed_from.endswith("step-00000003")
     assert {s: losses[s] for s in (3, 4, 5)} == {s: ref[s] for s in (3, 4, 5)}
+
+
+def train_async(rank, world_size, run_dir, parallel, stop_at=None):
+    cfg = make_train_config(run_dir, parallel, steps=STEPS)
+    cfg.checkpoint = CheckpointConfig(interval=2, keep_last=2, async_save=True, save_final=True, resume=True)
+    result = Trainer(cfg, data_factory=lambda r, n: (PackedSource(16, 8, r, n), {})).run(stop_at=stop_at)
+    return result.losses, result.resumed_from
+
+
+@pytest.mark.parametrize("world_size,parallel", [(1, ParallelConfig()), (2, ParallelConfig(dp_shard=2))],
+                         ids=["1proc", "dp_shard2"])
+def test_async_checkpoints_resume_exactly(world_size, parallel, tmp_path, tmp_path_factory):
+    ref = uninterrupted(tmp_path_factory)
+    run_distributed(train_async, world_size, str(tmp_path), parallel, 5)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["step-00000002", "step-00000004"], names  # complete, nothing staged left
+    losses, resumed_from = run_distributed(train_async, world_size, str(tmp_path), parallel)[0]
+    assert resumed_from.endswith("step-00000004")
+    for step in (4, 5):
+        assert abs(losses[step] - ref[step]) <= 1e-6
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if not p.name.startswith("."))
+    assert names == ["step-00000004", "step-00000006"], "keep_last=2 prunes the oldest"
