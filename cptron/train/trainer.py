@@ -124,7 +124,12 @@ class Trainer:
         self.param_dtype = mixed_precision_dtype(cfg.parallel, self.device)
         self._check_batch_shape()
 
-        self.parts, self.pipeline = self._build_model_parts()
+        tokenizer_dir = t.tokenizer or _tokenizer_dir_of(init_from)
+        self.checkpointer = TrainCheckpointer(cfg.checkpoint, t.run_dir, model_cfg=mc, tokenizer_dir=tokenizer_dir)
+        latest = self.checkpointer.resume_path()
+        # Weights that a checkpoint will overwrite are not initialized first:
+        # initialization builds each full tensor on every rank, which is slow at 8B.
+        self.parts, self.pipeline = self._build_model_parts(initialize=latest is None and not init_from)
         self.optimizers = build_optimizers(self.parts, cfg.optim, self.device)
         self.lr_schedule = build_lr_schedule(cfg.lr, t.steps)
 
@@ -140,13 +145,10 @@ class Trainer:
         self.data = data
         self.val_sets = val_sets or {}
 
-        tokenizer_dir = t.tokenizer or _tokenizer_dir_of(init_from)
-        self.checkpointer = TrainCheckpointer(cfg.checkpoint, t.run_dir, model_cfg=mc, tokenizer_dir=tokenizer_dir)
         self.step = 0
         self.skipped: list[int] = []
         self.resumed_from: Optional[str] = None
         self._last_saved: Optional[int] = None
-        latest = self.checkpointer.resume_path()
         if latest is not None:
             state = self.checkpointer.load(latest, self.parts, self.optimizers)
             self._restore_train_state(state)
@@ -187,7 +189,7 @@ class Trainer:
                                     compiled=self.cfg.parallel.compile,
                                     fsdp_reshard_after_forward=fsdp_on and self.cfg.parallel.fsdp_reshard_after_forward)
 
-    def _build_model_parts(self):
+    def _build_model_parts(self, initialize: bool):
         pcfg, dims, mc = self.cfg.parallel, self.dims, self.model_cfg
         seed = self.cfg.training.seed
         pipeline = None
@@ -206,7 +208,8 @@ class Trainer:
         for part in parts:
             parallelize_llama(part, self.mesh, dims, pcfg, param_dtype=self.param_dtype)
             part.to_empty(device=self.device)
-            part.init_weights(seed)
+            if initialize:
+                part.init_weights(seed)
             part.train()
         if dims.pp > 1:
             pipeline = pl.build_pipeline_schedule(
