@@ -116,6 +116,23 @@ def build_attention_mask(T: int, device, segments: Optional[torch.Tensor] = None
     return mask
 
 
+def attention_mask_for(impl: str, T: int, device, segments: Optional[torch.Tensor] = None,
+                       sliding_window: Optional[int] = None):
+    """The mask every layer of one forward shares: None for plain causal attention
+    (SDPA's is_causal kernel, whatever `impl`), else a boolean mask for `impl`
+    "sdpa" or a FlexAttention BlockMask for "flex" (`cptron.models.flex`)."""
+    if impl == "sdpa":
+        return build_attention_mask(T, device, segments, sliding_window)
+    if impl != "flex":
+        raise ValueError(f"attention_impl={impl!r} is invalid: expected 'sdpa' or 'flex'")
+    if segments is None and (sliding_window is None or sliding_window >= T):
+        return None
+    from cptron.models.flex import build_block_mask
+
+    window = sliding_window if sliding_window is not None and sliding_window < T else None
+    return build_block_mask(T, device, segments, window)
+
+
 # ------------------------------------------------------------------------- modules
 
 class RMSNorm(nn.Module):
@@ -156,6 +173,10 @@ class Attention(nn.Module):
             # group itself (no copy). With a mask, not every SDPA backend accepts
             # enable_gqa, so the heads are expanded explicitly.
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=n_rep > 1)
+        elif not isinstance(mask, torch.Tensor):  # a FlexAttention BlockMask
+            from cptron.models.flex import flex_attention_forward
+
+            out = flex_attention_forward(q, k, v, mask)
         else:
             if n_rep > 1:
                 k = k.repeat_interleave(n_rep, dim=1)
@@ -191,7 +212,10 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    """The decoder. forward(tokens [B, T], doc_ids=None, positions=None) -> logits [B, T, padded_vocab_size]."""
+    """The decoder. forward(tokens [B, T], doc_ids=None, positions=None) -> logits [B, T, padded_vocab_size].
+
+    `attention_impl` ("sdpa" by default, or "flex") picks the kernel for masked
+    attention (packed documents, sliding window); see `attention_mask_for`."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -204,6 +228,9 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.register_buffer("rope_inv_freq", rope_inv_freq(cfg), persistent=False)
+        # The attention kernel is a runtime choice, not architecture (not in cfg,
+        # so not in checkpoints or HF exports): the trainer sets it on every part.
+        self.attention_impl = "sdpa"
 
     def forward(self, tokens: torch.Tensor, doc_ids: Optional[torch.Tensor] = None,
                 positions: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -226,7 +253,7 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(T, device=h.device).expand(B, T)
         cos, sin = rope_cos_sin(self.rope_inv_freq, positions, h.dtype)
-        mask = build_attention_mask(T, h.device, segments, self.cfg.sliding_window)
+        mask = attention_mask_for(self.attention_impl, T, h.device, segments, self.cfg.sliding_window)
         for layer in self.layers.values():
             h = layer(h, cos, sin, mask)
         if self.norm is not None:

@@ -35,6 +35,7 @@ from cptron.config import config_to_dict
 from cptron.data.interface import IGNORE_INDEX, Batch, BatchSource
 from cptron.errors import ConfigError, CptronError
 from cptron.models.config import ModelConfig
+from cptron.models.flex import check_attention_support
 from cptron.models.llama import Transformer
 from cptron.parallel.dims import build_mesh, mixed_precision_dtype, resolve_parallel_dims
 from cptron.parallel.parallelize import describe_parallelism, parallelize_llama
@@ -193,6 +194,7 @@ class Trainer:
         pcfg, dims, mc = self.cfg.parallel, self.dims, self.model_cfg
         seed = self.cfg.training.seed
         pipeline = None
+        check_attention_support(self.cfg.training.attention, self.device, compiled=pcfg.compile)
         if dims.pp > 1:
             from cptron.parallel import pipeline as pl
 
@@ -206,6 +208,7 @@ class Trainer:
             with torch.device("meta"):
                 parts = [Transformer(mc)]
         for part in parts:
+            part.attention_impl = self.cfg.training.attention
             parallelize_llama(part, self.mesh, dims, pcfg, param_dtype=self.param_dtype)
             part.to_empty(device=self.device)
             if initialize:
@@ -229,7 +232,8 @@ class Trainer:
         log.info("world %d: %s", self.world_size,
                  describe_parallelism(self.dims, self.cfg.parallel, self.param_dtype, self.device))
         log.info("optimizer: AdamW (%s); attention: %s", resolve_adamw_implementation(self.cfg.optim, self.device),
-                 _attention_description(self.cfg.training.document_masking, self.device, self.model_cfg))
+                 _attention_description(self.cfg.training.document_masking, self.device, self.model_cfg,
+                                        self.cfg.training.attention))
         log.info("batch: %d sequences x %d tokens per step = %d ranks x %d microbatches x %d", t.global_batch_size,
                  t.seq_len, self.dims.dp, self.n_micro, t.micro_batch_size)
 
@@ -486,7 +490,13 @@ class Trainer:
         return result
 
 
-def _attention_description(document_masking: bool, device: torch.device, mc: ModelConfig) -> str:
+def _attention_description(document_masking: bool, device: torch.device, mc: ModelConfig,
+                           attention: str = "sdpa") -> str:
+    if attention == "flex" and (document_masking or mc.sliding_window is not None):
+        masks = (["document"] if document_masking else []) + \
+            ([f"sliding-window ({mc.sliding_window} tokens)"] if mc.sliding_window is not None else [])
+        kernel = "torch's dense reference on CPU, no speed-up" if device.type == "cpu" else "torch.compile'd kernel"
+        return f"FlexAttention with a block-sparse {' and '.join(masks)} causal mask ({kernel})"
     if document_masking:
         what = "SDPA with a boolean block-diagonal causal mask (documents masked; no flash kernel)"
     elif mc.sliding_window is not None:
