@@ -27,6 +27,7 @@ Where the kernel comes from, per device:
 """
 from __future__ import annotations
 
+import importlib
 import math
 from typing import Callable, Optional
 
@@ -175,7 +176,7 @@ def check_attention_support(attention: str, device: torch.device, compiled: bool
         raise ConfigError(f"{prefix} with parallel.compile=true: torch {torch.__version__} cannot compile "
                           "flex_attention's backward on CPU; set parallel.compile=false or training.attention=sdpa")
     try:
-        import torch.nn.attention.flex_attention  # noqa: F401
+        importlib.import_module("torch.nn.attention.flex_attention")
     except ImportError as e:
         raise ConfigError(f"{prefix}: torch {torch.__version__} has no torch.nn.attention.flex_attention "
                           f"({e}); use training.attention=sdpa") from e
