@@ -495,7 +495,8 @@ def _attention_description(document_masking: bool, device: torch.device, mc: Mod
     if attention == "flex" and (document_masking or mc.sliding_window is not None):
         masks = (["document"] if document_masking else []) + \
             ([f"sliding-window ({mc.sliding_window} tokens)"] if mc.sliding_window is not None else [])
-        kernel = "torch's dense reference on CPU, no speed-up" if device.type == "cpu" else "torch.compile'd kernel"
+        kernel = "torch.compile'd kernel" if device.type != "cpu" else \
+            "torch's dense reference on CPU, slower than sdpa"
         return f"FlexAttention with a block-sparse {' and '.join(masks)} causal mask ({kernel})"
     if document_masking:
         what = "SDPA with a boolean block-diagonal causal mask (documents masked; no flash kernel)"
