@@ -186,13 +186,16 @@ def check_attention_support(attention: str, device: torch.device, compiled: bool
     except Exception as e:  # any failure of the kernel or its compilation
         raise ConfigError(f"{prefix}: a test call of flex_attention failed with {type(e).__name__}: {e}; "
                           "use training.attention=sdpa") from e
-    if error > 1e-3:
-        raise ConfigError(f"{prefix}: a test call of flex_attention differs from SDPA by {error:.3g}; "
-                          "use training.attention=sdpa")
+    # Loose enough for TF32/reduced-precision matmuls on GPUs, tight enough to
+    # catch a wrong mask (those differ by O(1)).
+    if error > 1e-2:
+        raise ConfigError(f"{prefix}: a test call of flex_attention differs from SDPA by {error:.3g} "
+                          "(relative); use training.attention=sdpa")
 
 
 def _probe(device: torch.device) -> float:
-    """Largest difference of outputs and gradients between flex and SDPA on a tiny packed batch."""
+    """Largest difference of outputs and gradients between flex and SDPA on a tiny packed
+    batch, relative to the largest reference value (at least 1)."""
     gen = torch.Generator().manual_seed(0)
     T, D = 24, 16
     q = torch.randn(2, 4, T, D, generator=gen).to(device).requires_grad_()
@@ -206,4 +209,5 @@ def _probe(device: torch.device) -> float:
     mask = mask[None, None] & (segments[:, None, :, None] == segments[:, None, None, :])
     ref = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=mask)
     ref_grads = torch.autograd.grad(ref.sum(), (q, k, v))
-    return max(float((a - b).detach().abs().max()) for a, b in zip((out, *grads), (ref, *ref_grads)))
+    return max(float((a - b).detach().abs().max() / b.detach().abs().max().clamp_min(1.0))
+               for a, b in zip((out, *grads), (ref, *ref_grads)))

@@ -156,6 +156,7 @@ def test_one_block_mask_per_forward_and_plain_causal_stays_on_sdpa(monkeypatch):
 
 def test_startup_check_passes_on_cpu_and_refuses_what_cannot_run(monkeypatch):
     check_attention_support("flex", torch.device("cpu"))
+    assert flex._probe(torch.device("cpu")) < 1e-5
     check_attention_support("sdpa", torch.device("cpu"), compiled=True)
     with pytest.raises(ConfigError, match=r"training.attention='flex' is invalid on cpu with parallel.compile"):
         check_attention_support("flex", torch.device("cpu"), compiled=True)
@@ -284,3 +285,26 @@ def test_flex_layout_matches_single_process_flex_and_sdpa(parallel, window, tmp_
     # The window changes the loss, so the comparison above covers it.
     if window is not None:
         assert abs(ref_flex[0] - _single(tmp_path_factory, "flex", None)[0][0]) > 1e-4
+
+
+# ------------------------------------------------------------- GPU (not run here)
+
+@pytest.mark.gpu
+def test_compiled_flex_on_cuda_matches_sdpa():
+    """The compiled GPU kernel (block-sparse, 128-token tiles, T not a multiple of them)
+    against the SDPA mask path, forward and backward."""
+    device = torch.device("cuda")
+    check_attention_support("flex", device)
+    cfg = mistral(sliding_window=100, n_kv_heads=2)
+    sdpa, flex_model = build_model(cfg, seed=3, device=device), build_model(cfg, seed=3, device=device)
+    flex_model.attention_impl = "flex"
+    tokens = torch.randint(0, cfg.vocab_size, (2, 300), device=device)
+    ids = torch.tensor([[0] * 130 + [1] * 170, [0] * 300], device=device)
+    out_sdpa, out_flex = sdpa(tokens, doc_ids=ids), flex_model(tokens, doc_ids=ids)
+    assert (out_flex - out_sdpa).abs().max().item() <= 1e-3
+    out_sdpa.float().logsumexp(-1).mean().backward()
+    out_flex.float().logsumexp(-1).mean().backward()
+    flex_params = dict(flex_model.named_parameters())
+    for name, p in sdpa.named_parameters():
+        scale = p.grad.abs().max().item()
+        assert (p.grad - flex_params[name].grad).abs().max().item() <= 1e-2 * max(scale, 1e-6), name
