@@ -136,6 +136,8 @@ def flex_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
     from torch.nn.attention.flex_attention import flex_attention
 
     gqa = q.shape[1] != k.shape[1]
+    if torch.compiler.is_compiling():  # inside a compiled block: its compile takes the call
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
     if q.device.type == "cpu":
         from torch._higher_order_ops.flex_attention import flex_attention as flex_attention_op
 
@@ -145,8 +147,6 @@ def flex_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
         out, _, _ = flex_attention_op(q, k, v, _identity_score, block_mask.as_tuple(),
                                       1.0 / math.sqrt(q.shape[-1]), dict(_CPU_KERNEL_OPTIONS))
         return out
-    if torch.compiler.is_compiling():
-        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
     return _compiled()(q, k, v, block_mask=block_mask, enable_gqa=gqa)
 
 

@@ -229,6 +229,22 @@ def test_compiled_block_sparse_kernel_matches_sdpa_on_cpu():
     assert dropped > 1e-2
 
 
+def _compiled_block_error(rank, world_size):
+    cfg = mistral(sliding_window=6, n_layers=1)
+    eager, compiled = build_model(cfg, seed=1).eval(), build_model(cfg, seed=1).eval()
+    compiled.attention_impl = "flex"
+    compiled.layers["0"] = torch.compile(compiled.layers["0"], fullgraph=True)
+    tokens = torch.randint(0, cfg.vocab_size, (3, 50), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return (compiled(tokens, doc_ids=doc_ids()) - eager(tokens, doc_ids=doc_ids())).abs().max().item()
+
+
+def test_flex_inside_a_compiled_block_traces_in_one_graph():
+    """parallel.compile's path (fullgraph blocks) on CPU, forward only: the block's own
+    compile takes the flex call and the BlockMask input."""
+    assert run_distributed(_compiled_block_error, 1, timeout=300)[0] <= 1e-5
+
+
 # ---------------------------------------- trainer: tp=2 and pp=2 with flex
 
 STEPS = 3
