@@ -337,7 +337,8 @@ class IndexedDataset:
 
 
 class IndexedDatasetWriter:
-    """Writes one shard, one sequence per document; nothing appears under the final names until finalize().
+    """Writes one shard (one sequence per document, unless a document is given as several sequences);
+    nothing appears under the final names until finalize().
 
     Tokens stream to `<prefix>.bin` under a temporary name. finalize() writes the
     index and the sidecar, then renames the .bin, the sidecar and last the .idx
@@ -366,6 +367,8 @@ class IndexedDatasetWriter:
         self._tmp = {p: p + tag for p in finals}
         self._bin = open(self._tmp[finals[0]], "wb")
         self._lengths: list[int] = []
+        self._doc_index: Optional[list[int]] = None
+        """Document boundaries (sequence indices), kept from the first document of several sequences on."""
         self._max_id = -1
         self._tokens = 0
         self._done = False
@@ -381,25 +384,39 @@ class IndexedDatasetWriter:
 
     @property
     def num_documents(self) -> int:
-        return len(self._lengths)
+        return len(self._lengths) if self._doc_index is None else len(self._doc_index) - 1
 
     @property
     def num_tokens(self) -> int:
         return self._tokens
 
-    def add_document(self, tokens: Sequence[int] | np.ndarray) -> None:
-        """Append one document as one sequence; ids must lie in [0, vocab_size)."""
+    def add_document(self, tokens: Sequence[int] | np.ndarray,
+                     sequence_lengths: Optional[Sequence[int] | np.ndarray] = None) -> None:
+        """Append one document; ids must lie in [0, vocab_size). It is one sequence, or the sequences of
+        `sequence_lengths` (e.g. sentences, as Megatron's `--split-sentences` writes), which add up to it."""
         if self._done:
             raise CptronError(f"shard {self.path_prefix} is already finalized")
         arr = np.asarray(tokens)
         if arr.ndim != 1:
             raise CptronError(f"a document for shard {self.path_prefix} must be 1-D, got shape {arr.shape}")
-        self._check_ids(arr, np.array([arr.size]))
-        if arr.size > np.iinfo(np.int32).max:
-            raise CptronError(f"document {len(self._lengths)} for shard {self.path_prefix} has {arr.size} tokens: "
-                              "more than an int32 sequence length holds")
+        doc = self.num_documents
+        if sequence_lengths is None:
+            lens = np.array([arr.size], dtype=np.int64)
+        else:
+            lens = np.asarray(sequence_lengths, dtype=np.int64)
+            if lens.ndim != 1 or not len(lens) or int(lens.sum()) != arr.size or bool((lens < 0).any()):
+                raise CptronError(f"document {doc} for shard {self.path_prefix}: sequence_lengths {lens.tolist()} "
+                                  f"must be one or more counts >= 0 that add up to its {arr.size} tokens")
+        self._check_ids(arr, np.array([arr.size]), doc)
+        if bool((lens > np.iinfo(np.int32).max).any()):
+            raise CptronError(f"document {doc} for shard {self.path_prefix} has a sequence of {int(lens.max())} "
+                              "tokens: more than an int32 sequence length holds")
         self._bin.write(np.ascontiguousarray(arr, dtype=self.dtype).tobytes())
-        self._lengths.append(int(arr.size))
+        if len(lens) > 1 and self._doc_index is None:
+            self._doc_index = list(range(len(self._lengths) + 1))
+        self._lengths.extend(lens.tolist())
+        if self._doc_index is not None:
+            self._doc_index.append(len(self._lengths))
         self._tokens += int(arr.size)
 
     def add_documents(self, tokens: np.ndarray, lengths: Sequence[int] | np.ndarray) -> None:
@@ -412,15 +429,18 @@ class IndexedDatasetWriter:
                               f">= 0 and add up to the {arr.size} tokens given")
         if bool((lens > np.iinfo(np.int32).max).any()):
             raise CptronError(f"a document for shard {self.path_prefix} has more tokens than an int32 length holds")
-        self._check_ids(arr, lens)
+        self._check_ids(arr, lens, self.num_documents)
         self._bin.write(np.ascontiguousarray(arr, dtype=self.dtype).tobytes())
+        first = len(self._lengths)
         self._lengths.extend(lens.tolist())
+        if self._doc_index is not None:
+            self._doc_index.extend(range(first + 1, len(self._lengths) + 1))
         self._tokens += arr.size
 
-    def _check_ids(self, arr: np.ndarray, lengths: np.ndarray) -> None:
+    def _check_ids(self, arr: np.ndarray, lengths: np.ndarray, first: int) -> None:
+        """Raise naming the document (numbered from `first`, with `lengths` tokens each) of a bad id."""
         if not arr.size:
             return
-        first = len(self._lengths)
         if arr.dtype.kind not in "iu":
             raise CptronError(f"document {first} for shard {self.path_prefix} has {arr.dtype} values: "
                               "expected integer token ids")
@@ -433,10 +453,10 @@ class IndexedDatasetWriter:
         self._max_id = max(self._max_id, hi)
 
     def sidecar(self) -> dict:
-        n = len(self._lengths)
         return {"format_version": SIDECAR_FORMAT_VERSION, "tokenizer_fingerprint": self.tokenizer_fingerprint,
                 "vocab_size": self.vocab_size, "dtype": self.dtype.name, "max_token_id": self._max_id,
-                "token_count": self._tokens, "document_count": n, "sequence_count": n}
+                "token_count": self._tokens, "document_count": self.num_documents,
+                "sequence_count": len(self._lengths)}
 
     def finalize(self) -> dict:
         """Write the index and sidecar, move the three files into place, and return the sidecar."""
@@ -451,10 +471,11 @@ class IndexedDatasetWriter:
             pointers = np.zeros(n, dtype="<i8")
             if n > 1:
                 np.cumsum(lengths[:-1].astype(np.int64) * self.dtype.itemsize, out=pointers[1:])
-            documents = np.arange(n + 1, dtype="<i8")
+            documents = (np.arange(n + 1, dtype="<i8") if self._doc_index is None
+                         else np.asarray(self._doc_index, dtype="<i8"))
             idx_tmp = self._tmp[idx_path(self.path_prefix)]
             with open(idx_tmp, "wb") as fh:
-                fh.write(_HEADER.pack(INDEX_MAGIC, INDEX_VERSION, _CODE_OF_DTYPE[self.dtype], n, n + 1))
+                fh.write(_HEADER.pack(INDEX_MAGIC, INDEX_VERSION, _CODE_OF_DTYPE[self.dtype], n, len(documents)))
                 fh.write(lengths.tobytes())
                 fh.write(pointers.tobytes())
                 fh.write(documents.tobytes())

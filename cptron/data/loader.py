@@ -75,8 +75,8 @@ class Piece:
     """Document id within the source (shards concatenated in path order)."""
     shard: str
     """Shard prefix that holds the document."""
-    sequence: int
-    """Sequence (document) index within the shard."""
+    shard_doc: int
+    """Document index within the shard (Megatron's document: `IndexedDataset.document(shard_doc)`)."""
     offset: int
     """First token of the piece within the document."""
     length: int
@@ -291,7 +291,7 @@ class MixtureLoader:
         source = self.sources[i]
         p = source.pieces(source.epoch(ref.epoch), np.array([ref.window]))
         return [Piece(ref.source, d, source.prefixes[s], q, o, n) for d, s, q, o, n in
-                zip(p["doc"].tolist(), p["shard"].tolist(), p["sequence"].tolist(), p["offset"].tolist(),
+                zip(p["doc"].tolist(), p["shard"].tolist(), p["shard_doc"].tolist(), p["offset"].tolist(),
                     p["length"].tolist())]
 
     # ------------------------------------------------------------ state

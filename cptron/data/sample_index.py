@@ -1,7 +1,11 @@
 """Per-source sample indices: held-out split, shuffled document order, packed windows, and their cache.
 
-A source is the concatenation of its shards' sequences (one sequence is one
-document); document g of a source is sequence g - start[k] of its shard k.
+A source is the concatenation of its shards' documents; document g of a source is
+document g - start[k] of its shard k. A document is Megatron's: the sequences
+between two document indices (one sequence per document in what `cptron data
+tokenize` and Megatron's preprocessing write without sentence splitting; several
+with `--split-sentences`), read as one run of tokens, since writers put a
+document's sequences back to back.
 
 Training stream of a source, epoch e: its training documents (not held out, not
 empty) in an order shuffled by (seed, source, e), concatenated; window j covers
@@ -226,6 +230,39 @@ def load_or_build(path: str, build: Callable[[], None], wait_s: float = LOCK_WAI
                 pass
 
 
+def _one_sequence_per_document(shard: IndexedDataset) -> bool:
+    return shard.num_documents == len(shard) and bool((np.diff(shard.document_indices) == 1).all())
+
+
+def document_spans(shard: IndexedDataset) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """(token counts, element offsets of the first tokens) of the shard's documents; None when each document
+    is one sequence. Raises CptronError naming the shard if a document's sequences are not back to back in
+    the .bin (no known writer does that; the loader reads a document as one run of tokens)."""
+    if _one_sequence_per_document(shard):
+        return None
+    lengths = shard.sequence_lengths.astype(np.int64)
+    starts = shard.sequence_pointers // shard.dtype.itemsize
+    bounds = shard.document_indices.astype(np.int64)
+    n = len(lengths)
+    within = np.ones(max(n - 1, 0), dtype=bool)  # pair (i, i + 1) lies inside one document
+    inner = bounds[(bounds > 0) & (bounds < n)]
+    within[inner - 1] = False
+    gaps = np.flatnonzero(within & (starts[1:] != starts[:-1] + lengths[:-1])) if n > 1 else np.empty(0, int)
+    if len(gaps):
+        i = int(gaps[0])
+        doc = int(np.searchsorted(bounds, i, side="right") - 1)
+        raise CptronError(f"{shard.path_prefix}: document {doc} is not stored contiguously (its sequence {i + 1} "
+                          f"starts at token {int(starts[i + 1])}, not right after sequence {i} at "
+                          f"{int(starts[i] + lengths[i])}); rewrite the shard, e.g. with cptron data tokenize")
+    cumulative = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lengths, out=cumulative[1:])
+    doc_lengths = cumulative[bounds[1:]] - cumulative[bounds[:-1]]
+    doc_starts = np.zeros(len(doc_lengths), dtype=np.int64)
+    nonempty = bounds[1:] > bounds[:-1]
+    doc_starts[nonempty] = starts[bounds[:-1][nonempty]]
+    return doc_lengths, doc_starts
+
+
 class SourceIndex:
     """The shards of one source, its fingerprint, and its cached per-epoch and validation indices."""
 
@@ -236,7 +273,10 @@ class SourceIndex:
         self.shards = [IndexedDataset(p) for p in prefixes]
         self._itemsize = [s.dtype.itemsize for s in self.shards]
         self._views: Optional[list[np.ndarray]] = None
-        counts = np.array([len(s) for s in self.shards], dtype=np.int64)
+        # Per shard, (token counts, first-token element offsets) of its documents; None where every
+        # document is one sequence (then the index's own arrays serve, without a copy).
+        self._documents = [document_spans(s) for s in self.shards]
+        counts = np.array([s.num_documents for s in self.shards], dtype=np.int64)
         self.shard_starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.num_documents = int(self.shard_starts[-1])
         self.data_fingerprint = self._fingerprint()
@@ -251,10 +291,19 @@ class SourceIndex:
     def _fingerprint(self) -> str:
         h = hashlib.blake2b(digest_size=16)
         h.update(json.dumps([INDEX_FORMAT, self.name, self.seq_len, self.seed, str(self.held_out_fraction)]).encode())
-        for shard in self.shards:  # content identity, not paths: moved data keeps its cache and its run state
+        for shard, spans in zip(self.shards, self._documents):  # content identity, not paths: moved data keeps
+            # its cache and its run state
             h.update(json.dumps([len(shard), shard.num_tokens, shard.dtype.name, shard.tokenizer_fingerprint]).encode())
             h.update(memoryview(np.ascontiguousarray(shard.sequence_lengths)))
+            if spans is not None:  # the grouping into documents decides the packing
+                h.update(b"documents")
+                h.update(memoryview(np.ascontiguousarray(shard.document_indices)))
         return h.hexdigest()
+
+    def document_lengths(self, k: int) -> np.ndarray:
+        """Token counts of shard k's documents."""
+        spans = self._documents[k]
+        return self.shards[k].sequence_lengths if spans is None else spans[0]
 
     # ------------------------------------------------------------ building (one process)
 
@@ -274,7 +323,7 @@ class SourceIndex:
         """(lengths of all documents, training document ids, held-out document ids); kept while building."""
         with self._split_lock:  # epochs of one source may be built on several threads
             if self._split_memo is None:
-                lengths = np.concatenate([s.sequence_lengths for s in self.shards])
+                lengths = np.concatenate([self.document_lengths(k) for k in range(len(self.shards))])
                 if self.held_out_fraction > 0:
                     ids = np.arange(len(lengths), dtype=np.int64)
                     held = held_out_mask(ids, self.held_out_fraction, self.seed, self.name)
@@ -423,13 +472,14 @@ class SourceIndex:
         return self._views
 
     def locate(self, docs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(shard index, sequence index) of source document ids `docs`."""
+        """(shard index, document index within the shard) of source document ids `docs`."""
         shard = np.searchsorted(self.shard_starts, docs, side="right") - 1
         return shard, docs - self.shard_starts[shard]
 
     def pieces(self, index: PackedIndex, windows: np.ndarray) -> dict[str, np.ndarray]:
         """The document pieces that make up `windows` (window ids of `index`), as flat arrays in row order:
-        row, doc, shard, sequence, offset, length, and k (the piece's number within its row)."""
+        row, doc, shard, shard_doc (the document's index within its shard), offset, length, and k (the
+        piece's number within its row)."""
         span = self.seq_len + 1
         starts = np.asarray(windows, dtype=np.int64) * self.seq_len
         offsets = index.offsets
@@ -442,8 +492,8 @@ class SourceIndex:
         lo = np.maximum(doc_start, starts[row])
         hi = np.minimum(doc_end, starts[row] + span)
         doc = index.order[j]
-        shard, seq = self.locate(doc)
-        return {"row": row, "doc": doc, "shard": shard, "sequence": seq, "offset": lo - doc_start,
+        shard, shard_doc = self.locate(doc)
+        return {"row": row, "doc": doc, "shard": shard, "shard_doc": shard_doc, "offset": lo - doc_start,
                 "length": hi - lo, "k": k}
 
     def read(self, index: PackedIndex, windows: np.ndarray, tokens_out: np.ndarray, doc_ids_out: np.ndarray,
@@ -463,7 +513,10 @@ class SourceIndex:
         starts = np.empty(len(shard), dtype=np.int64)
         for k in (np.unique(shard) if len(self.shards) > 1 else (0,)):
             sel = shard == k if len(self.shards) > 1 else slice(None)
-            starts[sel] = self.shards[k].sequence_pointers[p["sequence"][sel]] // self._itemsize[k] + p["offset"][sel]
+            spans, docs = self._documents[k], p["shard_doc"][sel]
+            first = (self.shards[k].sequence_pointers[docs] // self._itemsize[k] if spans is None
+                     else spans[1][docs])
+            starts[sel] = first + p["offset"][sel]
         row_of_piece = p["row"] if rows is None else np.asarray(rows, dtype=np.int64)[p["row"]]
         within = np.cumsum(lengths) - lengths - (p["row"] * span)
         dest = row_of_piece * span + within
@@ -478,5 +531,5 @@ class SourceIndex:
             doc_ids_out[rows] = numbers
 
 
-__all__ = ["SourceIndex", "PackedIndex", "pack", "mix64", "key64", "held_out_mask", "permutation", "seed_words",
+__all__ = ["SourceIndex", "PackedIndex", "document_spans", "pack", "mix64", "key64", "held_out_mask", "permutation", "seed_words",
            "load_or_build", "INDEX_FORMAT"]

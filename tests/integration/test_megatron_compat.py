@@ -36,6 +36,19 @@ def test_megatron_reads_cptron_shards(tmp_path, vocab_size, dtype):
     assert theirs.get(3, offset=1, length=1).tolist() == [0]
 
 
+def test_megatron_reads_cptron_documents_of_several_sequences(tmp_path):
+    rng = np.random.default_rng(4)
+    with IndexedDatasetWriter(tmp_path / "c", vocab_size=1000) as w:
+        for _ in range(10):
+            cuts = rng.integers(0, 20, size=int(rng.integers(1, 4)))
+            w.add_document(rng.integers(0, 1000, size=int(cuts.sum())), sequence_lengths=cuts)
+    ours, theirs = IndexedDataset(tmp_path / "c"), mcore.IndexedDataset(str(tmp_path / "c"))
+    assert theirs.document_indices.tolist() == ours.document_indices.tolist() and ours.num_documents == 10
+    assert len(theirs) == len(ours) > 10
+    for i in range(len(ours)):
+        assert theirs[i].tolist() == ours[i].tolist()
+
+
 def test_megatron_reads_a_tokenize_run(tmp_path):
     train_bpe_tokenizer(tmp_path / "tok", vocab_size=400)
     text = bible_text("en", 300)

@@ -98,6 +98,22 @@ def test_reads_documents_made_of_several_sequences(tmp_path):
     assert ds.max_token_id() == 7  # no sidecar: one scan of the .bin
 
 
+def test_writer_stores_a_document_as_several_sequences(tmp_path):
+    with IndexedDatasetWriter(tmp_path / "w", vocab_size=10) as w:
+        w.add_document([1, 2])
+        w.add_document([3, 4, 5, 6], sequence_lengths=[1, 0, 3])
+        w.add_documents(np.array([7, 8, 9]), [2, 1])
+    ds = IndexedDataset(tmp_path / "w")
+    assert ds.sequence_lengths.tolist() == [2, 1, 0, 3, 2, 1]
+    assert ds.document_indices.tolist() == [0, 1, 4, 5, 6]
+    assert [ds.document(d).tolist() for d in range(4)] == [[1, 2], [3, 4, 5, 6], [7, 8], [9]]
+    assert ds.sidecar["document_count"] == 4 and ds.sidecar["sequence_count"] == 6
+    with IndexedDatasetWriter(tmp_path / "bad", vocab_size=10) as w:
+        with pytest.raises(CptronError, match=r"document 0 for shard .*bad: sequence_lengths \[1, 1\] must"):
+            w.add_document([1, 2, 3], sequence_lengths=[1, 1])
+        w.add_document([1])
+
+
 def test_max_token_id_scans_only_without_sidecar(tmp_path):
     prefix = write_shard(tmp_path / "s")
     os.remove(prefix + ".json")

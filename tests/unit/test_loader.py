@@ -60,9 +60,8 @@ def test_rows_hold_the_ledgers_tokens_and_document_ids(shards, tmp_path):
     for row, ref in enumerate(loader.last_samples):
         pieces = loader.describe(ref)
         assert sum(p.length for p in pieces) == SEQ + 1
-        window = np.concatenate([opened.setdefault(p.shard, IndexedDataset(p.shard)).get(p.sequence, p.offset,
-                                                                                         p.length)
-                                 for p in pieces]).astype(np.int64)
+        window = np.concatenate([opened.setdefault(p.shard, IndexedDataset(p.shard)).document(p.shard_doc)
+                                 [p.offset:p.offset + p.length] for p in pieces]).astype(np.int64)
         doc_ids = np.repeat(np.arange(len(pieces)), [p.length for p in pieces])
         assert torch.equal(batch.tokens[row], torch.from_numpy(window[:-1]))
         assert torch.equal(batch.labels[row], torch.from_numpy(window[1:]))
@@ -110,6 +109,59 @@ def test_an_epoch_labels_every_training_token_once_and_the_next_reshuffles(shard
     assert held and not (held & set(seen))
     val_docs = set(np.asarray(loader.sources[0].validation().order).tolist())
     assert val_docs == held
+
+
+def test_documents_of_several_sequences_are_packed_and_held_out_as_one_document(tmp_path):
+    """Megatron's sentence-split shards: a document's sequences must not be cut apart by the document masking
+    or by the held-out split; the loader treats the document exactly as if it were stored as one sequence."""
+    rng = np.random.default_rng(11)
+    docs = [rng.integers(0, VOCAB, int(rng.integers(1, 60))) for _ in range(60)]
+    for split, prefix in ((True, tmp_path / "split" / "part"), (False, tmp_path / "whole" / "part")):
+        with IndexedDatasetWriter(prefix, vocab_size=VOCAB) as w:
+            for d in docs:
+                cuts = None
+                if split and len(d) > 3:
+                    at = np.sort(rng.choice(np.arange(1, len(d)), size=2, replace=False))
+                    cuts = np.diff(np.concatenate([[0], at, [len(d)]]))
+                w.add_document(d, sequence_lengths=cuts)
+    assert len(IndexedDataset(tmp_path / "split" / "part")) > len(docs)
+    out = {}
+    for name in ("split", "whole"):
+        cfg = DataConfig(sources={"web": SourceConfig(paths=[str(tmp_path / name)])})
+        cfg.validation.held_out_fraction = 0.25
+        loader, val = build(cfg, tmp_path / name, gbs=4)
+        batches = [next(loader) for _ in range(6)]
+        assert loader.sources[0].num_documents == len(docs)
+        pieces = [loader.describe(r) for r in loader.last_samples]
+        out[name] = (batches, list(val["web"]()), pieces, np.asarray(loader.sources[0].epoch(0).order).tolist())
+    (b_split, v_split, p_split, order_split), (b_whole, v_whole, p_whole, order_whole) = out["split"], out["whole"]
+    assert order_split == order_whole  # the same training documents, in the same order
+    assert len(v_split) == len(v_whole) > 0  # and the same held-out ones
+    for x, y in zip(b_split + v_split, b_whole + v_whole):
+        assert torch.equal(x.tokens, y.tokens) and torch.equal(x.labels, y.labels)
+        assert torch.equal(x.doc_ids, y.doc_ids)
+    assert [(p.doc, p.offset, p.length) for ps in p_split for p in ps] == \
+        [(p.doc, p.offset, p.length) for ps in p_whole for p in ps]
+    for ps in p_split:
+        for p in ps:  # the ledger's (shard, shard_doc, offset, length) address whole documents
+            assert np.array_equal(IndexedDataset(p.shard).document(p.shard_doc)[p.offset:p.offset + p.length],
+                                  docs[p.doc][p.offset:p.offset + p.length])
+
+
+def test_a_document_whose_sequences_are_not_contiguous_is_refused_naming_the_shard(tmp_path):
+    prefix = tmp_path / "src" / "part"
+    with IndexedDatasetWriter(prefix, vocab_size=VOCAB) as w:
+        w.add_document(np.arange(40), sequence_lengths=[10, 10, 20])
+        w.add_document(np.arange(30))
+    raw = bytearray((tmp_path / "src" / "part.idx").read_bytes())
+    at = 34 + 4 * 4  # header, then 4 int32 lengths: the int64 pointers
+    pointers = np.frombuffer(bytes(raw[at:at + 32]), dtype="<i8").copy()
+    pointers[[1, 2]] = pointers[[2, 1]]  # the document's 2nd and 3rd sequences swap places in the .bin
+    raw[at:at + 32] = pointers.tobytes()
+    (tmp_path / "src" / "part.idx").write_bytes(bytes(raw))
+    cfg = DataConfig(sources={"web": SourceConfig(paths=[str(tmp_path / "src")])})
+    with pytest.raises(CptronError, match=r"part: document 0 is not stored contiguously"):
+        build(cfg, tmp_path)
 
 
 def test_interrupted_and_resumed_run_reproduces_the_ledger_and_tokens(shards, tmp_path):
