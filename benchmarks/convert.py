@@ -267,8 +267,8 @@ def _proc_status(pid: int | str = "self") -> dict[str, int]:
 
 def worker(direction: str, src: str, dst: str, max_shard_size: str) -> None:
     """Runs in the child: import, measure baseline, reset peak, convert, report JSON on stdout."""
-    import torch  # noqa: F401  (counted in the baseline, like the CLI's imports)
-    import transformers  # noqa: F401  (convert_cptron_to_hf imports it lazily; keep it out of the figure)
+    import torch
+    import transformers
 
     from cptron import hf
 

@@ -34,22 +34,16 @@ What it does:
 """
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import shutil
+import subprocess
 import sys
+import tempfile
+import time
 
-# Run as a script, this directory comes first on sys.path, where a sibling module
-# (benchmarks/tokenize.py) would shadow the standard library's `tokenize`.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 RESULT_TAG = "DATA_LOADER_BENCH "
 VOCAB = 32_000
@@ -103,7 +97,7 @@ def _reset_peak() -> bool:
 
 
 def run_cptron(args, shards: dict[str, str], cache: str) -> dict:
-    import torch  # noqa: F401  (imported before the baseline, as in a trainer)
+    import torch
 
     from cptron.data.config import DataConfig, SourceConfig
     from cptron.data.loader import build_data_loaders
@@ -159,7 +153,9 @@ def run_megatron(args, shards: dict[str, str], cache: str) -> dict:
 
     warnings.simplefilter("ignore")
     logging.disable(logging.WARNING)
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
     # BlendedDataset asks torch.distributed for the rank when it caches its index: one gloo rank.

@@ -28,20 +28,16 @@ from __future__ import annotations
 import os
 import sys
 
-# Run as a script, this directory comes first on sys.path, where a sibling module
-# (benchmarks/tokenize.py) would shadow the standard library's `tokenize`.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
 # Set before torch initializes CUDA: expandable segments keep long-sequence
 # activations from fragmenting the cache (the wrapper script sets it as well).
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
+import argparse
+import json
+import statistics
+import subprocess
+import tempfile
+import time
 
 MFU_GOAL = 0.55
 RESULT_TAG = "GPU_TRAIN_RESULT "

@@ -21,26 +21,29 @@ nothing on top of the tokenizer.
 """
 from __future__ import annotations
 
+import argparse
 import os
+import shutil
 import sys
-
-# This file's name shadows the standard library's `tokenize` (which logging imports) while its
-# folder leads sys.path, so the folder goes before anything else is imported.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-
-import argparse  # noqa: E402
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import tempfile
+import time
+from pathlib import Path
 
 os.environ["TOKENIZERS_PARALLELISM"] = "false"  # before tokenizers is imported: one core per worker
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cptron.data.tokenize import DocumentEncoder, TokenizeConfig, load_tokenizer_spec, run_tokenize  # noqa: E402
-from cptron.testing.fixtures import bible_text, mistral_sentencepiece_path, train_bpe_tokenizer  # noqa: E402
+from cptron.data.tokenize import (
+    DocumentEncoder,
+    TokenizeConfig,
+    load_tokenizer_spec,
+    run_tokenize,
+)
+from cptron.testing.fixtures import (
+    bible_text,
+    mistral_sentencepiece_path,
+    train_bpe_tokenizer,
+)
 
 
 def build_corpus(path: Path, target_mb: float) -> list[str]:

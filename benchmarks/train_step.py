@@ -38,23 +38,17 @@ like-for-like comparison the default run is.
 """
 from __future__ import annotations
 
+import argparse
+import logging
 import os
+import statistics
 import sys
+import tempfile
+import time
+from collections.abc import Callable
 
-# Run as a script, this directory comes first on sys.path, where a sibling module
-# (benchmarks/tokenize.py) would shadow the standard library's `tokenize`.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-
-import argparse  # noqa: E402
-import logging  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
 OVERHEAD_GOAL = 1.05
 HF_SPEEDUP_GOAL = 1.2
