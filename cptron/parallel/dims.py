@@ -135,10 +135,6 @@ def resolve_parallel_dims(cfg: ParallelConfig, world_size: int, model: ModelConf
         n_stages = cfg.pp * cfg.pp_stages_per_rank
         _need(n_stages <= model.n_layers, "pp", cfg.pp,
               f"pp x pp_stages_per_rank = {n_stages} stages <= model.n_layers={model.n_layers}")
-        if model.tie_embeddings:
-            raise ConfigError("parallel.pp > 1 with model.tie_embeddings=true is not supported: the first and "
-                              "last pipeline stages would each hold a copy of the tied embedding; train with pp=1 "
-                              "or untie the embeddings")
         if cfg.pp_layers_per_stage is not None:
             lps = cfg.pp_layers_per_stage
             _need(len(lps) == n_stages and all(n >= 1 for n in lps) and sum(lps) == model.n_layers,

@@ -13,6 +13,10 @@ The pieces, in the order the trainer uses them:
 4. `build_pipeline_schedule` wraps them in torch's `PipelineStage`s and the
    chosen schedule, and returns a `PipelineRuntime`.
 5. `pipeline_train_step` / `pipeline_eval_step` run one batch.
+6. With tied embeddings, `TiedEmbeddingSync` keeps the first stage's
+   `tok_embeddings.weight` and the last stage's `output.weight` one parameter:
+   they start equal, their gradients are summed before clipping, and AdamW then
+   moves both copies the same way (as Megatron-LM's embedding group does).
 
 Each stage takes `(x, ids)`: token ids (first stage) or hidden states, and the
 per-token `ids` (document ids of packed sequences, or positions). A non-last
@@ -30,6 +34,7 @@ global token count.
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -46,6 +51,7 @@ from torch.distributed.pipelining import (
     ScheduleLoopedBFS,
     ScheduleZBVZeroBubble,
 )
+from torch.distributed.tensor import DTensor
 
 from cptron.errors import ConfigError
 from cptron.models.config import ModelConfig
@@ -54,7 +60,7 @@ from cptron.models.llama import Transformer
 __all__ = [
     "SCHEDULES", "PipelineRuntime", "StageTransformer", "build_pipeline_schedule", "build_stage_modules",
     "check_pipeline_schedule", "pipeline_eval_step", "pipeline_train_step", "split_layers",
-    "stage_ids_for_rank",
+    "stage_ids_for_rank", "TiedEmbeddingSync", "tied_stage_ranks",
 ]
 
 # One stage per rank.
@@ -186,9 +192,6 @@ class StageTransformer(Transformer):
                  ids_are_doc_ids: bool):
         if not 0 <= stage_index < n_stages:
             raise ValueError(f"stage_index={stage_index} is out of range for {n_stages} stages")
-        if n_stages > 1 and cfg.tie_embeddings:
-            raise ConfigError("model.tie_embeddings=True is invalid with pipeline parallelism: the first and "
-                              "last stages would each hold an unsynchronized copy of the embedding")
         if len(layer_ids) == 0 or layer_ids[0] < 0 or layer_ids[-1] >= cfg.n_layers:
             raise ValueError(f"layer_ids={layer_ids} is invalid: expected a non-empty range of block "
                              f"indices within model.n_layers={cfg.n_layers}")
@@ -202,6 +205,8 @@ class StageTransformer(Transformer):
         for key in [k for k in self.layers if int(k) not in layer_ids]:
             del self.layers[key]
         if not self.is_first:
+            # With tied embeddings a last stage keeps output.weight as a copy of its own (checkpointed
+            # as tok_embeddings.weight, initialized from that name); TiedEmbeddingSync keeps it equal.
             self.tok_embeddings = None
         if not self.is_last:
             self.norm = None
@@ -242,6 +247,88 @@ def build_stage_modules(model_cfg: ModelConfig, stage_ids: list[int], n_stages: 
         raise ValueError(f"stage_ids={stage_ids} is invalid: expected distinct stage indices in [0, {n_stages})")
     with torch.device(device):
         return [StageTransformer(model_cfg, s, n_stages, layer_ranges[s], ids_are_doc_ids) for s in stage_ids]
+
+
+# ------------------------------------------------------------------------------ tied embeddings
+
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def tied_stage_ranks(pp_size: int, stages_per_rank: int, schedule: str) -> tuple[int, int]:
+    """(pipeline rank holding the first stage, pipeline rank holding the last stage)."""
+    last = pp_size * stages_per_rank - 1
+    holders = [r for r in range(pp_size) if last in stage_ids_for_rank(r, pp_size, stages_per_rank, schedule)]
+    return 0, holders[0]
+
+
+class TiedEmbeddingSync:
+    """Tied input and output embeddings across pipeline stages.
+
+    The first stage holds `tok_embeddings.weight`, the last `output.weight`: two
+    copies of one parameter. Both are initialized and checkpointed under the name
+    `tok_embeddings.weight`, so they start equal. After every backward,
+    `reduce_grads` sets both copies' gradients to their sum (over one process
+    group per data/tensor-parallel coordinate, joining the pipeline ranks that
+    hold the two stages; no communication when one rank holds both, as in the
+    zbv V). Clipping scales both alike, and AdamW applied to equal weights, equal
+    gradients and equal moments keeps them equal. `duplicates` are the
+    `output.weight` copies, left out of the global gradient norm so that the
+    parameter counts once.
+
+    Collective at construction: every rank of the world must build it (process
+    groups are created), in the same order relative to other group creations.
+    """
+
+    def __init__(self, parts: list[nn.Module], mesh, pp_rank_of_first: int, pp_rank_of_last: int):
+        self.embedding = [p.tok_embeddings.weight for p in parts if getattr(p, "tok_embeddings", None) is not None]
+        self.duplicates = [p.output.weight for p in parts
+                           if getattr(p, "output", None) is not None and getattr(p, "tok_embeddings", None) is None]
+        self.params = self.embedding + self.duplicates
+        self.group = None
+        self.peers: tuple[int, int] = (pp_rank_of_first, pp_rank_of_last)
+        if pp_rank_of_first != pp_rank_of_last:
+            ranks = mesh.mesh  # global ranks, [pp, dp_replicate, dp_shard, tp]
+            me = dist.get_rank()
+            for coord in itertools.product(*(range(n) for n in ranks.shape[1:])):
+                pair = [int(ranks[(pp_rank_of_first, *coord)]), int(ranks[(pp_rank_of_last, *coord)])]
+                group = dist.new_group(pair)  # every rank creates every group, in the same order
+                if me in pair:
+                    self.group = group
+            self._check_layouts()
+
+    def _check_layouts(self) -> None:
+        """Both copies must be split alike (same global shape and placements), or summing local shards is wrong."""
+        if self.group is None:
+            return
+        mine = [(tuple(p.shape), tuple(_local(p).shape), str(getattr(p, "placements", None))) for p in self.params]
+        seen: list = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(seen, mine, group=self.group)
+        flat = {desc for descs in seen for desc in descs}
+        if len(flat) != 1:
+            raise ConfigError(f"tied embeddings across pipeline stages need identically split copies, got {sorted(flat)}")
+
+    @torch.no_grad()
+    def reduce_grads(self) -> None:
+        """Set the gradient of every copy to the sum of both copies' gradients."""
+        if not self.params:
+            return
+        grads = []
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            elif isinstance(p.grad, DTensor) and p.grad.placements != p.placements:
+                # A vocab-parallel embedding's backward gives a replicated gradient: take this rank's
+                # slice (no communication), so that both copies' local shards line up.
+                p.grad = p.grad.redistribute(p.device_mesh, p.placements)
+            grads.append(_local(p.grad))
+        total = grads[0] if len(grads) == 1 else grads[0] + grads[1]
+        if self.group is not None:
+            total = total.contiguous()
+            dist.all_reduce(total, group=self.group)
+        for g in grads:
+            if g is not total:
+                g.copy_(total)
 
 
 # ------------------------------------------------------------------------------ runtime

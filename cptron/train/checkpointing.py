@@ -125,6 +125,41 @@ def _model_state(part: nn.Module, tied: bool) -> tuple[dict[str, torch.Tensor], 
     return full, stored
 
 
+def _stored_optimizer_keys(part: nn.Module, state: dict[str, Any], tied: bool) -> dict[str, Any]:
+    """The optimizer entries under their checkpoint keys (same values): a last pipeline stage's copy
+    of a tied output weight is stored as tok_embeddings.weight, as its weight is."""
+    if not (tied and getattr(part, "tok_embeddings", True) is None and getattr(part, "output", None) is not None):
+        return state
+    out = {}
+    for key, value in state.items():
+        kind, _, rest = key.partition(".")
+        if rest.startswith(_TIED_ALIAS + "."):
+            key = f"{kind}.{_TIED_CANONICAL}{rest[len(_TIED_ALIAS):]}"
+        out[key] = value
+    return out
+
+
+def _is_tied_key(key: str) -> bool:
+    """True for the tied embedding's weight or optimizer entries, with or without the checkpoint prefix."""
+    for prefix in (ckpt.MODEL_PREFIX, OPTIMIZER_PREFIX):
+        key = key[len(prefix):] if key.startswith(prefix) else key
+    return key == _TIED_CANONICAL or any(key.startswith(f"{kind}.{_TIED_CANONICAL}.")
+                                         for kind in ("state", "param_groups"))
+
+
+def _merge_entries(target: dict[str, Any], entries: dict[str, Any], copies: Optional[list] = None) -> None:
+    """Add `entries` to `target`. A key already there is an error unless it is the tied embedding, which
+    a rank holding both the first and the last pipeline stage has twice (equal copies): the first one is
+    kept, and (for loading) `copies` receives (second, first) to copy after the first is read."""
+    for key, value in entries.items():
+        if key not in target:
+            target[key] = value
+        elif not _is_tied_key(key):
+            raise CheckpointError(f"model parts of rank {_rank()} both hold {key}")
+        elif copies is not None and isinstance(value, torch.Tensor) and value is not target[key]:
+            copies.append((value, target[key]))
+
+
 def _optimizer_state(part: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """The flattened, FQN-keyed optimizer state dict; a fresh optimizer gets its state
     created first (torch does that with a zero-lr step, which needs grads to be None)."""
@@ -302,14 +337,13 @@ class TrainCheckpointer:
     def _collect(self, parts: list[nn.Module], optimizers) -> dict[str, dict]:
         model: dict[str, torch.Tensor] = {}
         optim: dict[str, Any] = {}
+        tied = self.model_cfg.tie_embeddings
         for i, part in enumerate(parts):
-            _, stored = _model_state(part, self.model_cfg.tie_embeddings)
-            optim_sd = _optimizer_state(part, optimizers[i]) if optimizers is not None else {}
-            for target, entries in ((model, stored), (optim, optim_sd)):
-                twice = sorted(set(target) & set(entries))
-                if twice:
-                    raise CheckpointError(f"model parts of rank {_rank()} both hold {twice[:3]}")
-                target.update(entries)
+            _, stored = _model_state(part, tied)
+            optim_sd = (_stored_optimizer_keys(part, _optimizer_state(part, optimizers[i]), tied)
+                        if optimizers is not None else {})
+            _merge_entries(model, stored)
+            _merge_entries(optim, optim_sd)
         return {"model": model, "optimizer": optim}
 
     def _async_process_group(self):
@@ -371,17 +405,20 @@ class TrainCheckpointer:
         ckpt.raise_on_every_rank(error)
         models = [_model_state(p, tied) for p in model_parts]
         want: dict[str, Any] = {}
+        copies: list[tuple[torch.Tensor, torch.Tensor]] = []
         for _, stored in models:
-            want.update({ckpt.MODEL_PREFIX + k: v for k, v in stored.items()})
+            _merge_entries(want, {ckpt.MODEL_PREFIX + k: v for k, v in stored.items()}, copies)
         optim_sds = []
         if self.cfg.load_optimizer:
             for part, opt in zip(model_parts, optimizers, strict=True):
                 osd = _optimizer_state(part, opt)
                 optim_sds.append(osd)
                 # Only the state; hyperparameters stay those of the current config.
-                want.update({OPTIMIZER_PREFIX + k: v for k, v in osd.items() if k.startswith("state.")})
+                _merge_entries(want, {OPTIMIZER_PREFIX + k: v for k, v in _stored_optimizer_keys(part, osd, tied).items()
+                                      if k.startswith("state.")}, copies)
         ckpt.raise_on_every_rank(_missing_or_misshaped(want, _stored_entries(path), path))
         ckpt.load_state(path, want)
+        _copy_duplicates(copies)
         _set_parts(model_parts, models, tied)
         for part, opt, osd in zip(model_parts, optimizers, optim_sds, strict=True) if optim_sds else ():
             set_optimizer_state_dict(part, opt, osd, options=_FLAT)
@@ -524,6 +561,12 @@ def _fill(target: torch.Tensor, read: Callable[[tuple[slice, ...]], torch.Tensor
         local[:keep].copy_(read((slice(rows.start, rows.start + keep), *region[1:])))
 
 
+@torch.no_grad()
+def _copy_duplicates(copies: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    for dst, src in copies:
+        dst.copy_(src)
+
+
 def _set_parts(parts: list[nn.Module], states: list[tuple[dict, dict]], tied: bool) -> None:
     for part, (full, stored) in zip(parts, states, strict=True):
         if tied and _TIED_ALIAS in full:
@@ -591,9 +634,15 @@ def _load_cptron_weights(path: Path, parts: list[nn.Module], model_cfg: ModelCon
         states = [_model_state(p, tied) for p in parts]
         direct: dict[str, torch.Tensor] = {}
         regrid: list[tuple[torch.Tensor, torch.Tensor]] = []
+        targets: dict[str, torch.Tensor] = {}
+        copies: list[tuple[torch.Tensor, torch.Tensor]] = []
         for _, entries in states:
             for fqn, target in entries.items():
                 key = ckpt.MODEL_PREFIX + fqn
+                if key in targets:  # a tied embedding held by two stages of this rank
+                    copies.append((target, targets[key]))
+                    continue
+                targets[key] = target
                 if key not in stored:
                     raise CheckpointError(f"checkpoint {path} lacks {key}")
                 shape, dtype = tuple(stored[key][0]), stored[key][1]
@@ -605,12 +654,13 @@ def _load_cptron_weights(path: Path, parts: list[nn.Module], model_cfg: ModelCon
                 else:
                     raise CheckpointError(f"checkpoint {path}: {key} has shape {list(shape)}, the model expects "
                                           f"{list(target.shape)}")
-        return states, direct, regrid
+        return states, direct, regrid, copies
 
     planned, error = _local_errors(plan)
     ckpt.raise_on_every_rank(error)
-    states, direct, regrid = planned
+    states, direct, regrid, copies = planned
     ckpt.load_state(path, direct)
     for target, buffer in regrid:
         _fill(target, lambda region, b=buffer: b[region], model_cfg.vocab_size)
+    _copy_duplicates(copies)
     _set_parts(parts, states, tied)

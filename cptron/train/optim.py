@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -75,19 +76,22 @@ def resolve_adamw_implementation(cfg: OptimizerConfig, device: torch.device) -> 
     return "fused" if device.type in ("cuda", "cpu") else "foreach"
 
 
-def global_grad_norm(parts: list[nn.Module], pp_group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+def global_grad_norm(parts: list[nn.Module], pp_group: Optional[dist.ProcessGroup] = None,
+                     skip: Sequence[torch.Tensor] = ()) -> torch.Tensor:
     """L2 norm of all gradients of the model, whatever the layout.
 
     DTensor gradients are grouped by their mesh and placements, so each group's
     norm costs one collective (the DTensor norm reduces over sharded mesh
     dimensions and leaves replicated ones alone). Plain tensors are replicated
     copies and count once. Pipeline stages hold disjoint parameters: their squared
-    norms are summed over `pp_group`."""
+    norms are summed over `pp_group`. Parameters in `skip` (the second copy of a
+    parameter that two stages share, e.g. tied embeddings) are not counted."""
     groups: dict[object, list[torch.Tensor]] = defaultdict(list)
     plain: list[torch.Tensor] = []
+    skipped = {id(p) for p in skip}
     for part in parts:
         for p in part.parameters():
-            if p.grad is None:
+            if p.grad is None or id(p) in skipped:
                 continue
             if isinstance(p.grad, DTensor):
                 groups[(p.grad.device_mesh, p.grad.placements)].append(p.grad)

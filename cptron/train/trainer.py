@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -214,11 +213,17 @@ class Trainer:
             if initialize:
                 part.init_weights(seed)
             part.train()
+        self.tied_sync = None
         if dims.pp > 1:
             pipeline = pl.build_pipeline_schedule(
                 parts, stage_ids, n_stages, self.pp_group, self.device, self.pp_microbatches,
                 self._pipeline_loss, pcfg.pp_schedule)
             self.stage_ids, self.n_stages = stage_ids, n_stages
+            if mc.tie_embeddings:
+                first, last = pl.tied_stage_ranks(dims.pp, pcfg.pp_stages_per_rank, pcfg.pp_schedule)
+                self.tied_sync = pl.TiedEmbeddingSync(parts, self.mesh, first, last)
+                log.info("tied embeddings: pipeline ranks %d and %d hold the input and output copies; their "
+                         "gradients are summed every step", first, last)
         return parts, pipeline
 
     def _log_setup(self) -> None:
@@ -295,7 +300,8 @@ class Trainer:
         return n
 
     def forward_backward(self, batch: Batch) -> torch.Tensor:
-        """Accumulate this rank's gradients for one step; return the global mean token loss."""
+        """Accumulate this rank's gradients for one step (tied embedding copies summed across pipeline
+        stages); return the global mean token loss."""
         n_tokens = self._global_tokens(batch)
         self._loss_scale = 1.0 / n_tokens.clamp_min(1.0)
         lp = self.dims.tp > 1 and self.cfg.parallel.loss_parallel
@@ -326,6 +332,8 @@ class Trainer:
         dist.all_reduce(total, group=self.dp_mesh.get_group())
         if self.pp_group is not None:
             dist.all_reduce(total, group=self.pp_group)  # only last-stage ranks hold a loss
+        if self.tied_sync is not None:
+            self.tied_sync.reduce_grads()
         self._last_loss = float(total)
         return total
 
@@ -344,7 +352,8 @@ class Trainer:
     def optimizer_step(self) -> tuple[float, bool]:
         """After forward_backward: global grad norm, the non-finite check, clipping, AdamW.
         Returns (grad_norm, stepped); a non-finite loss or norm drops the gradients."""
-        norm = global_grad_norm(self.parts, self.pp_group)
+        skip = self.tied_sync.duplicates if self.tied_sync is not None else ()
+        norm = global_grad_norm(self.parts, self.pp_group, skip)
         norm_f = float(norm)
         # A NaN loss gives NaN gradients, so the norm catches both.
         if not math.isfinite(norm_f) or not math.isfinite(self._last_loss):

@@ -170,9 +170,18 @@ def test_stages_keep_full_model_names_init_and_forward(doc_ids):
     torch.testing.assert_close(logits, want, rtol=0, atol=1e-6)
 
 
-def test_tied_embeddings_and_bad_stage_ids_are_refused():
-    with pytest.raises(ConfigError, match="tie_embeddings"):
-        build_stage_modules(dataclasses.replace(CFG, tie_embeddings=True), [0], 2, split_layers(4, 2), True)
+def test_tied_stages_keep_their_own_copy_initialized_as_the_embedding():
+    tied = dataclasses.replace(CFG, tie_embeddings=True)
+    first, last = build_stage_modules(tied, [0, 1], 2, split_layers(4, 2), True, device="cpu")
+    for stage in (first, last):
+        stage.init_weights(3)
+    assert last.tok_embeddings is None and first.output is None
+    assert [n for n, _ in last.named_parameters() if "output" in n] == ["output.weight"]
+    assert torch.equal(last.output.weight, first.tok_embeddings.weight)
+    assert last.output.weight is not first.tok_embeddings.weight
+
+
+def test_bad_stage_ids_are_refused():
     with pytest.raises(ValueError, match="stage_ids"):
         build_stage_modules(CFG, [0, 2], 2, split_layers(4, 2), True)
 
