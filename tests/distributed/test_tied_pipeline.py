@@ -69,6 +69,7 @@ LAYOUTS = [
     pytest.param(4, ParallelConfig(pp=2, dp_shard=2), id="pp2_dp_shard2"),
     pytest.param(4, ParallelConfig(pp=2, dp_shard=1, tp=2, sequence_parallel=True, loss_parallel=True),
                  id="pp2_tp2_sp"),
+    pytest.param(8, ParallelConfig(pp=2, dp_replicate=2, dp_shard=2), id="pp2_hsdp", marks=pytest.mark.slow),
 ]
 
 
