@@ -188,7 +188,7 @@ def run_verify(cfg: VerifyConfig) -> float:
 def run_train(cfg: TrainConfig) -> None:
     import torch.distributed as dist
 
-    from cptron.train.trainer import Trainer
+    from cptron.train.trainer import EXIT_RESUMABLE, Trainer
 
     try:
         trainer = Trainer(cfg)
@@ -198,10 +198,13 @@ def run_train(cfg: TrainConfig) -> None:
         result = trainer.run()
         if trainer.rank == 0:
             last = result.losses.get(result.last_step - 1)
-            log.info("finished at step %d%s", result.last_step, f", last loss {last:.4f}" if last is not None else "")
+            log.info("%s at step %d%s", "finished" if result.stopped_by is None else f"stopped ({result.stopped_by})",
+                     result.last_step, f", last loss {last:.4f}" if last is not None else "")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    if result.stopped_by is not None:
+        raise SystemExit(EXIT_RESUMABLE)
 
 
 # ------------------------------------------------------------------ dispatch

@@ -36,7 +36,7 @@ import os
 import shutil
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -95,6 +95,8 @@ class CheckpointConfig:
     """Store the AdamW moments and step counts (needed for an exact resume; false writes weights-only checkpoints)."""
     load_optimizer: bool = True
     """Restore the AdamW state when resuming; false starts it fresh (e.g. from a weights-only checkpoint)."""
+    save_on_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    """On these signals (SLURM sends SIGTERM before killing a job, or SIGUSR1 with --signal) finish the current step, save a checkpoint and exit with code 75 so the same command resumes; a second signal kills at once; [] (or '' on the command line): the default handling."""
 
     def validate(self) -> None:
         for ok, name, expected in (
@@ -104,9 +106,22 @@ class CheckpointConfig:
                 (self.load_step == -1 or self.resume, "load_step", "-1 when checkpoint.resume=false"),
                 (bool(self.folder), "folder", "a directory path"),
                 (self.init_from is None or Path(self.init_from).is_dir(), "init_from",
-                 "an existing HF model directory or cptron checkpoint")):
+                 "an existing HF model directory or cptron checkpoint"),
+                (all(isinstance(n, str) and _signal_number(n) is not None for n in self.save_on_signals),
+                 "save_on_signals", "a list of signal names such as SIGTERM or SIGUSR1 (not SIGKILL or SIGSTOP)")):
             if not ok:
                 raise ConfigError(f"checkpoint.{name}={getattr(self, name)!r} is invalid: expected {expected}")
+
+
+def _signal_number(name: str) -> Optional[int]:
+    """The number of the catchable signal `name` (e.g. "SIGTERM" or "TERM"), else None."""
+    import signal
+
+    name = name.upper()
+    sig = getattr(signal, name if name.startswith("SIG") else "SIG" + name, None)
+    if not isinstance(sig, signal.Signals) or sig in (signal.SIGKILL, signal.SIGSTOP):
+        return None
+    return int(sig)
 
 
 # ------------------------------------------------------------------ state dicts

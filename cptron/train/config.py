@@ -47,6 +47,8 @@ class TrainingConfig:
     """On a NaN/inf loss or grad norm: stop with an error (the newest checkpoint stays the last good one), or skip the step."""
     max_skipped_steps: int = 10
     """With nonfinite=skip: stop with an error once this many steps were skipped in the run."""
+    time_limit_minutes: float = 0.0
+    """Stop this invocation after this much wall time (checked after each step): save a checkpoint and exit with code 75 so the same command resumes, e.g. a few minutes under a SLURM job's limit; 0: no limit."""
     tokenizer: Optional[str] = None
     """Tokenizer directory carried into every checkpoint (so an HF export has it); default: the init model's."""
 
@@ -61,6 +63,8 @@ class TrainingConfig:
         need(self.eval_every >= 0, "eval_every", "an integer >= 0")
         need(self.eval_batches >= 0, "eval_batches", "an integer >= 0")
         need(self.max_skipped_steps >= 0, "max_skipped_steps", "an integer >= 0")
+        need(self.time_limit_minutes >= 0 and self.time_limit_minutes != float("inf"), "time_limit_minutes",
+             "a number of minutes >= 0 (0: no limit)")
 
 
 @dataclass

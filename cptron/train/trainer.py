@@ -22,6 +22,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -59,6 +62,48 @@ class TrainResult:
     eval_losses: dict[int, dict[str, float]] = field(default_factory=dict)
     skipped_steps: list[int] = field(default_factory=list)
     resumed_from: Optional[str] = None
+    stopped_by: Optional[str] = None
+    """Why the run stopped before training.steps after saving a checkpoint (a signal's name or
+    "time limit"); None when it finished or `stop_at` ended it."""
+
+
+EXIT_RESUMABLE = 75
+"""Exit status of `cptron train` when it saved and stopped early (a signal or the time limit):
+rerunning the same command resumes (75 is EX_TEMPFAIL, "try again later")."""
+
+
+class _StopRequests:
+    """Signal handlers that ask the training loop to save and stop at the next step boundary.
+
+    The first signal only sets a flag; a second one of the same kind gets the default
+    action (usually death), for a run that is stuck and should not wait."""
+
+    def __init__(self, names: list[str]):
+        self.received: Optional[str] = None
+        self._previous: dict[int, object] = {}
+        if not names:
+            return
+        if threading.current_thread() is not threading.main_thread():
+            log.warning("checkpoint.save_on_signals ignored: signal handlers need the main thread")
+            return
+        for name in names:
+            sig = signal.Signals[name.upper() if name.upper().startswith("SIG") else "SIG" + name.upper()]
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.received is not None:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.received = name
+        log.warning("received %s: finishing this step, then saving a checkpoint and stopping (send it again to "
+                    "stop at once)", name)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
 
 
 def setup_distributed(device_choice: str) -> tuple[int, int, torch.device]:
@@ -407,6 +452,25 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
 
+    def _stop_reason(self, stops: _StopRequests, started: float) -> Optional[str]:
+        """A signal's name or "time limit" when this invocation should save and stop now; every rank
+        gets the same answer (any rank's signal counts, rank 0's clock decides the time limit)."""
+        limit_s = self.cfg.training.time_limit_minutes * 60.0
+        if not self.cfg.checkpoint.save_on_signals and not limit_s:  # the same on every rank
+            return None
+        code = 0
+        if stops.received is not None:
+            code = 1 + int(signal.Signals[stops.received])
+        elif limit_s and self.rank == 0 and time.monotonic() - started >= limit_s:
+            code = -1
+        if self.world_size > 1:  # on the CPU (gloo) side of the process group: no device sync
+            flag = torch.tensor([code, -code], dtype=torch.int64)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            code = int(flag[0]) if flag[0] > 0 else -int(flag[1])
+        if code > 0:
+            return signal.Signals(code - 1).name
+        return "time limit" if code < 0 else None
+
     def save(self) -> None:
         for part in self.parts:
             for name, p in part.named_parameters():
@@ -433,6 +497,8 @@ class Trainer:
         meter = Throughput(fpt, peak, self.world_size)
         tokens_per_step = t.global_batch_size * t.seq_len
         ckpt_every = cfg.checkpoint.interval
+        stops = _StopRequests(cfg.checkpoint.save_on_signals)
+        started = time.monotonic()
         try:
             end = t.steps if stop_at is None else min(stop_at, t.steps)
             if self.val_sets and t.eval_at_start and self.step == 0:
@@ -471,6 +537,15 @@ class Trainer:
                 if ckpt_every and self.step % ckpt_every == 0 and self.step < t.steps:
                     self.save()
                     meter.reset()
+                if self.step < end and (reason := self._stop_reason(stops, started)) is not None:
+                    if self._last_saved != self.step:
+                        self.save()
+                    self.checkpointer.wait()
+                    log.warning("stopped at step %d of %d (%s) after saving a checkpoint; run the same command "
+                                "to resume", self.step, t.steps, reason)
+                    metrics.close()
+                    result.last_step, result.stopped_by = self.step, reason
+                    return result
             if self.step < t.steps:  # stopped early: no final eval or save
                 self.checkpointer.wait()
                 metrics.close()
@@ -493,6 +568,8 @@ class Trainer:
             # a pending background save is left incomplete (it stays ignored).
             metrics.close()
             raise
+        finally:
+            stops.restore()
         self.checkpointer.wait()
         metrics.close()
         result.last_step = self.step

@@ -127,3 +127,43 @@ def test_sigkill_during_checkpoint_write(config, uninterrupted, tmp_path, marker
     assert "resumed from" in out.stderr and "step-00000002" in out.stderr
     assert train_losses(run_dir) == uninterrupted
     assert (ckpts / f"step-{STEPS:08d}" / "COMPLETE").is_file()
+
+
+def _newest_complete_step(run_dir: Path) -> int:
+    steps = [int(d.name.split("-")[1]) for d in (run_dir / "checkpoints").glob("step-*") if (d / "COMPLETE").is_file()]
+    return max(steps)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_signal_saves_the_current_step_and_the_same_command_resumes(config, uninterrupted, tmp_path, sig):
+    """What SLURM does before a preemption or the end of a job: the run saves where it is, not at the
+    last interval, and exits 75; the rerun loses and repeats nothing."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(command(config, run_dir), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 7) and proc.poll() is None:
+        assert time.time() < deadline, "training never got there"
+        time.sleep(0.005)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-2000:]
+    assert f"received {sig.name}" in err and "run the same command to resume" in err
+    done = max(train_losses(run_dir))
+    assert 7 <= done < STEPS
+    assert _newest_complete_step(run_dir) == done, "the checkpoint is of the step the signal interrupted"
+    out = subprocess.run(command(config, run_dir), check=True, env=env(), capture_output=True, text=True)
+    assert f"step-{done:08d}" in out.stderr
+    assert train_losses(run_dir) == uninterrupted
+
+
+def test_the_time_limit_saves_and_stops_and_the_next_invocation_finishes(config, uninterrupted, tmp_path):
+    run_dir = tmp_path / "run"
+    limited = command(config, run_dir) + ["--training.time_limit_minutes", "0.0001"]  # 6 ms: after one step
+    out = subprocess.run(limited, env=env(), capture_output=True, text=True)
+    assert out.returncode == 75, out.stderr[-2000:]
+    assert "(time limit)" in out.stderr
+    assert _newest_complete_step(run_dir) == max(train_losses(run_dir)) == 1
+    subprocess.run(command(config, run_dir), check=True, env=env(), capture_output=True)
+    assert train_losses(run_dir) == uninterrupted
