@@ -2,7 +2,9 @@
 
 Install torch first (`pip install torch==2.13.0` on CPU machines), then
 `pip install -e .[dev]`. The torch requirement is a floor, never a newer pin,
-so an installed CPU build is kept.
+so an installed CPU build is kept. The floor is 2.8: FSDP2's gradient divide
+factor and forced-sum reduction (exact gradients under any data-parallel size)
+first appear there; tests run on 2.13.
 """
 from setuptools import find_packages, setup
 
@@ -17,7 +19,7 @@ setup(
     packages=find_packages(include=["cptron", "cptron.*"]),
     include_package_data=True,
     install_requires=[
-        "torch>=2.6",
+        "torch>=2.8",
         "transformers>=4.45",
         "safetensors>=0.4",
         "sentencepiece",

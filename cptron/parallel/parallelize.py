@@ -28,6 +28,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
+from cptron.errors import ConfigError
 from cptron.parallel.dims import ParallelConfig, ParallelDims
 
 log = logging.getLogger("cptron.parallel")
@@ -140,6 +141,9 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype,
         fully_shard(block, mesh=mesh, mp_policy=mp,
                     reshard_after_forward=reshard_after_forward and i < len(blocks) - 1)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    if not hasattr(model, "set_force_sum_reduction_for_comms"):
+        raise ConfigError(f"torch {torch.__version__} is too old for sharded data parallelism: cptron needs "
+                          "FSDP2's set_gradient_divide_factor and set_force_sum_reduction_for_comms (torch >= 2.8)")
     for m in [model, *blocks]:
         m.set_gradient_divide_factor(1.0)
         # A plain SUM reduction: gloo has no pre-multiplied sum, and with a
