@@ -44,3 +44,41 @@ def test_torchrun_two_ranks_match_one_process(tmp_path):
     for step in one:
         assert two[step] == pytest.approx(one[step], abs=1e-5)
     assert (tmp_path / "two" / "checkpoints" / "step-00000004" / "COMPLETE").is_file()
+
+
+def test_sigterm_to_torchrun_saves_the_current_step_on_every_rank(tmp_path):
+    """torchrun forwards SIGTERM to its workers (as it does when SLURM stops the job step): both ranks
+    finish the same step, save it and exit 75; the same command then resumes and finishes."""
+    import signal
+    import time
+
+    rng = np.random.default_rng(2)
+    with IndexedDatasetWriter(tmp_path / "data" / "shard", vocab_size=300) as w:
+        for _ in range(400):
+            w.add_document(np.append(rng.integers(3, 300, size=int(rng.integers(5, 50))), 2))
+    cfg = {"model": {"preset": "tiny", "vocab_size": 300, "pad_vocab_to_multiple_of": 64, "max_seq_len": 64},
+           "training": {"steps": 60, "global_batch_size": 8, "micro_batch_size": 2, "seq_len": 32, "device": "cpu"},
+           "data": {"sources": {"text": {"paths": [str(tmp_path / "data")]}}},
+           "checkpoint": {"interval": 50},
+           "metrics": {"log_every": 1, "progress_bar": "off"}}
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "cptron.cli", "train", str(tmp_path / "train.yaml"), "--training.run_dir", str(tmp_path / "run"),
+           "--parallel.dp_shard", "2"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 180
+    while not (metrics.exists() and metrics.read_text().count('"kind": "train"') >= 5) and proc.poll() is None:
+        assert time.time() < deadline, "training never got there"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode != 0, "torchrun reports the early stop as a failure, so a job script notices"
+    assert err.count("received SIGTERM") == 2, err[-3000:]
+    done = max(losses(tmp_path / "run"))
+    assert 5 <= done < 60
+    assert (tmp_path / "run" / "checkpoints" / f"step-{done:08d}" / "COMPLETE").is_file()
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert sorted(losses(tmp_path / "run")) == list(range(1, 61))
