@@ -107,7 +107,9 @@ class _StopRequests:
 
 
 def setup_distributed(device_choice: str) -> tuple[int, int, torch.device]:
-    """Join the process group torchrun/SLURM describe, or start a one-process group."""
+    """Join the process group a launcher describes in the environment (RANK, WORLD_SIZE, MASTER_ADDR,
+    MASTER_PORT, LOCAL_RANK: torchrun, the deepspeed launcher, or srun running torchrun), or start a
+    one-process group."""
     if device_choice == "auto":
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
     else:
