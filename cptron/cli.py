@@ -3,6 +3,7 @@
     cptron init            random-initialized cptron checkpoint from a model preset
     cptron convert hf-to-cptron | cptron-to-hf | verify
     cptron data tokenize   text (jsonl, jsonl.gz, parquet, txt) -> Megatron .bin/.idx token shards
+    cptron data plan       a train config's data: sources, mixture per stage, samples and epochs (builds the index cache)
     cptron train           continual pretraining with any mix of TP/SP, PP and sharded DP (torchrun for >1 process)
 
 `cptron <command> --help` lists every field with its docstring and default.
@@ -207,6 +208,35 @@ def run_train(cfg: TrainConfig) -> None:
         raise SystemExit(EXIT_RESUMABLE)
 
 
+def run_data_plan(cfg: TrainConfig) -> str:
+    """Print what a training config's data section will feed the run, from its newest checkpoint if any."""
+    from cptron.data.loader import build_data_loaders
+    from cptron.train.checkpointing import TrainCheckpointer, model_config_for_init
+
+    t = cfg.training
+    init_from = cfg.checkpoint.init_from
+    model_cfg = model_config_for_init(init_from, cfg.model.pad_vocab_to_multiple_of) if init_from else cfg.model
+    loader, validation = build_data_loaders(cfg.data, seq_len=t.seq_len, global_batch_size=t.global_batch_size,
+                                            dp_rank=0, dp_size=1, vocab_size=model_cfg.vocab_size, seed=t.seed,
+                                            total_steps=t.steps)
+    lines = []
+    latest = TrainCheckpointer(cfg.checkpoint, t.run_dir, model_cfg=model_cfg).resume_path()
+    if latest is not None:
+        from cptron import checkpoint as ckpt
+
+        loader.load_state_dict(ckpt.read_meta(latest)["train_state"]["data"])
+        lines.append(f"resuming from {latest} (step {loader.step})")
+    lines.append(loader.describe_plan(t.steps))
+    for name in validation:
+        meta = loader.sources[loader.names.index(name)].meta
+        windows = min(meta["validation_windows"], cfg.data.validation.num_batches * t.global_batch_size)
+        lines.append(f"validation set {name}: {windows} samples from {meta['validation_documents']:,} held-out "
+                     f"documents ({-(-windows // t.global_batch_size)} batch(es))")
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
 # ------------------------------------------------------------------ dispatch
 
 # command path -> (config class, runner)
@@ -216,6 +246,7 @@ COMMANDS: dict[tuple[str, ...], tuple[type, Callable]] = {
     ("convert", "cptron-to-hf"): (CptronToHFConfig, run_cptron_to_hf),
     ("convert", "verify"): (VerifyConfig, run_verify),
     ("data", "tokenize"): (TokenizeConfig, run_tokenize),
+    ("data", "plan"): (TrainConfig, run_data_plan),
     ("train",): (TrainConfig, run_train),
 }
 

@@ -97,6 +97,10 @@ def batch_from_windows(windows: np.ndarray, input_doc_ids: np.ndarray) -> Batch:
                  torch.from_numpy(np.ascontiguousarray(windows[:, 1:])), torch.from_numpy(input_doc_ids))
 
 
+def _step(x: float) -> str:
+    return f"{x:.0f}" if x == int(x) else f"{x:.1f}"
+
+
 def _cap(src_cfg, windows: int, name: str) -> Optional[int]:
     caps = []
     if src_cfg.epochs is not None:
@@ -225,6 +229,64 @@ class MixtureLoader:
             n = n if cap is None else min(n, cap)
             out[name] = max(1, min(PREBUILT_EPOCHS, -(-n // w)))
         return out
+
+    def plan(self, total_steps: int) -> list[dict[str, Any]]:
+        """What the rest of the run (from the current step to `total_steps`) takes from each source.
+
+        One entry per stretch of constant shares: a stage, split where a capped source runs out.
+        Each has "stage", "start_step", "end_step", "shares" {name: Fraction}, "samples"
+        {name: Fraction} and "ran_out" (the capped sources whose last sample ends the stretch);
+        the interleave delivers each count to within one sample.
+        """
+        left = [None if c is None else Fraction(c - p) for c, p in zip(self.caps, self.positions)]
+        out = []
+        for k, stage in enumerate(self.stages):
+            end = min(self.stages[k + 1].start_step if k + 1 < len(self.stages) else total_steps, total_steps)
+            at = Fraction(max(stage.start_step, self.step) * self.global_batch_size)
+            stop = Fraction(end * self.global_batch_size)
+            while at < stop:
+                live = {n for n, r in zip(self.names, left) if r is None or r > 0}
+                table = shares(stage.weights, stage.replay_fraction, self._replay_sources, active=live,
+                               where=f"data (stage {stage.index})")
+                span = stop - at
+                for n, r in zip(self.names, left):  # the first capped source to run out ends the stretch
+                    if r is not None and r > 0 and table[n] > 0:
+                        span = min(span, r / table[n])
+                samples = {n: table[n] * span for n in self.names}
+                for i, n in enumerate(self.names):
+                    if left[i] is not None:
+                        left[i] = max(Fraction(0), left[i] - samples[n])
+                ran_out = [n for i, n in enumerate(self.names)
+                           if left[i] is not None and left[i] == 0 and samples[n] > 0]
+                out.append({"stage": stage.index, "start_step": float(at / self.global_batch_size),
+                            "end_step": float((at + span) / self.global_batch_size), "shares": table,
+                            "samples": samples, "ran_out": ran_out})
+                at += span
+        return out
+
+    def describe_plan(self, total_steps: int) -> str:
+        """A table of the sources and of what the rest of the run takes from each (for the log)."""
+        rows = [f"data: {len(self.names)} source(s), {self.global_batch_size} samples of seq_len + 1 = "
+                f"{self.seq_len + 1} tokens per step, steps {self.step}..{total_steps}"]
+        width = max(len(n) for n in self.names)
+        for name, source, w, cap in zip(self.names, self.sources, self.windows, self.caps):
+            meta = source.meta or {}
+            rows.append(f"  {name:<{width}}  {len(source.prefixes)} shard(s), {meta.get('train_documents', 0):,} "
+                        f"documents, {meta.get('train_tokens', 0):,} tokens = {w:,} samples per epoch"
+                        + (f", capped at {cap:,}" if cap is not None else "")
+                        + (f"; {meta['validation_documents']:,} held out" if meta.get("validation_documents") else ""))
+        total = dict.fromkeys(self.names, Fraction(0))
+        for part in self.plan(total_steps):
+            total = {n: total[n] + part["samples"][n] for n in self.names}
+            mix = ", ".join(f"{n} {float(part['shares'][n]):.1%}" for n in self.names)
+            ends = f"; {', '.join(part['ran_out'])} reach(es) the cap" if part["ran_out"] else ""
+            rows.append(f"  steps {_step(part['start_step'])}..{_step(part['end_step'])} (stage {part['stage']}): "
+                        f"{mix}{ends}")
+        for name, p, w in zip(self.names, self.positions, self.windows):
+            n = float(total[name])
+            rows.append(f"  {name:<{width}}  ~{n:,.0f} more samples; {(p + n) / w:.2f} epochs of it by the end"
+                        + (" (repeats data)" if p + n > w else ""))
+        return "\n".join(rows)
 
     @property
     def current_shares(self) -> dict[str, float]:

@@ -288,6 +288,8 @@ class Trainer:
                                         self.cfg.training.attention))
         log.info("batch: %d sequences x %d tokens per step = %d ranks x %d microbatches x %d", t.global_batch_size,
                  t.seq_len, self.dims.dp, self.n_micro, t.micro_batch_size)
+        if hasattr(self.data, "describe_plan"):
+            log.info("%s", self.data.describe_plan(t.steps))
 
     # ------------------------------------------------------------------ state
 

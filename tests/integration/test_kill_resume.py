@@ -167,3 +167,17 @@ def test_the_time_limit_saves_and_stops_and_the_next_invocation_finishes(config,
     assert _newest_complete_step(run_dir) == max(train_losses(run_dir)) == 1
     subprocess.run(command(config, run_dir), check=True, env=env(), capture_output=True)
     assert train_losses(run_dir) == uninterrupted
+
+
+def test_data_plan_prints_the_mixture_per_stage_and_continues_from_the_newest_checkpoint(config, tmp_path):
+    run_dir = tmp_path / "run"
+    plan = [sys.executable, "-m", "cptron.cli", "data", "plan", str(config), "--training.run_dir", str(run_dir)]
+    fresh = subprocess.run(plan, env=env(), capture_output=True, text=True, check=True).stdout
+    assert "steps 0..30" in fresh and "steps 0..15 (stage 0): new 75.0%, old 25.0%" in fresh
+    assert "steps 15..30 (stage 1): new 50.0%, old 50.0%" in fresh
+    assert "new  ~150 more samples" in fresh and "old  ~90 more samples" in fresh  # new: 8 x (15 x 3/4 + 15 / 2)
+    subprocess.run(command(config, run_dir) + ["--training.time_limit_minutes", "0.0001"], env=env(),
+                   capture_output=True)
+    resumed = subprocess.run(plan, env=env(), capture_output=True, text=True, check=True).stdout
+    assert "resuming from" in resumed and "step-00000001" in resumed
+    assert "steps 1..15 (stage 0)" in resumed and "new  ~144 more samples" in resumed

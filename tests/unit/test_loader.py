@@ -505,3 +505,28 @@ def test_packed_index_round_trips_with_32_and_64_bit_document_ids(big_ids):
     assert PackedIndex.from_bytes(pack(ids, lengths, 4, seed_words("t"), None), "test").perm is None
     with pytest.raises(CptronError, match="is corrupt"):
         PackedIndex.from_bytes(raw[:-8], "cut")
+
+
+@pytest.mark.parametrize("resume_at", [0, 8])
+def test_the_plan_predicts_the_samples_each_source_gives_in_every_stretch(shards, tmp_path, resume_at):
+    """Stages and a cap that runs out mid-run: the plan's per-source counts match the ledger's to within one
+    sample per stretch, also when planned from a resumed state."""
+    cfg = DataConfig(sources={"web": SourceConfig(paths=[shards["web"]]),
+                              "med": SourceConfig(paths=[shards["med"]], max_samples=70)},
+                     replay=ReplayConfig(fraction=0.25, sources=["web"]),
+                     stages=[StageConfig(start_step=30, replay_fraction=0.5)])
+    loader, _ = build(cfg, tmp_path, total_steps=40)
+    for _ in range(resume_at):
+        next(loader)
+    parts = loader.plan(40)
+    text = loader.describe_plan(40)
+    assert [p["stage"] for p in parts] == [0, 0, 1] and parts[0]["ran_out"] == ["med"]
+    assert "med reach(es) the cap" in text and "steps 30..40 (stage 1): med 0.0%, web 100.0%" in text
+    got = defaultdict(int)
+    for _ in range(resume_at, 40):
+        next(loader)
+        for r in loader.last_samples:
+            got[r.source] += 1
+    for name in ("web", "med"):
+        planned = float(sum(p["samples"][name] for p in parts))
+        assert abs(planned - got[name]) <= len(parts), (name, planned, got[name])
