@@ -205,6 +205,9 @@ class Trainer:
         elif init_from:
             self.checkpointer.load_initial_weights(init_from, self.parts)
             log.info("initial weights from %s", init_from)
+        # On every rank (it is the same everywhere): a mixture that runs out of data before
+        # training.steps raises here on all ranks, not mid-run and not on rank 0 alone.
+        self._data_plan = self.data.describe_plan(t.steps) if hasattr(self.data, "describe_plan") else None
         self._log_setup()
 
     # ------------------------------------------------------------------ setup
@@ -288,8 +291,8 @@ class Trainer:
                                         self.cfg.training.attention))
         log.info("batch: %d sequences x %d tokens per step = %d ranks x %d microbatches x %d", t.global_batch_size,
                  t.seq_len, self.dims.dp, self.n_micro, t.micro_batch_size)
-        if hasattr(self.data, "describe_plan"):
-            log.info("%s", self.data.describe_plan(t.steps))
+        if self._data_plan is not None:
+            log.info("%s", self._data_plan)
 
     # ------------------------------------------------------------------ state
 
