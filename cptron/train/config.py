@@ -48,7 +48,7 @@ class TrainingConfig:
     max_skipped_steps: int = 10
     """With nonfinite=skip: stop with an error once this many steps were skipped in the run."""
     time_limit_minutes: float = 0.0
-    """Stop this invocation after this much wall time (checked after each step): save a checkpoint and exit with code 75 so the same command resumes, e.g. a few minutes under a SLURM job's limit; 0: no limit."""
+    """Stop this invocation after this much wall time from its start, set-up included (checked after each step): save a checkpoint and exit with code 75 so the same command resumes, e.g. a few minutes under a SLURM job's limit; 0: no limit."""
     tokenizer: Optional[str] = None
     """Tokenizer directory carried into every checkpoint (so an HF export has it); default: the init model's."""
 

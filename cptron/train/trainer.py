@@ -145,6 +145,7 @@ class Trainer:
 
         from cptron.config import validate_config
 
+        self._started = time.monotonic()  # training.time_limit_minutes counts set-up time too
         for section in (cfg.model, cfg.training, cfg.parallel, cfg.optim, cfg.lr, cfg.checkpoint, cfg.metrics):
             validate_config(section)
         cfg.validate()
@@ -505,7 +506,7 @@ class Trainer:
         tokens_per_step = t.global_batch_size * t.seq_len
         ckpt_every = cfg.checkpoint.interval
         stops = _StopRequests(cfg.checkpoint.save_on_signals)
-        started = time.monotonic()
+        started = self._started
         try:
             end = t.steps if stop_at is None else min(stop_at, t.steps)
             if self.val_sets and t.eval_at_start and self.step == 0:
