@@ -14,6 +14,7 @@ MFU = achieved FLOP/s per device / the device's dense peak FLOP/s.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -21,7 +22,7 @@ import os
 import secrets
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
@@ -64,6 +65,8 @@ class MetricsConfig:
     """tqdm progress bar on rank 0: auto shows it only when stderr is a terminal."""
     peak_tflops: Optional[float] = None
     """Peak dense TFLOP/s of one device for MFU; None looks the device up in the built-in table (none on CPU)."""
+    profile_steps: list[int] = field(default_factory=list)
+    """Optimizer steps (1-based, as logged) to record with torch.profiler on every rank: CPU and CUDA activity with shapes and memory, as Chrome traces run_dir/profile/step-N-rank-R.json (open in Perfetto or chrome://tracing); rank 0 logs the top operators."""
 
     def validate(self) -> None:
         """Raise ConfigError naming the first impossible field."""
@@ -76,6 +79,37 @@ class MetricsConfig:
               "a non-empty project name when metrics.wandb is true")
         _need(self.peak_tflops is None or (math.isfinite(self.peak_tflops) and self.peak_tflops > 0),
               "metrics.peak_tflops", self.peak_tflops, "None or a float > 0")
+        _need(all(isinstance(s, int) and s >= 1 for s in self.profile_steps), "metrics.profile_steps",
+              self.profile_steps, "a list of optimizer steps >= 1")
+
+
+class StepProfiler:
+    """torch.profiler around the optimizer steps in `MetricsConfig.profile_steps` (1-based)."""
+
+    def __init__(self, steps: list[int], run_dir: str, rank: int, device: torch.device):
+        self.steps, self.rank, self.device = set(steps), rank, device
+        self.folder = os.path.join(run_dir, "profile")
+
+    @contextlib.contextmanager
+    def step(self, step: int):
+        """Profile the body if optimizer step `step` (1-based) is one to record."""
+        if step not in self.steps:
+            yield
+            return
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        with profile(activities=activities, record_shapes=True, profile_memory=True) as prof:
+            yield
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        os.makedirs(self.folder, exist_ok=True)
+        path = os.path.join(self.folder, f"step-{step}-rank-{self.rank}.json")
+        prof.export_chrome_trace(path)
+        if self.rank == 0:
+            key = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+            log.info("profile of step %d written to %s (one file per rank); top operators:\n%s", step, path,
+                     prof.key_averages().table(sort_by=key, row_limit=12))
 
 
 # ---------------------------------------------------------------- FLOPs, peaks, memory

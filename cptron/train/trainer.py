@@ -491,8 +491,8 @@ class Trainer:
     def run(self, stop_at: Optional[int] = None) -> TrainResult:
         """Train to training.steps. `stop_at` ends this invocation after that step
         without the final eval and save, as a preemption would (tests, job-time limits)."""
-        from cptron.train.metrics import MetricsLogger, Throughput, device_peak_flops, flops_per_token, \
-            memory_stats
+        from cptron.train.metrics import MetricsLogger, StepProfiler, Throughput, device_peak_flops, \
+            flops_per_token, memory_stats
 
         cfg, t = self.cfg, self.cfg.training
         result = TrainResult(last_step=self.step, resumed_from=self.resumed_from, skipped_steps=self.skipped)
@@ -505,6 +505,7 @@ class Trainer:
         meter = Throughput(fpt, peak, self.world_size)
         tokens_per_step = t.global_batch_size * t.seq_len
         ckpt_every = cfg.checkpoint.interval
+        profiler = StepProfiler(cfg.metrics.profile_steps, t.run_dir, self.rank, self.device)
         stops = _StopRequests(cfg.checkpoint.save_on_signals)
         started = self._started
         try:
@@ -514,7 +515,8 @@ class Trainer:
                 metrics.log(0, {f"val/{k}": v for k, v in ev.items()}, kind="eval")
             while self.step < end:
                 batch = next(self.data)
-                loss, norm, stepped = self.train_step(batch)
+                with profiler.step(self.step + 1):
+                    loss, norm, stepped = self.train_step(batch)
                 step = self.step
                 self.step += 1
                 if not stepped:

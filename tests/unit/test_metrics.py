@@ -283,3 +283,26 @@ def test_tensorboard_resume_hides_the_old_tail(tmp_path):
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(10, 10.0), (20, 20.0), (30, 3.5)]
+
+
+def test_profiled_steps_write_a_chrome_trace_per_rank(tmp_path):
+    from cptron.data.interface import InMemoryTokenSource
+    from cptron.parallel.dims import ParallelConfig
+    from cptron.testing.distributed import run_distributed
+    from cptron.testing.training import make_train_config
+    from cptron.train.trainer import Trainer
+
+    def train(rank, world_size, run_dir):
+        cfg = make_train_config(run_dir, ParallelConfig(dp_shard=world_size), steps=3)
+        cfg.metrics.profile_steps = [2]
+        tokens = torch.randint(3, 500, (4000,), generator=torch.Generator().manual_seed(0))
+        Trainer(cfg, data_factory=lambda r, n: (InMemoryTokenSource(tokens, 16, 8, r, n), {})).run()
+
+    run_distributed(train, 2, str(tmp_path))
+    files = sorted(p.name for p in (tmp_path / "profile").iterdir())
+    assert files == ["step-2-rank-0.json", "step-2-rank-1.json"]
+    trace = json.loads((tmp_path / "profile" / "step-2-rank-0.json").read_text())
+    names = {e.get("name") for e in trace["traceEvents"]}
+    assert "aten::mm" in names and any(n and "adamw" in n.lower() for n in names)
+    with pytest.raises(ConfigError, match="metrics.profile_steps"):
+        MetricsConfig(profile_steps=[0]).validate()
