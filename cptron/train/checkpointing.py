@@ -96,7 +96,7 @@ class CheckpointConfig:
     load_optimizer: bool = True
     """Restore the AdamW state when resuming; false starts it fresh (e.g. from a weights-only checkpoint)."""
     save_on_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
-    """On these signals (SLURM sends SIGTERM before killing a job, or SIGUSR1 with --signal) finish the current step, save a checkpoint and exit with code 75 so the same command resumes; a second signal kills at once; [] (or '' on the command line): the default handling."""
+    """On these signals (SLURM sends SIGTERM before killing a job, or SIGUSR1 with --signal) finish the current step, save a checkpoint and exit with code 75 so the same command resumes (under torchrun: see the README for --signals-to-handle and --shutdown-timeout); the same signal again after 5 s kills at once; [] (or '' on the command line): the default handling."""
 
     def validate(self) -> None:
         for ok, name, expected in (

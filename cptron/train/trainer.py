@@ -75,11 +75,17 @@ rerunning the same command resumes (75 is EX_TEMPFAIL, "try again later")."""
 class _StopRequests:
     """Signal handlers that ask the training loop to save and stop at the next step boundary.
 
-    The first signal only sets a flag; a second one of the same kind gets the default
-    action (usually death), for a run that is stuck and should not wait."""
+    The first signal only sets a flag. Copies arriving within `repeat_grace_s` belong to the
+    same request: under SLURM a worker gets the job's SIGTERM both directly and forwarded by
+    torchrun. A signal repeated later gets the default action (usually death), for a run that
+    is stuck and should not wait. Installed for `Trainer.run` only: during set-up a signal
+    keeps its default action, which loses nothing (no step has run yet)."""
+
+    repeat_grace_s = 5.0
 
     def __init__(self, names: list[str]):
         self.received: Optional[str] = None
+        self._first_at = 0.0
         self._previous: dict[int, object] = {}
         if not names:
             return
@@ -93,16 +99,20 @@ class _StopRequests:
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
         if self.received is not None:
+            if time.monotonic() - self._first_at < self.repeat_grace_s:
+                return  # the same request, delivered twice (directly and through the launcher)
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
-        self.received = name
-        log.warning("received %s: finishing this step, then saving a checkpoint and stopping (send it again to "
-                    "stop at once)", name)
+        self.received, self._first_at = name, time.monotonic()
+        log.warning("received %s: finishing this step, then saving a checkpoint and stopping (send it again "
+                    "after %.0f s to stop at once)", name, self.repeat_grace_s)
 
     def restore(self) -> None:
+        """Put back the handlers found at installation; one installed outside Python (which
+        signal.signal cannot reinstall) becomes the default action."""
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
         self._previous.clear()
 
 

@@ -15,6 +15,19 @@ import yaml
 from cptron.data.indexed import IndexedDatasetWriter
 
 
+def _children(pid: int) -> list[int]:
+    """Direct child processes of `pid` (Linux /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
 def losses(run_dir: Path) -> dict[int, float]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
@@ -46,9 +59,11 @@ def test_torchrun_two_ranks_match_one_process(tmp_path):
     assert (tmp_path / "two" / "checkpoints" / "step-00000004" / "COMPLETE").is_file()
 
 
-def test_sigterm_to_torchrun_saves_the_current_step_on_every_rank(tmp_path):
-    """torchrun forwards SIGTERM to its workers (as it does when SLURM stops the job step): both ranks
-    finish the same step, save it and exit 75; the same command then resumes and finishes."""
+@pytest.mark.parametrize("workers_too", [False, True], ids=["torchrun_only", "like_slurm"])
+def test_sigterm_to_torchrun_saves_the_current_step_on_every_rank(tmp_path, workers_too):
+    """torchrun forwards SIGTERM to its workers; SLURM (proctrack/cgroup) also signals every process of
+    the step, so each worker gets it twice. Either way both ranks finish the same step, save it and
+    exit 75; the same command then resumes and finishes."""
     import signal
     import time
 
@@ -72,7 +87,12 @@ def test_sigterm_to_torchrun_saves_the_current_step_on_every_rank(tmp_path):
     while not (metrics.exists() and metrics.read_text().count('"kind": "train"') >= 5) and proc.poll() is None:
         assert time.time() < deadline, "training never got there"
         time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
+    workers = []
+    if workers_too:
+        workers = _children(proc.pid)
+        assert len(workers) == 2, workers
+    for pid in [proc.pid, *workers]:
+        os.kill(pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=180)
     assert proc.returncode != 0, "torchrun reports the early stop as a failure, so a job script notices"
     assert err.count("received SIGTERM") == 2, err[-3000:]
