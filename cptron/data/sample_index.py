@@ -230,16 +230,25 @@ def load_or_build(path: str, build: Callable[[], None], wait_s: float = LOCK_WAI
                 pass
 
 
+_CHUNK = 1 << 22
+
+
 def _one_sequence_per_document(shard: IndexedDataset) -> bool:
-    return shard.num_documents == len(shard) and bool((np.diff(shard.document_indices) == 1).all())
+    """True when the document indices are 0, 1, ..., n (checked in chunks: no O(n) temporaries)."""
+    docs = shard.document_indices
+    if shard.num_documents != len(shard):
+        return False
+    for lo in range(0, len(docs), _CHUNK):
+        hi = min(lo + _CHUNK, len(docs))
+        if not np.array_equal(docs[lo:hi], np.arange(lo, hi, dtype=docs.dtype)):
+            return False
+    return True
 
 
-def document_spans(shard: IndexedDataset) -> Optional[tuple[np.ndarray, np.ndarray]]:
-    """(token counts, element offsets of the first tokens) of the shard's documents; None when each document
-    is one sequence. Raises CptronError naming the shard if a document's sequences are not back to back in
-    the .bin (no known writer does that; the loader reads a document as one run of tokens)."""
-    if _one_sequence_per_document(shard):
-        return None
+def document_spans(shard: IndexedDataset) -> tuple[np.ndarray, np.ndarray]:
+    """(token counts, element offsets of the first tokens) of the shard's documents (int64). Raises
+    CptronError naming the shard if a document's sequences are not back to back in the .bin (no known
+    writer does that; the loader reads a document as one run of tokens)."""
     lengths = shard.sequence_lengths.astype(np.int64)
     starts = shard.sequence_pointers // shard.dtype.itemsize
     bounds = shard.document_indices.astype(np.int64)
@@ -273,9 +282,11 @@ class SourceIndex:
         self.shards = [IndexedDataset(p) for p in prefixes]
         self._itemsize = [s.dtype.itemsize for s in self.shards]
         self._views: Optional[list[np.ndarray]] = None
-        # Per shard, (token counts, first-token element offsets) of its documents; None where every
-        # document is one sequence (then the index's own arrays serve, without a copy).
-        self._documents = [document_spans(s) for s in self.shards]
+        # Shards whose documents span several sequences; their (token counts, first-token element
+        # offsets) per document are built once into the cache and memory-mapped (`_spans`). Elsewhere
+        # the index's own arrays serve, without a copy.
+        self._multi = [not _one_sequence_per_document(s) for s in self.shards]
+        self._documents: dict[int, np.ndarray] = {}
         counts = np.array([s.num_documents for s in self.shards], dtype=np.int64)
         self.shard_starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.num_documents = int(self.shard_starts[-1])
@@ -291,18 +302,41 @@ class SourceIndex:
     def _fingerprint(self) -> str:
         h = hashlib.blake2b(digest_size=16)
         h.update(json.dumps([INDEX_FORMAT, self.name, self.seq_len, self.seed, str(self.held_out_fraction)]).encode())
-        for shard, spans in zip(self.shards, self._documents):  # content identity, not paths: moved data keeps
+        for shard, multi in zip(self.shards, self._multi):  # content identity, not paths: moved data keeps
             # its cache and its run state
             h.update(json.dumps([len(shard), shard.num_tokens, shard.dtype.name, shard.tokenizer_fingerprint]).encode())
             h.update(memoryview(np.ascontiguousarray(shard.sequence_lengths)))
-            if spans is not None:  # the grouping into documents decides the packing
+            if multi:  # the grouping into documents decides the packing
                 h.update(b"documents")
                 h.update(memoryview(np.ascontiguousarray(shard.document_indices)))
         return h.hexdigest()
 
+    def _spans(self, k: int) -> Optional[np.ndarray]:
+        """[token counts, first-token element offsets] (int64, 2 x documents) of shard k's documents,
+        memory-mapped from the cache (built there by the first process to need it); None when each of
+        its documents is one sequence."""
+        if not self._multi[k]:
+            return None
+        spans = self._documents.get(k)
+        if spans is None:
+            self._ensure_dir()
+            path = self._path(f"documents-{k:05d}.npy")
+
+            def build() -> None:
+                lengths, starts = document_spans(self.shards[k])
+                _atomic_save(path, np.stack([lengths, starts]))
+
+            load_or_build(path, build)
+            spans = np.load(path, mmap_mode="r").view(np.ndarray)
+            if spans.shape != (2, self.shards[k].num_documents):
+                raise CptronError(f"document index {path} has shape {spans.shape}, expected "
+                                  f"(2, {self.shards[k].num_documents}); delete {self.dir} to rebuild")
+            self._documents[k] = spans
+        return spans
+
     def document_lengths(self, k: int) -> np.ndarray:
         """Token counts of shard k's documents."""
-        spans = self._documents[k]
+        spans = self._spans(k)
         return self.shards[k].sequence_lengths if spans is None else spans[0]
 
     # ------------------------------------------------------------ building (one process)
@@ -513,7 +547,7 @@ class SourceIndex:
         starts = np.empty(len(shard), dtype=np.int64)
         for k in (np.unique(shard) if len(self.shards) > 1 else (0,)):
             sel = shard == k if len(self.shards) > 1 else slice(None)
-            spans, docs = self._documents[k], p["shard_doc"][sel]
+            spans, docs = self._spans(k), p["shard_doc"][sel]
             first = (self.shards[k].sequence_pointers[docs] // self._itemsize[k] if spans is None
                      else spans[1][docs])
             starts[sel] = first + p["offset"][sel]

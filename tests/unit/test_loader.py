@@ -132,6 +132,8 @@ def test_documents_of_several_sequences_are_packed_and_held_out_as_one_document(
         loader, val = build(cfg, tmp_path / name, gbs=4)
         batches = [next(loader) for _ in range(6)]
         assert loader.sources[0].num_documents == len(docs)
+        # built once into the cache and memory-mapped, not recomputed per rank
+        assert bool(list((tmp_path / name / "cache").rglob("documents-00000.npy"))) == (name == "split")
         pieces = [loader.describe(r) for r in loader.last_samples]
         out[name] = (batches, list(val["web"]()), pieces, np.asarray(loader.sources[0].epoch(0).order).tolist())
     (b_split, v_split, p_split, order_split), (b_whole, v_whole, p_whole, order_whole) = out["split"], out["whole"]
