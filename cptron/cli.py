@@ -229,7 +229,10 @@ def run_data_plan(cfg: TrainConfig) -> str:
     lines.append(loader.describe_plan(t.steps))
     for name in validation:
         meta = loader.sources[loader.names.index(name)].meta
-        windows = min(meta["validation_windows"], cfg.data.validation.num_batches * t.global_batch_size)
+        batches = cfg.data.validation.num_batches
+        if t.eval_batches:
+            batches = min(batches, t.eval_batches)
+        windows = min(meta["validation_windows"], batches * t.global_batch_size)
         lines.append(f"validation set {name}: {windows} samples from {meta['validation_documents']:,} held-out "
                      f"documents ({-(-windows // t.global_batch_size)} batch(es))")
     text = "\n".join(lines)

@@ -12,8 +12,9 @@ A shard is a pair of files that megatron-core's `IndexedDataset` reads unchanged
   documents, 0 first and S last, so a shard holds D - 1 documents. Multimodal
   shards append S int8 sequence modes; they are read, never written.
 
-cptron writes one sequence per document. It reads shards whose documents span
-several sequences, as Megatron's builder writes with `end_document()`.
+cptron writes one sequence per document unless told the sequences of a document
+(`add_document(tokens, sequence_lengths=...)`), and reads shards whose documents
+span several sequences, as Megatron's builder writes with `end_document()`.
 
 `<prefix>.json` (the sidecar) is cptron's addition, ignored by Megatron. It
 records the tokenizer fingerprint, the vocabulary size and the largest token id,

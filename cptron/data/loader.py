@@ -246,8 +246,16 @@ class MixtureLoader:
             stop = Fraction(end * self.global_batch_size)
             while at < stop:
                 live = {n for n, r in zip(self.names, left) if r is None or r > 0}
-                table = shares(stage.weights, stage.replay_fraction, self._replay_sources, active=live,
-                               where=f"data (stage {stage.index})")
+                try:
+                    table = shares(stage.weights, stage.replay_fraction, self._replay_sources, active=live,
+                                   where=f"data (stage {stage.index})")
+                except CptronError:
+                    done = [f"{n} (cap {c})" for n, r, c in zip(self.names, left, self.caps) if r is not None and r <= 0]
+                    raise CptronError(
+                        f"data: the mixture runs out of samples at step {_step(float(at / self.global_batch_size))} "
+                        f"of {total_steps}: {', '.join(done)} reach their caps (epochs/max_samples) and the other "
+                        f"sources have weight 0 in stage {stage.index}; raise the caps, lower training.steps or give "
+                        "an uncapped source a weight") from None
                 span = stop - at
                 for n, r in zip(self.names, left):  # the first capped source to run out ends the stretch
                     if r is not None and r > 0 and table[n] > 0:

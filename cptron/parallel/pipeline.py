@@ -295,18 +295,25 @@ class TiedEmbeddingSync:
                 group = dist.new_group(pair)  # every rank creates every group, in the same order
                 if me in pair:
                     self.group = group
-            self._check_layouts()
+        self._check_layouts()
 
     def _check_layouts(self) -> None:
-        """Both copies must be split alike (same global shape and placements), or summing local shards is wrong."""
-        if self.group is None:
-            return
+        """Both copies must be split alike (same global shape and placements), or summing local shards is
+        wrong. Collective over the world, so that every rank (middle stages too) raises together."""
         mine = [(tuple(p.shape), tuple(_local(p).shape), str(getattr(p, "placements", None))) for p in self.params]
-        seen: list = [None] * dist.get_world_size(self.group)
-        dist.all_gather_object(seen, mine, group=self.group)
-        flat = {desc for descs in seen for desc in descs}
-        if len(flat) != 1:
-            raise ConfigError(f"tied embeddings across pipeline stages need identically split copies, got {sorted(flat)}")
+        if self.group is not None:
+            seen: list = [None] * dist.get_world_size(self.group)
+            dist.all_gather_object(seen, mine, group=self.group)
+            mine = [desc for descs in seen for desc in descs]
+        error = None
+        if len(set(mine)) > 1:
+            error = f"tied embeddings across pipeline stages need identically split copies, got {sorted(set(mine))}"
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            errors: list = [None] * dist.get_world_size()
+            dist.all_gather_object(errors, error)
+            error = next((e for e in errors if e is not None), None)
+        if error is not None:
+            raise ConfigError(error)
 
     @torch.no_grad()
     def reduce_grads(self) -> None:
