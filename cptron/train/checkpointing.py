@@ -107,13 +107,13 @@ class CheckpointConfig:
                 (bool(self.folder), "folder", "a directory path"),
                 (self.init_from is None or Path(self.init_from).is_dir(), "init_from",
                  "an existing HF model directory or cptron checkpoint"),
-                (all(isinstance(n, str) and _signal_number(n) is not None for n in self.save_on_signals),
+                (all(isinstance(n, str) and signal_number(n) is not None for n in self.save_on_signals),
                  "save_on_signals", "a list of signal names such as SIGTERM or SIGUSR1 (not SIGKILL or SIGSTOP)")):
             if not ok:
                 raise ConfigError(f"checkpoint.{name}={getattr(self, name)!r} is invalid: expected {expected}")
 
 
-def _signal_number(name: str) -> Optional[int]:
+def signal_number(name: str) -> Optional[int]:
     """The number of the catchable signal `name` (e.g. "SIGTERM" or "TERM"), else None."""
     import signal
 

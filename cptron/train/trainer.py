@@ -92,8 +92,10 @@ class _StopRequests:
         if threading.current_thread() is not threading.main_thread():
             log.warning("checkpoint.save_on_signals ignored: signal handlers need the main thread")
             return
-        for name in names:
-            sig = signal.Signals[name.upper() if name.upper().startswith("SIG") else "SIG" + name.upper()]
+        from cptron.train.checkpointing import signal_number
+
+        for name in names:  # validated by CheckpointConfig
+            sig = signal.Signals(signal_number(name))
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
@@ -470,7 +472,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
 
-    def _stop_reason(self, stops: _StopRequests, started: float) -> Optional[str]:
+    def _stop_reason(self, stops: _StopRequests) -> Optional[str]:
         """A signal's name or "time limit" when this invocation should save and stop now; every rank
         gets the same answer (any rank's signal counts, rank 0's clock decides the time limit)."""
         limit_s = self.cfg.training.time_limit_minutes * 60.0
@@ -479,7 +481,7 @@ class Trainer:
         code = 0
         if stops.received is not None:
             code = 1 + int(signal.Signals[stops.received])
-        elif limit_s and self.rank == 0 and time.monotonic() - started >= limit_s:
+        elif limit_s and self.rank == 0 and time.monotonic() - self._started >= limit_s:
             code = -1
         if self.world_size > 1:
             # On the training device: NCCL's small all-reduce stays fast at thousands of ranks, where
@@ -520,7 +522,6 @@ class Trainer:
         ckpt_every = cfg.checkpoint.interval
         profiler = StepProfiler(cfg.metrics.profile_steps, t.run_dir, self.rank, self.device)
         stops = _StopRequests(cfg.checkpoint.save_on_signals)
-        started = self._started
         try:
             end = t.steps if stop_at is None else min(stop_at, t.steps)
             if self.val_sets and t.eval_at_start and self.step == 0:
@@ -560,7 +561,7 @@ class Trainer:
                 if ckpt_every and self.step % ckpt_every == 0 and self.step < t.steps:
                     self.save()
                     meter.reset()
-                if self.step < end and (reason := self._stop_reason(stops, started)) is not None:
+                if self.step < end and (reason := self._stop_reason(stops)) is not None:
                     if self._last_saved != self.step:
                         self.save()
                     self.checkpointer.wait()

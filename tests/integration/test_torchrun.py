@@ -33,16 +33,22 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
 
 
-def test_torchrun_two_ranks_match_one_process(tmp_path):
-    rng = np.random.default_rng(1)
+def write_run(tmp_path: Path, *, docs: int, seed: int, steps: int, **extra) -> None:
+    """Random documents as one shard source, and tmp_path/train.yaml training a tiny model on them."""
+    rng = np.random.default_rng(seed)
     with IndexedDatasetWriter(tmp_path / "data" / "shard", vocab_size=300) as w:
-        for _ in range(200):
+        for _ in range(docs):
             w.add_document(np.append(rng.integers(3, 300, size=int(rng.integers(5, 50))), 2))
     cfg = {"model": {"preset": "tiny", "vocab_size": 300, "pad_vocab_to_multiple_of": 64, "max_seq_len": 64},
-           "training": {"steps": 4, "global_batch_size": 8, "micro_batch_size": 2, "seq_len": 32, "device": "cpu"},
+           "training": {"steps": steps, "global_batch_size": 8, "micro_batch_size": 2, "seq_len": 32,
+                        "device": "cpu"},
            "data": {"sources": {"text": {"paths": [str(tmp_path / "data")]}}},
-           "metrics": {"log_every": 1, "progress_bar": "off"}}
+           "metrics": {"log_every": 1, "progress_bar": "off"}, **extra}
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(cfg))
+
+
+def test_torchrun_two_ranks_match_one_process(tmp_path):
+    write_run(tmp_path, docs=200, seed=1, steps=4)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     train = ["-m", "cptron.cli", "train", str(tmp_path / "train.yaml")]
     subprocess.run([sys.executable, *train, "--training.run_dir", str(tmp_path / "one")], check=True, env=env,
@@ -67,16 +73,7 @@ def test_sigterm_to_torchrun_saves_the_current_step_on_every_rank(tmp_path, work
     import signal
     import time
 
-    rng = np.random.default_rng(2)
-    with IndexedDatasetWriter(tmp_path / "data" / "shard", vocab_size=300) as w:
-        for _ in range(400):
-            w.add_document(np.append(rng.integers(3, 300, size=int(rng.integers(5, 50))), 2))
-    cfg = {"model": {"preset": "tiny", "vocab_size": 300, "pad_vocab_to_multiple_of": 64, "max_seq_len": 64},
-           "training": {"steps": 60, "global_batch_size": 8, "micro_batch_size": 2, "seq_len": 32, "device": "cpu"},
-           "data": {"sources": {"text": {"paths": [str(tmp_path / "data")]}}},
-           "checkpoint": {"interval": 50},
-           "metrics": {"log_every": 1, "progress_bar": "off"}}
-    (tmp_path / "train.yaml").write_text(yaml.safe_dump(cfg))
+    write_run(tmp_path, docs=400, seed=2, steps=60, checkpoint={"interval": 50})
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
            "cptron.cli", "train", str(tmp_path / "train.yaml"), "--training.run_dir", str(tmp_path / "run"),
