@@ -281,12 +281,11 @@ class TiedEmbeddingSync:
     """
 
     def __init__(self, parts: list[nn.Module], mesh, pp_rank_of_first: int, pp_rank_of_last: int):
-        self.embedding = [p.tok_embeddings.weight for p in parts if getattr(p, "tok_embeddings", None) is not None]
+        embedding = [p.tok_embeddings.weight for p in parts if getattr(p, "tok_embeddings", None) is not None]
         self.duplicates = [p.output.weight for p in parts
                            if getattr(p, "output", None) is not None and getattr(p, "tok_embeddings", None) is None]
-        self.params = self.embedding + self.duplicates
+        self.params = embedding + self.duplicates
         self.group = None
-        self.peers: tuple[int, int] = (pp_rank_of_first, pp_rank_of_last)
         if pp_rank_of_first != pp_rank_of_last:
             ranks = mesh.mesh  # global ranks, [pp, dp_replicate, dp_shard, tp]
             me = dist.get_rank()
