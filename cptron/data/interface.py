@@ -36,6 +36,8 @@ class Batch:
     """Target ids (the next token); IGNORE_INDEX where no loss is taken."""
     doc_ids: Optional[torch.Tensor] = None
     """Document index of each token within its row (packed documents); None: one document per row."""
+    sources: Optional[torch.Tensor] = None
+    """[rows] index of each row's source in the loader's `source_names` (per-source losses); None: one source."""
 
     def __post_init__(self):
         if self.tokens.shape != self.labels.shape or self.tokens.dim() != 2:
@@ -44,6 +46,9 @@ class Batch:
         if self.doc_ids is not None and self.doc_ids.shape != self.tokens.shape:
             raise CptronError(f"Batch: doc_ids {tuple(self.doc_ids.shape)} must match tokens "
                               f"{tuple(self.tokens.shape)}")
+        if self.sources is not None and tuple(self.sources.shape) != (self.tokens.shape[0],):
+            raise CptronError(f"Batch: sources {tuple(self.sources.shape)} must hold one index per row "
+                              f"({self.tokens.shape[0]})")
 
     @property
     def rows(self) -> int:
@@ -51,11 +56,13 @@ class Batch:
 
     def slice(self, start: int, stop: int) -> "Batch":
         return Batch(self.tokens[start:stop], self.labels[start:stop],
-                     None if self.doc_ids is None else self.doc_ids[start:stop])
+                     None if self.doc_ids is None else self.doc_ids[start:stop],
+                     None if self.sources is None else self.sources[start:stop])
 
     def to(self, device) -> "Batch":
         return Batch(self.tokens.to(device), self.labels.to(device),
-                     None if self.doc_ids is None else self.doc_ids.to(device))
+                     None if self.doc_ids is None else self.doc_ids.to(device),
+                     None if self.sources is None else self.sources.to(device))
 
     @staticmethod
     def from_windows(windows: torch.Tensor | np.ndarray, doc_ids=None) -> "Batch":

@@ -126,6 +126,11 @@ class MixtureLoader:
     packs_documents = True
     """Rows hold several documents; Batch.doc_ids tells them apart (for document masking)."""
 
+    @property
+    def source_names(self) -> list[str]:
+        """Names of the sources, in the order Batch.sources indexes them."""
+        return list(self.names)
+
     def __init__(self, cfg: DataConfig, sources: dict[str, SourceIndex], *, seq_len: int, global_batch_size: int,
                  dp_rank: int, dp_size: int, seed: int, total_steps: Optional[int] = None):
         self.cfg, self.seq_len, self.global_batch_size = cfg, int(seq_len), int(global_batch_size)
@@ -344,7 +349,9 @@ class MixtureLoader:
             windows[rows] = index.window_of(ks[rows])
             source.read(index, windows[rows], tokens, doc_ids, None if len(rows) == n_rows else rows)
         self._last = (first + lo, src_rows, epochs, ks, windows)
-        return batch_from_windows(tokens, doc_ids)
+        batch = batch_from_windows(tokens, doc_ids)
+        batch.sources = torch.from_numpy(src_rows)
+        return batch
 
     @property
     def last_samples(self) -> list[SampleRef]:

@@ -22,13 +22,27 @@ def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, vocab_size: in
     `logits` [B, T, V_padded] is a plain tensor or a DTensor sharded on the vocab
     dimension (then the call, and its backward, must run under
     `torch.distributed.tensor.parallel.loss_parallel()`)."""
+    return _cross_entropy(logits, labels, vocab_size, "sum")
+
+
+def cross_entropy_sum_and_rows(logits: torch.Tensor, labels: torch.Tensor,
+                               vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`cross_entropy_sum` and, detached, each row's part of it ([B] fp32 plain tensor), from one
+    cross-entropy (for per-source losses)."""
+    per_token = _cross_entropy(logits, labels, vocab_size, "none")
+    rows = per_token.detach()
+    if isinstance(rows, DTensor):  # replicated per-token losses under loss parallelism
+        rows = rows.to_local()
+    return per_token.sum(), rows.view(labels.shape).sum(1)
+
+
+def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int, reduction: str) -> torch.Tensor:
     if isinstance(logits, DTensor):
         logits = _mask_padded_columns(logits.float(), vocab_size)
-        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum",
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction=reduction,
                                ignore_index=IGNORE_INDEX)
-        return loss
     return F.cross_entropy(logits[..., :vocab_size].flatten(0, 1).float(), labels.flatten(),
-                           reduction="sum", ignore_index=IGNORE_INDEX)
+                           reduction=reduction, ignore_index=IGNORE_INDEX)
 
 
 def _mask_padded_columns(logits: DTensor, vocab_size: int) -> DTensor:

@@ -42,7 +42,7 @@ from cptron.models.llama import Transformer
 from cptron.parallel.dims import build_mesh, mixed_precision_dtype, resolve_parallel_dims
 from cptron.parallel.parallelize import describe_parallelism, parallelize_llama
 from cptron.train.config import TrainConfig
-from cptron.train.loss import cross_entropy_sum, loss_parallel_context
+from cptron.train.loss import cross_entropy_sum, cross_entropy_sum_and_rows, loss_parallel_context
 from cptron.train.optim import build_optimizers, clip_gradients, global_grad_norm, resolve_adamw_implementation
 
 log = logging.getLogger("cptron.train")
@@ -62,10 +62,15 @@ class TrainResult:
     eval_losses: dict[int, dict[str, float]] = field(default_factory=dict)
     skipped_steps: list[int] = field(default_factory=list)
     resumed_from: Optional[str] = None
+    source_losses: dict[int, dict[str, float]] = field(default_factory=dict)
+    """Per step, the mean token loss of each data source present in its batch."""
     stopped_by: Optional[str] = None
     """Why the run stopped before training.steps after saving a checkpoint (a signal's name or
     "time limit"); None when it finished or `stop_at` ended it."""
 
+
+_SOURCE_SHIFT = 1 << 32
+"""Under pipelining, labels + source * _SOURCE_SHIFT carries each row's source to the last stage's loss."""
 
 EXIT_RESUMABLE = 75
 """Exit status of `cptron train` when it saved and stopped early (a signal or the time limit):
@@ -203,6 +208,11 @@ class Trainer:
         else:
             data, val_sets = data_factory(self.dp_rank, self.dims.dp)
         self.data = data
+        # Per-source training losses (loss/<source> in the metrics) when the loader names its sources.
+        self.source_names: list[str] = list(getattr(data, "source_names", None) or [])
+        self._source_acc: Optional[torch.Tensor] = None
+        self._pp_rows: dict[int, tuple] = {}
+        self._last_source_losses: dict[str, float] = {}
         self.val_sets = val_sets or {}
 
         self.step = 0
@@ -334,13 +344,29 @@ class Trainer:
     # ------------------------------------------------------------------ step
 
     def _pipeline_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        loss = cross_entropy_sum(logits, labels, self.model_cfg.vocab_size)
+        labels_in = labels
+        if self._source_acc is not None:  # a training step with per-source losses: labels carry the source
+            sources = torch.div(labels[:, 0] + _SOURCE_SHIFT // 2, _SOURCE_SHIFT, rounding_mode="floor")
+            labels = labels - sources[:, None] * _SOURCE_SHIFT
+            loss, rows = cross_entropy_sum_and_rows(logits, labels, self.model_cfg.vocab_size)
+            # Kept per microbatch (its target's offset in the labels passed in): torch's schedules also
+            # call this on placeholder outputs with the first microbatch's target (backward metadata
+            # inference, at the first step and after each switch between training and eval), before the
+            # real call, which then replaces it.
+            self._pp_rows[labels_in.storage_offset()] = (rows, labels, sources)
+        else:
+            loss = cross_entropy_sum(logits, labels, self.model_cfg.vocab_size)
         if isinstance(loss, DTensor):
             loss = loss.full_tensor()
         loss = loss * self._loss_scale
         if self.loss_hook is not None:
             loss = self.loss_hook(self.step, loss)
         return loss
+
+    def _add_source_losses(self, rows: torch.Tensor, labels: torch.Tensor, sources: torch.Tensor) -> None:
+        acc = self._source_acc
+        acc[0].index_add_(0, sources, rows.to(acc.dtype))
+        acc[1].index_add_(0, sources, (labels != IGNORE_INDEX).sum(1).to(acc.dtype))
 
     def _doc_ids(self, b: Batch) -> Optional[torch.Tensor]:
         return b.doc_ids if self.cfg.training.document_masking else None
@@ -371,12 +397,43 @@ class Trainer:
         self._loss_scale = 1.0 / n_tokens.clamp_min(1.0)
         lp = self.dims.tp > 1 and self.cfg.parallel.loss_parallel
         total = torch.zeros((), device=self.device)
+        per_source = bool(self.source_names)  # the same on every rank
+        if per_source and batch.sources is None:
+            raise CptronError(f"the data loader names sources {self.source_names} but its batch has no "
+                              "Batch.sources")
+        # [loss sum, labelled tokens] per source, for the metrics; read by _pipeline_loss too.
+        self._source_acc = torch.zeros(2, len(self.source_names), device=self.device) if per_source else None
+        try:
+            self._forward_backward(batch, total, lp)
+        finally:
+            acc, self._source_acc = self._source_acc, None
+        dist.all_reduce(total, group=self.dp_mesh.get_group())
+        if self.pp_group is not None:
+            dist.all_reduce(total, group=self.pp_group)  # only last-stage ranks hold a loss
+        if acc is not None:
+            dist.all_reduce(acc, group=self.dp_mesh.get_group())
+            if self.pp_group is not None:
+                dist.all_reduce(acc, group=self.pp_group)
+            sums, counts = acc.tolist()
+            self._last_source_losses = {n: s / c for n, s, c in zip(self.source_names, sums, counts) if c > 0}
+        if self.tied_sync is not None:
+            self.tied_sync.reduce_grads()
+        self._last_loss = float(total)
+        return total
+
+    def _forward_backward(self, batch: Batch, total: torch.Tensor, lp: bool) -> None:
         with loss_parallel_context(lp):
             if self.pipeline is not None:
                 from cptron.parallel.pipeline import pipeline_train_step
 
                 for b in self._pieces(batch):
-                    out = pipeline_train_step(self.pipeline, b.tokens, self._ids(b), b.labels)
+                    labels = b.labels
+                    if self._source_acc is not None:  # the last stage's loss function reads each row's source
+                        labels = labels + b.sources[:, None] * _SOURCE_SHIFT
+                    self._pp_rows = {}
+                    out = pipeline_train_step(self.pipeline, b.tokens, self._ids(b), labels)
+                    for rows, row_labels, sources in self._pp_rows.values():
+                        self._add_source_losses(rows, row_labels, sources)
                     if out is not None:
                         total += out.detach()
             else:
@@ -386,7 +443,11 @@ class Trainer:
                         # Reduce-scatter gradients once, after the last microbatch.
                         model.set_requires_gradient_sync(i == self.n_micro - 1)
                     logits = model(b.tokens, doc_ids=self._doc_ids(b))
-                    loss = cross_entropy_sum(logits, b.labels, self.model_cfg.vocab_size)
+                    if self._source_acc is not None:
+                        loss, rows = cross_entropy_sum_and_rows(logits, b.labels, self.model_cfg.vocab_size)
+                        self._add_source_losses(rows, b.labels, b.sources)
+                    else:
+                        loss = cross_entropy_sum(logits, b.labels, self.model_cfg.vocab_size)
                     if isinstance(loss, DTensor):
                         loss = loss.full_tensor()
                     loss = loss * self._loss_scale
@@ -394,13 +455,6 @@ class Trainer:
                         loss = self.loss_hook(self.step, loss)
                     loss.backward()
                     total += loss.detach()
-        dist.all_reduce(total, group=self.dp_mesh.get_group())
-        if self.pp_group is not None:
-            dist.all_reduce(total, group=self.pp_group)  # only last-stage ranks hold a loss
-        if self.tied_sync is not None:
-            self.tied_sync.reduce_grads()
-        self._last_loss = float(total)
-        return total
 
     def train_step(self, batch: Batch) -> tuple[float, float, bool]:
         """One optimizer step. Returns (loss, grad_norm, stepped)."""
@@ -545,11 +599,13 @@ class Trainer:
                                                  f"(training.max_skipped_steps={t.max_skipped_steps}): {self.skipped}")
                 result.losses[step] = loss
                 result.grad_norms[step] = norm
+                if self.source_names:
+                    result.source_losses[step] = dict(self._last_source_losses)
                 # Metrics are keyed by completed updates (1-based): step N is the
                 # state after N optimizer steps, the same number a checkpoint carries.
                 rates = meter.update(tokens_per_step)
-                row = {"loss": loss, "grad_norm": norm, "lr": self._lr, "skipped_steps": len(self.skipped),
-                       **rates}
+                row = {"loss": loss, **{f"loss/{n}": v for n, v in self._last_source_losses.items()},
+                       "grad_norm": norm, "lr": self._lr, "skipped_steps": len(self.skipped), **rates}
                 if self.step % cfg.metrics.log_every == 0 or self.step == t.steps:
                     row.update(memory_stats(self.device))
                     metrics.log(self.step, row)
