@@ -46,9 +46,11 @@ class Batch:
         if self.doc_ids is not None and self.doc_ids.shape != self.tokens.shape:
             raise CptronError(f"Batch: doc_ids {tuple(self.doc_ids.shape)} must match tokens "
                               f"{tuple(self.tokens.shape)}")
-        if self.sources is not None and tuple(self.sources.shape) != (self.tokens.shape[0],):
-            raise CptronError(f"Batch: sources {tuple(self.sources.shape)} must hold one index per row "
-                              f"({self.tokens.shape[0]})")
+        if self.sources is not None:
+            if tuple(self.sources.shape) != (self.tokens.shape[0],):
+                raise CptronError(f"Batch: sources {tuple(self.sources.shape)} must hold one index per row "
+                                  f"({self.tokens.shape[0]})")
+            self.sources = self.sources.long()
 
     @property
     def rows(self) -> int:

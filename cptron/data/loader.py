@@ -86,7 +86,7 @@ def _digest(obj: Any) -> str:
     return hashlib.blake2b(json.dumps(obj, sort_keys=True).encode(), digest_size=8).hexdigest()
 
 
-def batch_from_windows(windows: np.ndarray, input_doc_ids: np.ndarray) -> Batch:
+def batch_from_windows(windows: np.ndarray, input_doc_ids: np.ndarray, sources: Optional[np.ndarray] = None) -> Batch:
     """`Batch.from_windows` for int64 numpy windows [rows, seq_len + 1] and the document ids of the inputs
     [rows, seq_len]: sliced in numpy and wrapped without a further copy.
 
@@ -94,7 +94,8 @@ def batch_from_windows(windows: np.ndarray, input_doc_ids: np.ndarray) -> Batch:
     on small shared hosts costs milliseconds per batch where numpy takes microseconds.
     """
     return Batch(torch.from_numpy(np.ascontiguousarray(windows[:, :-1])),
-                 torch.from_numpy(np.ascontiguousarray(windows[:, 1:])), torch.from_numpy(input_doc_ids))
+                 torch.from_numpy(np.ascontiguousarray(windows[:, 1:])), torch.from_numpy(input_doc_ids),
+                 None if sources is None else torch.from_numpy(sources))
 
 
 def _step(x: float) -> str:
@@ -349,9 +350,7 @@ class MixtureLoader:
             windows[rows] = index.window_of(ks[rows])
             source.read(index, windows[rows], tokens, doc_ids, None if len(rows) == n_rows else rows)
         self._last = (first + lo, src_rows, epochs, ks, windows)
-        batch = batch_from_windows(tokens, doc_ids)
-        batch.sources = torch.from_numpy(src_rows)
-        return batch
+        return batch_from_windows(tokens, doc_ids, src_rows)
 
     @property
     def last_samples(self) -> list[SampleRef]:

@@ -22,7 +22,9 @@ def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, vocab_size: in
     `logits` [B, T, V_padded] is a plain tensor or a DTensor sharded on the vocab
     dimension (then the call, and its backward, must run under
     `torch.distributed.tensor.parallel.loss_parallel()`)."""
-    return _cross_entropy(logits, labels, vocab_size, "sum")
+    # Summed from the per-token losses, as cross_entropy_sum_and_rows does: one path, so a loader with
+    # or without sources gives the same loss bits.
+    return _cross_entropy(logits, labels, vocab_size, "none").sum()
 
 
 def cross_entropy_sum_and_rows(logits: torch.Tensor, labels: torch.Tensor,

@@ -69,8 +69,22 @@ class TrainResult:
     "time limit"); None when it finished or `stop_at` ended it."""
 
 
-_SOURCE_SHIFT = 1 << 32
-"""Under pipelining, labels + source * _SOURCE_SHIFT carries each row's source to the last stage's loss."""
+_TAG_SHIFT, _SOURCE_BITS = 32, 12
+"""Under pipelining each row's labels carry (row << 12 | source) << 32 to the last stage's loss function:
+its source for the per-source losses and its row within the step's batch, which identifies the microbatch
+whatever torch does to the targets (labels stay in [-100, 2**31); up to 4096 sources and 2**19 rows)."""
+
+
+def _tag_labels(labels: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
+    """`labels` carrying each row's source and index (the bounds are checked at start-up)."""
+    rows = torch.arange(labels.shape[0], device=labels.device)
+    return labels + (((rows << _SOURCE_BITS) | sources) << _TAG_SHIFT)[:, None]
+
+
+def _untag_labels(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(labels, each row's source, the first row's index) of tagged labels."""
+    tag = (labels[:, 0] + (1 << (_TAG_SHIFT - 1))) >> _TAG_SHIFT  # -100 + 2**31 >= 0: the tag alone remains
+    return labels - (tag << _TAG_SHIFT)[:, None], tag & ((1 << _SOURCE_BITS) - 1), int(tag[0] >> _SOURCE_BITS)
 
 EXIT_RESUMABLE = 75
 """Exit status of `cptron train` when it saved and stopped early (a signal or the time limit):
@@ -212,6 +226,11 @@ class Trainer:
         self.source_names: list[str] = list(getattr(data, "source_names", None) or [])
         self._source_acc: Optional[torch.Tensor] = None
         self._pp_rows: dict[int, tuple] = {}
+        if self.source_names and self.pipeline is not None and (
+                len(self.source_names) > 1 << _SOURCE_BITS or self.local_rows >= 1 << (63 - _TAG_SHIFT - _SOURCE_BITS)):
+            log.warning("per-source losses are off: under pipelining they handle up to %d sources and %d rows per "
+                        "rank and step", 1 << _SOURCE_BITS, 1 << (63 - _TAG_SHIFT - _SOURCE_BITS))
+            self.source_names = []
         self._last_source_losses: dict[str, float] = {}
         self.val_sets = val_sets or {}
 
@@ -344,16 +363,13 @@ class Trainer:
     # ------------------------------------------------------------------ step
 
     def _pipeline_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        labels_in = labels
         if self._source_acc is not None:  # a training step with per-source losses: labels carry the source
-            sources = torch.div(labels[:, 0] + _SOURCE_SHIFT // 2, _SOURCE_SHIFT, rounding_mode="floor")
-            labels = labels - sources[:, None] * _SOURCE_SHIFT
+            labels, sources, first_row = _untag_labels(labels)
             loss, rows = cross_entropy_sum_and_rows(logits, labels, self.model_cfg.vocab_size)
-            # Kept per microbatch (its target's offset in the labels passed in): torch's schedules also
-            # call this on placeholder outputs with the first microbatch's target (backward metadata
-            # inference, at the first step and after each switch between training and eval), before the
-            # real call, which then replaces it.
-            self._pp_rows[labels_in.storage_offset()] = (rows, labels, sources)
+            # Kept per microbatch (by its first row): torch's schedules also call this on placeholder
+            # outputs with the first microbatch's target (backward metadata inference, at the first step
+            # and after each switch between training and eval), before the real call, which replaces it.
+            self._pp_rows[first_row] = (rows, labels, sources)
         else:
             loss = cross_entropy_sum(logits, labels, self.model_cfg.vocab_size)
         if isinstance(loss, DTensor):
@@ -365,8 +381,10 @@ class Trainer:
 
     def _add_source_losses(self, rows: torch.Tensor, labels: torch.Tensor, sources: torch.Tensor) -> None:
         acc = self._source_acc
-        acc[0].index_add_(0, sources, rows.to(acc.dtype))
-        acc[1].index_add_(0, sources, (labels != IGNORE_INDEX).sum(1).to(acc.dtype))
+        # A one-hot product rather than index_add_, whose CUDA kernel adds with atomics (run-to-run noise).
+        onehot = torch.nn.functional.one_hot(sources, acc.shape[1]).to(acc.dtype)
+        per_row = torch.stack([rows.to(acc.dtype), (labels != IGNORE_INDEX).sum(1).to(acc.dtype)])
+        acc += per_row @ onehot
 
     def _doc_ids(self, b: Batch) -> Optional[torch.Tensor]:
         return b.doc_ids if self.cfg.training.document_masking else None
@@ -429,9 +447,16 @@ class Trainer:
                 for b in self._pieces(batch):
                     labels = b.labels
                     if self._source_acc is not None:  # the last stage's loss function reads each row's source
-                        labels = labels + b.sources[:, None] * _SOURCE_SHIFT
+                        labels = _tag_labels(labels, b.sources)
                     self._pp_rows = {}
                     out = pipeline_train_step(self.pipeline, b.tokens, self._ids(b), labels)
+                    seen = len(self._pp_rows)
+                    if self._source_acc is not None and self.pipeline.has_last_stage and \
+                            seen != self.pipeline.n_microbatches:
+                        # Not an error raised here: only last-stage ranks see it, and the others would wait.
+                        log.warning("per-source losses saw %d of %d microbatches of a pipeline step; this "
+                                    "step's loss/<source> values are NaN", seen, self.pipeline.n_microbatches)
+                        self._source_acc[0] = float("nan")
                     for rows, row_labels, sources in self._pp_rows.values():
                         self._add_source_losses(rows, row_labels, sources)
                     if out is not None:
