@@ -50,11 +50,11 @@ CONFIGS = {  # name -> (parallel.compile, parallel.activation_checkpoint)
 
 
 def train_config(args, name: str, run_dir: str):
-    """The TrainConfig of one benchmark configuration (validated by the Trainer, or by --dry-run)."""
+    """The JobConfig of one benchmark configuration (validated by the Trainer, or by --dry-run)."""
     from cptron.models.config import model_config_from_preset
     from cptron.parallel.dims import ParallelConfig
-    from cptron.train.checkpointing import CheckpointConfig
-    from cptron.train.config import TrainConfig, TrainingConfig
+    from cptron.train.checkpointer import CheckpointConfig
+    from cptron.train.config import JobConfig, TrainingConfig
     from cptron.train.lr import LRConfig
     from cptron.train.metrics import MetricsConfig
     from cptron.train.optim import OptimizerConfig
@@ -64,7 +64,7 @@ def train_config(args, name: str, run_dir: str):
     model = model_config_from_preset(args.preset, **overrides)
     if model.max_seq_len < args.seq_len:
         model.max_seq_len = args.seq_len
-    return TrainConfig(
+    return JobConfig(
         model=model,
         training=TrainingConfig(run_dir=run_dir, steps=args.warmup + args.steps,
                                 global_batch_size=args.micro_batch * args.accum, micro_batch_size=args.micro_batch,
@@ -167,7 +167,7 @@ def run_child(args, name: str, timeout: float) -> dict:
 
 
 def dry_run(args) -> int:
-    """Build every configuration's TrainConfig and check it as the Trainer would, without a GPU."""
+    """Build every configuration's JobConfig and check it as the Trainer would, without a GPU."""
     import torch
 
     from cptron.config import validate_config

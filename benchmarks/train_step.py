@@ -80,14 +80,14 @@ class CptronStep:
     def __init__(self, args, run_dir: str):
         from cptron.data.interface import InMemoryTokenSource
         from cptron.parallel.dims import ParallelConfig
-        from cptron.train.checkpointing import CheckpointConfig
-        from cptron.train.config import TrainConfig, TrainingConfig
+        from cptron.train.checkpointer import CheckpointConfig
+        from cptron.train.config import JobConfig, TrainingConfig
         from cptron.train.lr import LRConfig
         from cptron.train.metrics import MetricsConfig
         from cptron.train.optim import OptimizerConfig
         from cptron.train.trainer import Trainer
 
-        self.cfg = TrainConfig(
+        self.cfg = JobConfig(
             model=model_config(args),
             training=TrainingConfig(run_dir=run_dir, steps=args.warmup + args.rounds, global_batch_size=args.batch,
                                     micro_batch_size=args.batch, seq_len=args.seq_len, seed=0, device="cpu"),

@@ -10,7 +10,7 @@ A checkpoint is one directory:
 
 DCP keys are namespaced: model weights live under `model.<parameter name>` (the
 names of `cptron.models.llama.Transformer`); the trainer adds `optimizer.*` beside
-them and keeps its JSON train state in cptron.json (see `cptron.train.checkpointing`).
+them and keeps its JSON train state in cptron.json (see `cptron.train.checkpointer`).
 DCP stores each tensor with its global shape, so a checkpoint written under one
 parallel layout loads under any other. Tied output weights are stored once, under
 `model.tok_embeddings.weight`.
@@ -25,14 +25,16 @@ marker once DCP reports every rank's files written; until then the directory sta
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import shutil
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -40,8 +42,12 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from cptron.errors import CheckpointError
+from cptron.distributed import barrier, get_rank, is_distributed, raise_on_every_rank, run_on_rank0
+from cptron.errors import CheckpointError, ConfigError
+from cptron.models.config import ModelConfig
+from cptron.models.llama import build_model
 
 FORMAT_VERSION = 1
 META_FILE = "cptron.json"
@@ -70,12 +76,12 @@ def latest_complete_checkpoint(root: str | os.PathLike) -> Optional[Path]:
     root = Path(root)
     if not root.is_dir():
         return None
-    if _rank() == 0:
+    if get_rank() == 0:
         for hidden in root.glob(".step-*"):  # writes killed between their final renames
             m = re.match(r"^\.(step-\d+)\.(incomplete|old)$", hidden.name)
             if m:
                 recover_interrupted_write(root / m.group(1))
-    _barrier()
+    barrier()
     best: tuple[int, Path] | None = None
     for child in root.iterdir():
         m = STEP_DIR_RE.match(child.name)
@@ -89,7 +95,7 @@ def latest_complete_checkpoint(root: str | os.PathLike) -> Optional[Path]:
 def read_meta(path: str | os.PathLike) -> dict:
     """The `cptron.json` of a complete checkpoint; CheckpointError names what is wrong."""
     path = Path(path)
-    if _rank() == 0:
+    if get_rank() == 0:
         recover_interrupted_write(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -109,7 +115,6 @@ def read_meta(path: str | os.PathLike) -> dict:
 
 def tensor_metadata(path: str | os.PathLike) -> dict[str, tuple[torch.Size, torch.dtype]]:
     """Global shape and dtype of every tensor stored in the DCP checkpoint at `path`."""
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     md = FileSystemReader(str(path)).read_metadata()
     return {k: (v.size, v.properties.dtype) for k, v in md.state_dict_metadata.items()
@@ -138,34 +143,6 @@ def _describe(e: Exception) -> str:
         errs = {r: (f[0] if isinstance(f, tuple) else f) for r, f in failures.items()}
         return "; ".join(f"rank {r}: {type(err).__name__}: {err}" for r, err in sorted(errs.items()))
     return f"{type(e).__name__}: {e}"
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def _on_rank0(what: str, fn: Callable[[], None]) -> None:
-    """Run `fn` on rank 0 and make every rank raise the same CheckpointError if it fails,
-    instead of leaving the other ranks in a collective that never completes."""
-    error = None
-    if _rank() == 0:
-        try:
-            fn()
-        except CheckpointError as e:
-            error = str(e)
-        except Exception as e:
-            error = f"{what} failed: {type(e).__name__}: {e}"
-    if dist.is_available() and dist.is_initialized():
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
-    if error is not None:
-        raise CheckpointError(error)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -233,7 +210,7 @@ def _prepare_staging(path: Path, overwrite: bool) -> Path:
             shutil.rmtree(tmp)  # an incomplete write of a killed run; never read
         tmp.mkdir()
 
-    _on_rank0(f"preparing checkpoint {path}", prepare)
+    run_on_rank0(prepare, f"preparing checkpoint {path}", CheckpointError)
     return tmp
 
 
@@ -278,24 +255,8 @@ def write_checkpoint(path: str | os.PathLike, state_dict: dict[str, Any], meta: 
         except (Exception, CheckpointException) as e:  # the partial directory stays hidden under its .incomplete name
             raise CheckpointError(f"writing checkpoint {path} failed: {_describe(e)}") from e
 
-    _on_rank0(f"finishing checkpoint {path}", lambda: _finish_staged(path, meta, tokenizer_files))
+    run_on_rank0(lambda: _finish_staged(path, meta, tokenizer_files), f"finishing checkpoint {path}", CheckpointError)
     return path
-
-
-def raise_on_every_rank(error: Optional[str], group=None) -> None:
-    """Collective: if any rank passes an error message, raise CheckpointError with the
-    first one (naming its rank) on every rank, so no rank is left waiting in a collective."""
-    if not (dist.is_available() and dist.is_initialized()):
-        if error is not None:
-            raise CheckpointError(error)
-        return
-    errors: list[Optional[str]] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(errors, error, group=group)
-    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
-    if failed:
-        rank, first = failed[0]
-        more = f" (and {len(failed) - 1} more rank(s))" if len(failed) > 1 else ""
-        raise CheckpointError(f"rank {rank}: {first}{more}" if len(errors) > 1 else first)
 
 
 class PendingCheckpointWrite:
@@ -313,7 +274,7 @@ class PendingCheckpointWrite:
         self.path = path
         self._error: Optional[str] = None
         # DCP's coordinator is rank 0 of the group that carried the write.
-        distributed = dist.is_available() and dist.is_initialized()
+        distributed = is_distributed()
         self._coordinator = not distributed or dist.get_rank(process_group) == 0
         self._thread = threading.Thread(target=self._finish, args=(future, meta, tokenizer_files, on_complete),
                                         name=f"finish-{path.name}")
@@ -343,7 +304,7 @@ class PendingCheckpointWrite:
         """Collective: block until the write is finished on every rank; a failure on any
         rank raises CheckpointError everywhere and leaves only the hidden staging directory."""
         self._thread.join()
-        raise_on_every_rank(self._error)
+        raise_on_every_rank(self._error, error_type=CheckpointError)
         return self.path
 
 
@@ -364,10 +325,10 @@ def write_checkpoint_async(path: str | os.PathLike, state_dict: dict[str, Any], 
     error, future = None, None
     try:
         future = dcp.async_save(state_dict, storage_writer=writer, process_group=process_group,
-                                no_dist=not (dist.is_available() and dist.is_initialized()))
+                                no_dist=not is_distributed())
     except (Exception, CheckpointException) as e:
         error = f"starting the write of checkpoint {path} failed: {_describe(e)}"
-    raise_on_every_rank(error)
+    raise_on_every_rank(error, error_type=CheckpointError)
     return PendingCheckpointWrite(path, future, meta, tokenizer_files, on_complete, process_group)
 
 
@@ -386,13 +347,9 @@ def load_state(path: str | os.PathLike, state_dict: dict[str, Any]) -> None:
             raise CheckpointError(f"loading checkpoint {path} failed: {_describe(e)}") from e
 
 
-def model_config_from_meta(meta: dict, path: str | os.PathLike):
-    """The validated ModelConfig stored in a checkpoint's cptron.json."""
-    import dataclasses
-
-    from cptron.errors import ConfigError
-    from cptron.models.config import ModelConfig
-
+def model_config_from_meta(meta: dict, path: str | os.PathLike, **overrides: Any) -> ModelConfig:
+    """The validated ModelConfig stored in a checkpoint's cptron.json, with `overrides` of its fields
+    (e.g. another pad_vocab_to_multiple_of)."""
     stored = meta.get("model")
     if not isinstance(stored, dict):
         raise CheckpointError(f"{Path(path) / META_FILE} has no model config")
@@ -401,7 +358,7 @@ def model_config_from_meta(meta: dict, path: str | os.PathLike):
     if unknown:
         raise CheckpointError(f"{Path(path) / META_FILE}: model fields {unknown} are not known to this cptron")
     try:
-        cfg = ModelConfig(**stored)
+        cfg = ModelConfig(**{**stored, **overrides})
         cfg.validate()
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"{Path(path) / META_FILE}: invalid model config: {e}") from e
@@ -413,7 +370,6 @@ def load_model(path: str | os.PathLike, device="cpu", dtype: Optional[torch.dtyp
 
     `dtype` None keeps the stored dtype of each tensor.
     """
-    from cptron.models.llama import build_model
 
     cfg = model_config_from_meta(read_meta(path), path)
     stored = tensor_metadata(path)

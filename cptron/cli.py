@@ -12,25 +12,30 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal, Optional
+from typing import Literal, Optional
+
+import torch
+import torch.distributed as dist
 
 from cptron import __version__
-from cptron.config import dump_yaml, parse_config
+from cptron import checkpoint as ckpt
+from cptron.config import config_to_dict, dump_yaml, parse_config
+from cptron.data.loader import build_data_loaders
 from cptron.data.tokenize import TokenizeConfig, run_tokenize
-from cptron.train.config import TrainConfig
-from cptron.errors import ConfigError, CptronError
+from cptron.errors import ConfigError, CptronError, require
+from cptron.hf import compare_with_transformers, convert_cptron_to_hf, convert_hf_to_cptron, parse_size, tokenizer_files
 from cptron.models.config import ModelConfig
+from cptron.models.llama import build_model
+from cptron.train.checkpointer import TrainCheckpointer
+from cptron.train.config import JobConfig
+from cptron.train.initial_weights import model_config_for_init
 
 log = logging.getLogger("cptron")
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
-
-
-def _need(ok: bool, field_name: str, value, expected: str) -> None:
-    if not ok:
-        raise ConfigError(f"{field_name}={value!r} is invalid: expected {expected}")
 
 
 @dataclass
@@ -51,9 +56,9 @@ class InitConfig:
     """Replace `output` if it exists."""
 
     def validate(self) -> None:
-        _need(bool(self.output), "output", self.output, "a directory path")
-        _need(self.tokenizer is None or Path(self.tokenizer).is_dir(), "tokenizer", self.tokenizer,
-              "an existing directory")
+        require(bool(self.output), "output", self.output, "a directory path")
+        require(self.tokenizer is None or Path(self.tokenizer).is_dir(), "tokenizer", self.tokenizer,
+                "an existing directory")
 
 
 @dataclass
@@ -74,11 +79,11 @@ class HFToCptronConfig:
     """Show a progress bar."""
 
     def validate(self) -> None:
-        _need(bool(self.input), "input", self.input, "an HF model directory")
-        _need(Path(self.input).is_dir(), "input", self.input, "an existing directory")
-        _need(bool(self.output), "output", self.output, "a directory path")
-        _need(self.pad_vocab_to_multiple_of >= 1, "pad_vocab_to_multiple_of", self.pad_vocab_to_multiple_of,
-              "an integer >= 1")
+        require(bool(self.input), "input", self.input, "an HF model directory")
+        require(Path(self.input).is_dir(), "input", self.input, "an existing directory")
+        require(bool(self.output), "output", self.output, "a directory path")
+        require(self.pad_vocab_to_multiple_of >= 1, "pad_vocab_to_multiple_of", self.pad_vocab_to_multiple_of,
+                "an integer >= 1")
 
 
 @dataclass
@@ -99,15 +104,13 @@ class CptronToHFConfig:
     """Show a progress bar."""
 
     def validate(self) -> None:
-        from cptron.hf import parse_size
-
-        _need(bool(self.input), "input", self.input, "a cptron checkpoint directory")
-        _need(bool(self.output), "output", self.output, "a directory path")
+        require(bool(self.input), "input", self.input, "a cptron checkpoint directory")
+        require(bool(self.output), "output", self.output, "a directory path")
         try:
             size = parse_size(self.max_shard_size)
         except CptronError as e:
             raise ConfigError(f"max_shard_size={self.max_shard_size!r} is invalid: {e}") from e
-        _need(size > 0, "max_shard_size", self.max_shard_size, "a size > 0")
+        require(size > 0, "max_shard_size", self.max_shard_size, "a size > 0")
 
 
 @dataclass
@@ -128,24 +131,17 @@ class VerifyConfig:
     """Largest allowed absolute logit difference (both models run in float32)."""
 
     def validate(self) -> None:
-        _need(bool(self.checkpoint), "checkpoint", self.checkpoint, "a cptron checkpoint directory")
-        _need(Path(self.checkpoint).is_dir(), "checkpoint", self.checkpoint, "an existing directory")
-        _need(Path(self.hf).is_dir(), "hf", self.hf, "an existing HF model directory")
-        _need(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
-        _need(self.seq_len >= 1, "seq_len", self.seq_len, "an integer >= 1")
-        _need(self.tolerance >= 0, "tolerance", self.tolerance, "a float >= 0")
+        require(bool(self.checkpoint), "checkpoint", self.checkpoint, "a cptron checkpoint directory")
+        require(Path(self.checkpoint).is_dir(), "checkpoint", self.checkpoint, "an existing directory")
+        require(Path(self.hf).is_dir(), "hf", self.hf, "an existing HF model directory")
+        require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        require(self.seq_len >= 1, "seq_len", self.seq_len, "an integer >= 1")
+        require(self.tolerance >= 0, "tolerance", self.tolerance, "a float >= 0")
 
 
 # ------------------------------------------------------------------ commands
 
 def run_init(cfg: InitConfig) -> None:
-    import torch
-
-    from cptron import checkpoint as ckpt
-    from cptron.config import config_to_dict
-    from cptron.hf import tokenizer_files
-    from cptron.models.llama import build_model
-
     dtype = getattr(torch, cfg.dtype)
     model = build_model(cfg.model, seed=cfg.seed, dtype=dtype)
     log.info("initialized %s model (%s parameters, %s) with seed %d on cpu",
@@ -159,24 +155,18 @@ def run_init(cfg: InitConfig) -> None:
 
 
 def run_hf_to_cptron(cfg: HFToCptronConfig) -> None:
-    from cptron.hf import convert_hf_to_cptron
-
     out = convert_hf_to_cptron(cfg.input, cfg.output, pad_vocab_to_multiple_of=cfg.pad_vocab_to_multiple_of,
                                dtype=cfg.dtype, overwrite=cfg.overwrite, progress=cfg.progress)
     log.info("wrote cptron checkpoint %s", out)
 
 
 def run_cptron_to_hf(cfg: CptronToHFConfig) -> None:
-    from cptron.hf import convert_cptron_to_hf
-
     out = convert_cptron_to_hf(cfg.input, cfg.output, dtype=cfg.dtype, max_shard_size=cfg.max_shard_size,
                                overwrite=cfg.overwrite, progress=cfg.progress)
     log.info("wrote Hugging Face model %s", out)
 
 
 def run_verify(cfg: VerifyConfig) -> float:
-    from cptron.hf import compare_with_transformers
-
     diff = compare_with_transformers(cfg.checkpoint, cfg.hf, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
                                      seed=cfg.seed)
     verdict = "OK" if diff <= cfg.tolerance else "MISMATCH"
@@ -186,9 +176,9 @@ def run_verify(cfg: VerifyConfig) -> float:
     return diff
 
 
-def run_train(cfg: TrainConfig) -> None:
-    import torch.distributed as dist
-
+def run_train(cfg: JobConfig) -> None:
+    # Deferred: the trainer imports torch.distributed.pipelining (about 0.7 s), which `cptron --help`,
+    # conversion and data commands never need.
     from cptron.train.trainer import EXIT_RESUMABLE, Trainer
 
     try:
@@ -208,11 +198,8 @@ def run_train(cfg: TrainConfig) -> None:
         raise SystemExit(EXIT_RESUMABLE)
 
 
-def run_data_plan(cfg: TrainConfig) -> str:
+def run_data_plan(cfg: JobConfig) -> str:
     """Print what a training config's data section will feed the run, from its newest checkpoint if any."""
-    from cptron.data.loader import build_data_loaders
-    from cptron.train.checkpointing import TrainCheckpointer, model_config_for_init
-
     t = cfg.training
     init_from = cfg.checkpoint.init_from
     model_cfg = model_config_for_init(init_from, cfg.model.pad_vocab_to_multiple_of) if init_from else cfg.model
@@ -222,8 +209,6 @@ def run_data_plan(cfg: TrainConfig) -> str:
     lines = []
     latest = TrainCheckpointer(cfg.checkpoint, t.run_dir, model_cfg=model_cfg).resume_path()
     if latest is not None:
-        from cptron import checkpoint as ckpt
-
         loader.load_state_dict(ckpt.read_meta(latest)["train_state"]["data"])
         lines.append(f"resuming from {latest} (step {loader.step})")
     lines.append(loader.describe_plan(t.steps))
@@ -249,8 +234,8 @@ COMMANDS: dict[tuple[str, ...], tuple[type, Callable]] = {
     ("convert", "cptron-to-hf"): (CptronToHFConfig, run_cptron_to_hf),
     ("convert", "verify"): (VerifyConfig, run_verify),
     ("data", "tokenize"): (TokenizeConfig, run_tokenize),
-    ("data", "plan"): (TrainConfig, run_data_plan),
-    ("train",): (TrainConfig, run_train),
+    ("data", "plan"): (JobConfig, run_data_plan),
+    ("train",): (JobConfig, run_train),
 }
 
 
@@ -277,8 +262,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if argv[0] == "--version":
         print(f"cptron {__version__}")
         return 0
-    for path, (cls, runner) in sorted(COMMANDS.items(), key=lambda kv: -len(kv[0])):
+    for path, command in sorted(COMMANDS.items(), key=lambda kv: -len(kv[0])):
         if tuple(argv[: len(path)]) == path:
+            cls, runner = command
             rest = argv[len(path):]
             break
     else:

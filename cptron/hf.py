@@ -127,7 +127,7 @@ def _rope_fields(hf: dict) -> dict:
 def _with_transformers_defaults(hf: dict, family: str) -> dict:
     """`hf` completed with the defaults transformers itself applies to absent keys
     (e.g. Mistral's sliding_window=4096), so cptron reads the model transformers runs."""
-    import transformers
+    import transformers  # deferred here and below: it takes seconds to import; only conversion needs it
 
     cls = getattr(transformers, _HF_CONFIG_CLASS[family])
     try:
@@ -191,7 +191,7 @@ def hf_config_from_model_config(cfg: ModelConfig, base: Optional[dict] = None,
                                 dtype: Optional[torch.dtype] = None):
     """A transformers config object for `cfg`, keeping the non-architecture keys of `base`
     (token ids, initializer range, ...) from the model the checkpoint came from."""
-    import transformers
+    import transformers  # deferred: see _with_transformers_defaults
 
     cls = getattr(transformers, _HF_CONFIG_CLASS[cfg.family])
     kwargs = {k: v for k, v in (base or {}).items() if k not in _OWNED_HF_KEYS and not k.startswith("_")}
@@ -480,7 +480,7 @@ def convert_cptron_to_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, 
 
 
 def _write_generation_config(out: Path, hf_cfg, original: Optional[dict]) -> None:
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig  # deferred: see _with_transformers_defaults
 
     if original:
         gen = GenerationConfig.from_dict({k: v for k, v in original.items() if k != "transformers_version"})
@@ -494,7 +494,7 @@ def compare_with_transformers(checkpoint: str | os.PathLike, hf_dir: str | os.Pa
                               seq_len: int = 64, seed: int = 0) -> float:
     """Largest absolute difference between cptron's and transformers' float32 logits
     for the same random tokens (the real vocabulary only)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # deferred: see _with_transformers_defaults
 
     model = ckpt.load_model(checkpoint).float().eval()
     hf_model = AutoModelForCausalLM.from_pretrained(hf_dir).float().eval()

@@ -30,12 +30,13 @@ import json
 import mmap
 import os
 import struct
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 
-from cptron.errors import CptronError
+from cptron.errors import CptronError, require
 
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
@@ -57,8 +58,7 @@ UINT16_VOCAB_LIMIT = 65_500
 
 def best_dtype(vocab_size: int) -> np.dtype:
     """The smallest token dtype Megatron uses for `vocab_size`: uint16 below 65,500, else int32."""
-    if vocab_size < 1:
-        raise CptronError(f"vocab_size={vocab_size} is invalid: expected an integer >= 1")
+    require(vocab_size >= 1, "vocab_size", vocab_size, "an integer >= 1")
     return np.dtype(np.uint16) if vocab_size < UINT16_VOCAB_LIMIT else np.dtype(np.int32)
 
 
@@ -374,7 +374,7 @@ class IndexedDatasetWriter:
         self._tokens = 0
         self._done = False
 
-    def __enter__(self) -> "IndexedDatasetWriter":
+    def __enter__(self) -> IndexedDatasetWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Protocol, runtime_checkable
+from typing import Any, Optional, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
-from cptron.errors import ConfigError, CptronError
+from cptron.errors import ConfigError, CptronError, require
 
 IGNORE_INDEX = -100
 """Label value that contributes no loss (torch cross_entropy's ignore_index)."""
@@ -56,18 +57,18 @@ class Batch:
     def rows(self) -> int:
         return self.tokens.shape[0]
 
-    def slice(self, start: int, stop: int) -> "Batch":
+    def slice(self, start: int, stop: int) -> Batch:
         return Batch(self.tokens[start:stop], self.labels[start:stop],
                      None if self.doc_ids is None else self.doc_ids[start:stop],
                      None if self.sources is None else self.sources[start:stop])
 
-    def to(self, device) -> "Batch":
+    def to(self, device) -> Batch:
         return Batch(self.tokens.to(device), self.labels.to(device),
                      None if self.doc_ids is None else self.doc_ids.to(device),
                      None if self.sources is None else self.sources.to(device))
 
     @staticmethod
-    def from_windows(windows: torch.Tensor | np.ndarray, doc_ids=None) -> "Batch":
+    def from_windows(windows: torch.Tensor | np.ndarray, doc_ids=None) -> Batch:
         """Build from packed windows of seq_len + 1 tokens: inputs are [:-1], labels [1:].
         `doc_ids`, if given, are [rows, seq_len + 1] like the windows."""
         w = torch.as_tensor(np.asarray(windows), dtype=torch.int64)
@@ -83,29 +84,42 @@ class Batch:
 
 @runtime_checkable
 class BatchSource(Protocol):
-    """A stateful iterator over this rank's per-step batches (see the module docstring)."""
+    """A stateful iterator over this rank's per-step batches (see the module docstring): everything
+    the trainer uses of its data. Subclass it to inherit the defaults of the optional members."""
 
-    def __iter__(self) -> Iterator[Batch]: ...
+    def __iter__(self) -> Iterator[Batch]:
+        return self
 
     def __next__(self) -> Batch: ...
 
-    def state_dict(self) -> dict[str, Any]: ...
+    def state_dict(self) -> dict[str, Any]:
+        """The position in the stream, JSON-serializable and the same on every rank (checkpointed)."""
 
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a `state_dict()`, possibly saved under another data-parallel size."""
+
+    @property
+    def source_names(self) -> list[str]:
+        """Names of the sources that `Batch.sources` indexes (per-source losses); [] for one source."""
+        return []
+
+    def describe_plan(self, total_steps: int) -> Optional[str]:
+        """A description of what the next `total_steps` steps take from the data, for the start-up
+        log; None when there is nothing to say. Raises when the data cannot last that long."""
+        return None
 
 
 def dp_slice(global_batch: int, dp_rank: int, dp_size: int) -> tuple[int, int]:
     """Rows [start, stop) of a global batch that data-parallel rank `dp_rank` takes."""
     if dp_size < 1 or not 0 <= dp_rank < dp_size:
         raise ConfigError(f"dp_rank={dp_rank} is invalid for dp_size={dp_size}")
-    if global_batch % dp_size:
-        raise ConfigError(f"global_batch_size={global_batch} is invalid: expected a multiple of the "
-                          f"data-parallel size {dp_size}")
+    require(global_batch % dp_size == 0, "global_batch_size", global_batch,  # an int: repr is str
+            f"a multiple of the data-parallel size {dp_size}")
     per = global_batch // dp_size
     return dp_rank * per, (dp_rank + 1) * per
 
 
-class InMemoryTokenSource:
+class InMemoryTokenSource(BatchSource):
     """Random windows of seq_len + 1 tokens from one token array held in memory.
 
     Step s draws the global batch's window offsets from a generator seeded by

@@ -22,17 +22,18 @@ import json
 import logging
 import math
 import os
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
 from cptron.data.config import DataConfig
 from cptron.data.indexed import shard_prefixes
-from cptron.data.interface import IGNORE_INDEX, Batch, dp_slice
+from cptron.data.interface import IGNORE_INDEX, Batch, BatchSource, dp_slice
 from cptron.data.mixture import (
     QuotaScheduler,
     exact,
@@ -44,6 +45,7 @@ from cptron.data.mixture import (
     stages_description,
 )
 from cptron.data.sample_index import SourceIndex
+from cptron.distributed import run_on_rank0
 from cptron.errors import ConfigError, CptronError
 
 log = logging.getLogger("cptron.data")
@@ -117,7 +119,7 @@ def _cap(src_cfg, windows: int, name: str) -> Optional[int]:
     return cap
 
 
-class MixtureLoader:
+class MixtureLoader(BatchSource):
     """This rank's per-step batches of the replay-aware mixture (a `cptron.data.interface.BatchSource`).
 
     Ledger: `last_samples` holds the `SampleRef` of each row of the last batch;
@@ -483,32 +485,6 @@ class _ValidationSet:
 
 # ---------------------------------------------------------------- building
 
-def _rank0_first(fn: Callable[[], None]) -> None:
-    """Run `fn` on global rank 0 while the other ranks wait; rank 0's CptronError is raised on every rank."""
-    try:
-        import torch.distributed as dist
-        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    except ImportError:
-        distributed = False
-    if not distributed:
-        fn()
-        return
-    failure, original = None, None
-    if dist.get_rank() == 0:
-        try:
-            fn()
-        except CptronError as e:
-            failure, original = [type(e).__name__, str(e)], e
-        except Exception as e:  # a bug: still release the other ranks, with a message that says where
-            failure, original = ["CptronError", f"rank 0 failed to build the sample indices: {e!r}"], e
-    box = [failure]
-    dist.broadcast_object_list(box, src=0)
-    if box[0] is not None:
-        if original is not None:
-            raise original
-        raise (ConfigError if box[0][0] == "ConfigError" else CptronError)(box[0][1])
-
-
 BUILD_THREADS = max(1, min(4, os.cpu_count() or 1))
 """Sources whose indices are built at the same time (numpy's shuffles and sorts release the GIL)."""
 PREBUILT_EPOCHS = 8
@@ -597,7 +573,7 @@ def build_data_loaders(cfg: DataConfig, *, seq_len: int, global_batch_size: int,
             for source in sources.values():
                 source.release()
 
-    _rank0_first(build_indices)
+    run_on_rank0(build_indices, "building the sample indices")  # the others wait, then read the cache
     for source in sources.values():
         source.load()
     loader = make_loader()

@@ -15,19 +15,19 @@ from __future__ import annotations
 
 import bisect
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Mapping, Optional, Sequence
+from typing import Optional
 
-from cptron.errors import ConfigError, CptronError
+from cptron.errors import ConfigError, CptronError, invalid, require
 
 
 def exact(value: float | int | Fraction) -> Fraction:
     """`value` as the rational its decimal text denotes (0.1 -> 1/10)."""
     if isinstance(value, (int, Fraction)):
         return Fraction(value)
-    if not math.isfinite(value):
-        raise ConfigError(f"weight={value!r} is invalid: expected a finite number")
+    require(math.isfinite(value), "weight", value, "a finite number")
     return Fraction(repr(float(value)))
 
 
@@ -54,7 +54,7 @@ class QuotaScheduler:
             raise CptronError(f"scheduler counts {self.counts} do not fit {len(shares)} shares")
         self.total = sum(self.counts)
 
-    def copy(self) -> "QuotaScheduler":
+    def copy(self) -> QuotaScheduler:
         clone = object.__new__(QuotaScheduler)
         clone.numerators, clone.denominator = self.numerators, self.denominator
         clone.counts, clone.total = list(self.counts), self.total
@@ -152,8 +152,8 @@ def resolve_stages(cfg, natural: Mapping[str, int], total_steps: Optional[int]) 
             start = int(st.start_step)
         else:
             if total_steps is None:
-                raise ConfigError(f"{where}.start_fraction={st.start_fraction!r} is invalid: expected "
-                                  "start_step, since the total number of steps is not known")
+                raise invalid(f"{where}.start_fraction", st.start_fraction,
+                              "start_step, since the total number of steps is not known")
             start = math.floor(exact(st.start_fraction) * int(total_steps))
         rf = replay if st.replay_fraction is None else exact(st.replay_fraction)
         stages.append(Stage(i + 1, start, stage_weights(base, st), rf))

@@ -38,9 +38,10 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -111,7 +112,7 @@ class PackedIndex:
         return k if self.perm is None else self.perm[k].astype(np.int64)
 
     @staticmethod
-    def from_bytes(raw: np.ndarray, path: str) -> "PackedIndex":
+    def from_bytes(raw: np.ndarray, path: str) -> PackedIndex:
         """Views into `raw` (the uint8 array `pack` returns, usually memory-mapped)."""
         raw = raw.view(np.ndarray)  # plain views: indexing an np.memmap costs microseconds of Python each time
         at = 8 * _HEADER_WORDS

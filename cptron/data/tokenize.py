@@ -18,17 +18,21 @@ import os
 import re
 import time
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
-from typing import Iterator, Literal, Optional
+from typing import Literal, Optional
 
 import numpy as np
+import sentencepiece as spm
+from tokenizers import Tokenizer
+from tqdm import tqdm
 
 from cptron.data.indexed import IndexedDatasetWriter, best_dtype
-from cptron.errors import ConfigError, CptronError
+from cptron.errors import CptronError, require
 
 log = logging.getLogger("cptron.data.tokenize")
 
@@ -36,11 +40,6 @@ InputFormat = Literal["auto", "jsonl", "parquet", "text"]
 _EOS_CANDIDATES = ("</s>", "<|end_of_text|>", "<|endoftext|>", "<eos>", "<|eot_id|>")
 _BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>")
 _MAX_EMPTY_EXAMPLES = 5
-
-
-def _need(ok: bool, name: str, value, expected: str) -> None:
-    if not ok:
-        raise ConfigError(f"{name}={value!r} is invalid: expected {expected}")
 
 
 @dataclass
@@ -79,16 +78,16 @@ class TokenizeConfig:
     """Show a progress bar over the input bytes."""
 
     def validate(self) -> None:
-        _need(bool(self.inputs), "inputs", self.inputs, "at least one input file or glob")
-        _need(all(bool(p) for p in self.inputs), "inputs", self.inputs, "no empty paths")
-        _need(bool(self.tokenizer), "tokenizer", self.tokenizer,
-              "a tokenizer.json, a SentencePiece .model or a directory holding one")
-        _need(bool(self.text_field), "text_field", self.text_field, "a non-empty field name")
-        _need(bool(self.output_prefix) and not self.output_prefix.endswith(("/", os.sep)), "output_prefix",
-              self.output_prefix, "a path prefix such as out/corpus (shards become out/corpus_00000.bin, ...)")
-        _need(self.shard_size_tokens >= 1, "shard_size_tokens", self.shard_size_tokens, "an integer >= 1")
-        _need(self.workers >= 0, "workers", self.workers, "an integer >= 0 (0: one per CPU core)")
-        _need(self.chunk_docs >= 1, "chunk_docs", self.chunk_docs, "an integer >= 1")
+        require(bool(self.inputs), "inputs", self.inputs, "at least one input file or glob")
+        require(all(bool(p) for p in self.inputs), "inputs", self.inputs, "no empty paths")
+        require(bool(self.tokenizer), "tokenizer", self.tokenizer,
+                "a tokenizer.json, a SentencePiece .model or a directory holding one")
+        require(bool(self.text_field), "text_field", self.text_field, "a non-empty field name")
+        require(bool(self.output_prefix) and not self.output_prefix.endswith(("/", os.sep)), "output_prefix",
+                self.output_prefix, "a path prefix such as out/corpus (shards become out/corpus_00000.bin, ...)")
+        require(self.shard_size_tokens >= 1, "shard_size_tokens", self.shard_size_tokens, "an integer >= 1")
+        require(self.workers >= 0, "workers", self.workers, "an integer >= 0 (0: one per CPU core)")
+        require(self.chunk_docs >= 1, "chunk_docs", self.chunk_docs, "an integer >= 1")
 
 
 # ------------------------------------------------------------------ tokenizers
@@ -142,14 +141,10 @@ class DocumentEncoder:
         self.spec = spec
         self.threads = threads
         if spec.kind == "hf":
-            from tokenizers import Tokenizer
-
             self._tok = Tokenizer.from_file(spec.path)
             # encode_batch_fast skips the offsets, which we never use (tokenizers >= 0.21)
             self._batch = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
         else:
-            import sentencepiece as spm
-
             self._tok = spm.SentencePieceProcessor(model_file=spec.path)
 
     def encode(self, texts: list[str]) -> list[list[int]]:
@@ -243,15 +238,11 @@ def load_tokenizer_spec(cfg: TokenizeConfig) -> TokenizerSpec:
     file, kind = resolve_tokenizer_file(cfg.tokenizer)
     try:
         if kind == "hf":
-            from tokenizers import Tokenizer
-
             tok = Tokenizer.from_file(str(file))
             vocab_size = tok.get_vocab_size(with_added_tokens=True)
             eos = _hf_special_id(tok, file, "eos", cfg.eos_token, _EOS_CANDIDATES) if cfg.eos else None
             bos = _hf_special_id(tok, file, "bos", cfg.bos_token, _BOS_CANDIDATES) if cfg.bos else None
         else:
-            import sentencepiece as spm
-
             sp = spm.SentencePieceProcessor(model_file=str(file))
             vocab_size = sp.get_piece_size()
             eos = _sp_special_id(sp, file, "eos", cfg.eos_token) if cfg.eos else None
@@ -297,7 +288,7 @@ def expand_inputs(patterns: list[str]) -> list[str]:
 
 
 def _import_pyarrow_parquet():
-    try:
+    try:  # an optional dependency (cptron[parquet]), for parquet input only
         import pyarrow.parquet as pq
     except ImportError as e:
         raise CptronError("parquet input needs pyarrow: pip install pyarrow (or cptron[parquet])") from e
@@ -487,8 +478,6 @@ def run_tokenize(cfg: TokenizeConfig) -> dict:
     workers = cfg.workers or os.cpu_count() or 1
     log.info("tokenizing %d file(s) with %s tokenizer %s (vocab %d, %s) using %d worker(s)", len(files), spec.kind,
              spec.path, spec.vocab_size, best_dtype(spec.vocab_size).name, workers)
-
-    from tqdm import tqdm
 
     start = time.perf_counter()
     pool = None

@@ -11,7 +11,7 @@ import typing
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from cptron.errors import ConfigError
+from cptron.errors import ConfigError, require
 
 
 @dataclass
@@ -64,7 +64,7 @@ class ModelConfig:
     """Standard deviation of the normal initialization; output projections are scaled by 1/sqrt(2 * n_layers)."""
 
     @classmethod
-    def from_preset(cls, name: str) -> "ModelConfig":
+    def from_preset(cls, name: str) -> ModelConfig:
         """The named preset from PRESETS, validated (used by cptron.config for `--model.preset`)."""
         return model_config_from_preset(name)
 
@@ -96,37 +96,34 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first field whose value is impossible."""
-        def need(ok: bool, field: str, value, expected: str) -> None:
-            if not ok:
-                raise ConfigError(f"model.{field}={value!r} is invalid: expected {expected}")
-
         for name in ("family", "rope_type"):  # Literal fields set from Python or checkpoint metadata
             allowed = typing.get_args(typing.get_type_hints(ModelConfig)[name])
-            need(getattr(self, name) in allowed, name, getattr(self, name), f"one of {', '.join(allowed)}")
+            value = getattr(self, name)
+            require(value in allowed, f"model.{name}", value, f"one of {', '.join(allowed)}")
         for name in ("dim", "n_layers", "n_heads", "ffn_hidden_dim", "vocab_size",
                      "pad_vocab_to_multiple_of", "max_seq_len", "rope_original_max_position_embeddings"):
-            need(getattr(self, name) >= 1, name, getattr(self, name), "an integer >= 1")
-        need(self.n_kv_heads is None or self.n_kv_heads >= 1, "n_kv_heads", self.n_kv_heads, "None or >= 1")
-        need(self.n_heads % self.kv_heads == 0, "n_kv_heads", self.n_kv_heads,
-             f"a divisor of model.n_heads={self.n_heads}")
-        need(self.head_dim is None or (self.head_dim >= 2 and self.head_dim % 2 == 0), "head_dim",
-             self.head_dim, "None or an even integer >= 2")
-        need(self.head_dim is not None or self.dim % self.n_heads == 0, "dim", self.dim,
-             f"a multiple of model.n_heads={self.n_heads} (or set model.head_dim)")
-        need(self.head_size % 2 == 0, "head_dim", self.head_size, "an even per-head size (RoPE rotates pairs)")
-        need(self.norm_eps > 0, "norm_eps", self.norm_eps, "a float > 0")
-        need(self.rope_theta > 0, "rope_theta", self.rope_theta, "a float > 0")
-        need(self.rope_factor > 0, "rope_factor", self.rope_factor, "a float > 0")
+            require(getattr(self, name) >= 1, f"model.{name}", getattr(self, name), "an integer >= 1")
+        require(self.n_kv_heads is None or self.n_kv_heads >= 1, "model.n_kv_heads", self.n_kv_heads, "None or >= 1")
+        require(self.n_heads % self.kv_heads == 0, "model.n_kv_heads", self.n_kv_heads,
+                f"a divisor of model.n_heads={self.n_heads}")
+        require(self.head_dim is None or (self.head_dim >= 2 and self.head_dim % 2 == 0), "model.head_dim",
+                self.head_dim, "None or an even integer >= 2")
+        require(self.head_dim is not None or self.dim % self.n_heads == 0, "model.dim", self.dim,
+                f"a multiple of model.n_heads={self.n_heads} (or set model.head_dim)")
+        require(self.head_size % 2 == 0, "model.head_dim", self.head_size, "an even per-head size (RoPE rotates pairs)")
+        require(self.norm_eps > 0, "model.norm_eps", self.norm_eps, "a float > 0")
+        require(self.rope_theta > 0, "model.rope_theta", self.rope_theta, "a float > 0")
+        require(self.rope_factor > 0, "model.rope_factor", self.rope_factor, "a float > 0")
         if self.rope_type == "llama3":
-            need(self.rope_high_freq_factor > self.rope_low_freq_factor > 0, "rope_high_freq_factor",
-                 self.rope_high_freq_factor, f"a float > model.rope_low_freq_factor={self.rope_low_freq_factor} > 0")
-        need(self.sliding_window is None or self.sliding_window >= 1, "sliding_window",
-             self.sliding_window, "None or an integer >= 1")
+            require(self.rope_high_freq_factor > self.rope_low_freq_factor > 0, "model.rope_high_freq_factor",
+                    self.rope_high_freq_factor, f"a float > model.rope_low_freq_factor={self.rope_low_freq_factor} > 0")
+        require(self.sliding_window is None or self.sliding_window >= 1, "model.sliding_window",
+                self.sliding_window, "None or an integer >= 1")
         # Only Mistral's HF architecture has a uniform sliding window; elsewhere the
         # export would silently become full attention.
-        need(self.sliding_window is None or self.family == "mistral", "sliding_window", self.sliding_window,
-             f"None for model.family={self.family!r} (sliding windows need family 'mistral')")
-        need(self.init_std > 0, "init_std", self.init_std, "a float > 0")
+        require(self.sliding_window is None or self.family == "mistral", "model.sliding_window", self.sliding_window,
+                f"None for model.family={self.family!r} (sliding windows need family 'mistral')")
+        require(self.init_std > 0, "model.init_std", self.init_std, "a float > 0")
 
 
 def _llama3_rope(factor: float) -> dict:

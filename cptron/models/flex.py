@@ -19,9 +19,10 @@ Where the kernel comes from, per device:
   a dense implementation. Inside an already compiled block the public function
   is called directly and the surrounding compile handles it.
 - CPU: torch 2.13's public `flex_attention` refuses to build a backward on CPU,
-  eager or compiled. The model calls torch's flex-attention operator itself,
-  whose CPU implementation is torch's dense reference (it evaluates `mask_mod`
-  on the full score matrix and differentiates through it). That gives the same
+  eager or compiled. The model calls torch's flex-attention operator itself
+  (`cptron._torch_compat.flex_attention_dense`), whose CPU implementation is
+  torch's dense reference (it evaluates `mask_mod` on the full score matrix and
+  differentiates through it). That gives the same
   numbers as the GPU kernel, for tests and CPU runs, but it is slower than the
   SDPA mask path (about 9x for a training step at T=1024 on a 2-core machine);
   compiled blocks (`parallel.compile`) cannot use it and are refused at start-up.
@@ -30,23 +31,19 @@ from __future__ import annotations
 
 import importlib
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from cptron._torch_compat import flex_attention_dense
 from cptron.errors import ConfigError
 
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "flex")
 # The tile size torch's GPU kernels are tuned for; T need not be a multiple of
 # it (the kernels bound the indices they pass to mask_mod by the real length).
 DEFAULT_BLOCK_SIZE = 128
-
-# Options torch's public flex_attention passes to its operator for CPU inputs;
-# the dense implementation does not read them, but the operator expects them.
-_CPU_KERNEL_OPTIONS = {"BACKEND": "AUTO", "PRESCALE_QK": False, "ROWS_GUARANTEED_SAFE": False,
-                       "BLOCKS_ARE_CONTIGUOUS": False, "WRITE_DQ": True, "OUTPUT_LOGSUMEXP": True,
-                       "OUTPUT_MAX": False}
 
 _compiled_flex_attention: Optional[Callable] = None
 
@@ -125,10 +122,6 @@ def build_block_mask(T: int, device, segments: Optional[torch.Tensor] = None,
                                     mask_mod=document_mask_mod(segments, sliding_window), seq_lengths=(T, T))
 
 
-def _identity_score(score, b, h, q_idx, kv_idx):
-    return score
-
-
 def flex_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v over the pairs `block_mask` allows; q [B, Hq, T, D],
     k/v [B, Hkv, T, D] with Hq a multiple of Hkv (each k/v head serves its query
@@ -139,14 +132,10 @@ def flex_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
     if torch.compiler.is_compiling():  # inside a compiled block: its compile takes the call
         return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
     if q.device.type == "cpu":
-        from torch._higher_order_ops.flex_attention import flex_attention as flex_attention_op
-
         # The operator's dense CPU implementation differentiates; the public
         # function refuses CPU backward (see the module docstring). It takes
         # k/v with Hkv heads and shares them across each query group itself.
-        out, _, _ = flex_attention_op(q, k, v, _identity_score, block_mask.as_tuple(),
-                                      1.0 / math.sqrt(q.shape[-1]), dict(_CPU_KERNEL_OPTIONS))
-        return out
+        return flex_attention_dense(q, k, v, block_mask, 1.0 / math.sqrt(q.shape[-1]))
     return _compiled()(q, k, v, block_mask=block_mask, enable_gqa=gqa)
 
 

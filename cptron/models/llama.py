@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cptron._torch_compat import WRAPPER_NAME_SEGMENTS, ConversionHookModule
 from cptron.models.config import ModelConfig
-
 
 # ----------------------------------------------------------------------------- RoPE
 
@@ -211,11 +211,13 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-class Transformer(nn.Module):
+class Transformer(ConversionHookModule):
     """The decoder. forward(tokens [B, T], doc_ids=None, positions=None) -> logits [B, T, padded_vocab_size].
 
     `attention_impl` ("sdpa" by default, or "flex") picks the kernel for masked
-    attention (packed documents, sliding window); see `attention_mask_for`."""
+    attention (packed documents, sliding window); see `attention_mask_for`.
+    After every conversion (`to_empty`, `to(dtype)`, device moves) tied embeddings are
+    re-tied and the rotary frequencies recomputed in fp32 (`ConversionHookModule`)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -262,15 +264,13 @@ class Transformer(nn.Module):
             return h
         return self.output(h)
 
-    def _apply(self, fn, recurse=True):
-        # Keep the rotary frequencies in fp32 whatever dtype the weights move to:
-        # recomputing them is exact, casting them to bf16 is not.
-        super()._apply(fn, recurse)
+    def _after_conversion(self) -> None:
         # Moving off the meta device creates new parameters per module: re-tie.
         if self.cfg.tie_embeddings and self.output is not None and self.tok_embeddings is not None:
             self.output.weight = self.tok_embeddings.weight
+        # Keep the rotary frequencies in fp32 whatever dtype the weights move to:
+        # recomputing them is exact, casting them to bf16 is not.
         self.rope_inv_freq = rope_inv_freq(self.cfg).to(self.rope_inv_freq.device)
-        return self
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
@@ -309,24 +309,16 @@ class Transformer(nn.Module):
 
 def _fill_param(p: torch.Tensor, make_full) -> None:
     """Copy make_full(global shape) into `p`; a DTensor takes only its local slice."""
-    full = make_full(tuple(p.shape))
-    local = p
-    if hasattr(p, "device_mesh") and hasattr(p, "placements"):  # DTensor, without importing parallel code
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    from cptron.distributed import local_shard_region  # lazily: it imports torch.distributed.tensor
 
-        shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
-        full = full[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
-        local = p.to_local()
-    local.copy_(full.to(local.dtype))
-
-
-_WRAPPER_SEGMENTS = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
+    local, region = local_shard_region(p)
+    local.copy_(make_full(tuple(p.shape))[region].to(local.dtype))
 
 
 def canonical_param_name(name: str) -> str:
     """A parameter's name without the segments that wrappers applied from outside
     (activation checkpointing, torch.compile) insert, i.e. its checkpoint key."""
-    for seg in _WRAPPER_SEGMENTS:
+    for seg in WRAPPER_NAME_SEGMENTS:
         name = name.replace(seg, "")
     return name
 

@@ -15,18 +15,13 @@ from typing import Literal, Optional
 import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from cptron.errors import ConfigError
+from cptron.errors import ConfigError, require
 from cptron.models.config import ModelConfig
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 
 PipelineScheduleName = Literal["gpipe", "1f1b", "interleaved_1f1b", "looped_bfs", "interleaved_zero_bubble",
                                "zbv_zero_bubble"]
-
-
-def _need(ok: bool, name: str, value, expected: str) -> None:
-    if not ok:
-        raise ConfigError(f"parallel.{name}={value!r} is invalid: expected {expected}")
 
 
 @dataclass
@@ -66,20 +61,20 @@ class ParallelConfig:
 
     def validate(self) -> None:
         for name in ("pp", "dp_replicate", "tp", "pp_stages_per_rank", "ac_every"):
-            _need(getattr(self, name) >= 1, name, getattr(self, name), "an integer >= 1")
-        _need(self.dp_shard == -1 or self.dp_shard >= 1, "dp_shard", self.dp_shard, "-1 or an integer >= 1")
-        _need(self.pp_microbatches is None or self.pp_microbatches >= 1, "pp_microbatches",
-              self.pp_microbatches, "None or an integer >= 1")
+            require(getattr(self, name) >= 1, f"parallel.{name}", getattr(self, name), "an integer >= 1")
+        require(self.dp_shard == -1 or self.dp_shard >= 1, "parallel.dp_shard", self.dp_shard, "-1 or an integer >= 1")
+        require(self.pp_microbatches is None or self.pp_microbatches >= 1, "parallel.pp_microbatches",
+                self.pp_microbatches, "None or an integer >= 1")
         multi = self.pp_schedule in ("interleaved_1f1b", "looped_bfs", "interleaved_zero_bubble", "zbv_zero_bubble")
         if self.pp > 1 and multi:
-            _need(self.pp_stages_per_rank >= 2, "pp_stages_per_rank", self.pp_stages_per_rank,
-                  f">= 2 for pp_schedule={self.pp_schedule}")
+            require(self.pp_stages_per_rank >= 2, "parallel.pp_stages_per_rank", self.pp_stages_per_rank,
+                    f">= 2 for pp_schedule={self.pp_schedule}")
         if self.pp > 1 and not multi:
-            _need(self.pp_stages_per_rank == 1, "pp_stages_per_rank", self.pp_stages_per_rank,
-                  f"1 for the single-stage schedule {self.pp_schedule} (use interleaved_1f1b for virtual stages)")
+            require(self.pp_stages_per_rank == 1, "parallel.pp_stages_per_rank", self.pp_stages_per_rank,
+                    f"1 for the single-stage schedule {self.pp_schedule} (use interleaved_1f1b for virtual stages)")
         if self.pp_schedule == "zbv_zero_bubble" and self.pp > 1:
-            _need(self.pp_stages_per_rank == 2, "pp_stages_per_rank", self.pp_stages_per_rank,
-                  "2 for zbv_zero_bubble (a V-shaped two-stage-per-rank schedule)")
+            require(self.pp_stages_per_rank == 2, "parallel.pp_stages_per_rank", self.pp_stages_per_rank,
+                    "2 for zbv_zero_bubble (a V-shaped two-stage-per-rank schedule)")
 
 
 @dataclass(frozen=True)
@@ -123,26 +118,26 @@ def resolve_parallel_dims(cfg: ParallelConfig, world_size: int, model: ModelConf
         raise ConfigError(f"parallel: {dims.describe()} = {dims.world_size} ranks, but the world size is "
                           f"{world_size}: the product must equal the number of processes")
     if cfg.tp > 1:
-        _need(model.n_heads % cfg.tp == 0, "tp", cfg.tp, f"a divisor of model.n_heads={model.n_heads}")
-        _need(model.kv_heads % cfg.tp == 0, "tp", cfg.tp, f"a divisor of model.n_kv_heads={model.kv_heads}")
-        _need(model.ffn_hidden_dim % cfg.tp == 0, "tp", cfg.tp,
-              f"a divisor of model.ffn_hidden_dim={model.ffn_hidden_dim}")
+        require(model.n_heads % cfg.tp == 0, "parallel.tp", cfg.tp, f"a divisor of model.n_heads={model.n_heads}")
+        require(model.kv_heads % cfg.tp == 0, "parallel.tp", cfg.tp, f"a divisor of model.n_kv_heads={model.kv_heads}")
+        require(model.ffn_hidden_dim % cfg.tp == 0, "parallel.tp", cfg.tp,
+                f"a divisor of model.ffn_hidden_dim={model.ffn_hidden_dim}")
         if model.padded_vocab_size % cfg.tp:
             raise ConfigError(
                 f"parallel.tp={cfg.tp} is invalid: the padded vocabulary ({model.padded_vocab_size} rows) is not "
                 f"divisible by it; set model.pad_vocab_to_multiple_of to a multiple of {cfg.tp} (e.g. {cfg.tp * 64})")
     if cfg.pp > 1:
         n_stages = cfg.pp * cfg.pp_stages_per_rank
-        _need(n_stages <= model.n_layers, "pp", cfg.pp,
-              f"pp x pp_stages_per_rank = {n_stages} stages <= model.n_layers={model.n_layers}")
+        require(n_stages <= model.n_layers, "parallel.pp", cfg.pp,
+                f"pp x pp_stages_per_rank = {n_stages} stages <= model.n_layers={model.n_layers}")
         if cfg.pp_layers_per_stage is not None:
             lps = cfg.pp_layers_per_stage
-            _need(len(lps) == n_stages and all(n >= 1 for n in lps) and sum(lps) == model.n_layers,
-                  "pp_layers_per_stage", lps,
-                  f"{n_stages} positive layer counts summing to model.n_layers={model.n_layers}")
+            require(len(lps) == n_stages and all(n >= 1 for n in lps) and sum(lps) == model.n_layers,
+                    "parallel.pp_layers_per_stage", lps,
+                    f"{n_stages} positive layer counts summing to model.n_layers={model.n_layers}")
     elif cfg.pp_layers_per_stage is not None:
-        _need(cfg.pp_layers_per_stage == [model.n_layers], "pp_layers_per_stage", cfg.pp_layers_per_stage,
-              "None when pp=1")
+        require(cfg.pp_layers_per_stage == [model.n_layers], "parallel.pp_layers_per_stage", cfg.pp_layers_per_stage,
+                "None when pp=1")
     return dims
 
 

@@ -16,6 +16,7 @@ one model part (the whole model, or a pipeline stage), from outside the model.
 from __future__ import annotations
 
 import logging
+
 import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -28,6 +29,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
+from cptron._torch_compat import checkpoint_wrapper
 from cptron.errors import ConfigError
 from cptron.parallel.dims import ParallelConfig, ParallelDims
 
@@ -110,9 +112,8 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_par
 
 def apply_activation_checkpointing(model: nn.Module, mode: str, every: int) -> None:
     """Wrap blocks so their activations are recomputed in backward: all of them
-    (full), or one in `every` (selective, trading memory for less recompute)."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
+    (full), or one in `every` (selective, trading memory for less recompute).
+    The wrapper is torch's (private) checkpoint_wrapper: `cptron._torch_compat.checkpoint_wrapper`."""
     for i, (name, block) in enumerate(list(model.layers.items())):
         if mode == "full" or (mode == "selective" and i % every == 0):
             model.layers[name] = checkpoint_wrapper(block, preserve_rng_state=False)

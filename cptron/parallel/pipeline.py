@@ -41,7 +41,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch._dynamo import OptimizedModule
 from torch.distributed.pipelining import (
     PipelineStage,
     Schedule1F1B,
@@ -53,7 +52,8 @@ from torch.distributed.pipelining import (
 )
 from torch.distributed.tensor import DTensor
 
-from cptron.errors import ConfigError
+from cptron._torch_compat import EvalSafePipelineStage, is_compiled_module
+from cptron.errors import ConfigError, invalid
 from cptron.models.config import ModelConfig
 from cptron.models.llama import Transformer
 
@@ -78,10 +78,6 @@ SCHEDULES = {**SINGLE_STAGE_SCHEDULES, **MULTI_STAGE_SCHEDULES}
 SPLIT_BACKWARD_SCHEDULES = ("interleaved_zero_bubble", "zbv_zero_bubble")
 
 
-def _invalid(name: str, value, expected: str) -> ConfigError:
-    return ConfigError(f"parallel.{name}={value!r} is invalid: expected {expected}")
-
-
 # ----------------------------------------------------------------------------- layout
 
 def split_layers(n_layers: int, n_stages: int, layers_per_stage: list[int] | None = None) -> list[range]:
@@ -94,17 +90,17 @@ def split_layers(n_layers: int, n_stages: int, layers_per_stage: list[int] | Non
     a cheap lookup. Pass `layers_per_stage` to balance differently.
     """
     if n_stages < 1:
-        raise _invalid("pp", n_stages, "a number of pipeline stages >= 1")
+        raise invalid("parallel.pp", n_stages, "a number of pipeline stages >= 1")
     if layers_per_stage is None:
         if n_stages > n_layers:
-            raise _invalid("pp", n_stages, f"at most model.n_layers={n_layers} pipeline stages "
-                                           "(every stage holds at least one block)")
+            raise invalid("parallel.pp", n_stages, f"at most model.n_layers={n_layers} pipeline stages "
+                                                   "(every stage holds at least one block)")
         base, extra = divmod(n_layers, n_stages)
         layers_per_stage = [base + (1 if s < extra else 0) for s in range(n_stages)]
     elif (len(layers_per_stage) != n_stages or any(int(n) != n or n < 1 for n in layers_per_stage)
           or sum(layers_per_stage) != n_layers):
-        raise _invalid("pp_layers_per_stage", layers_per_stage,
-                       f"{n_stages} positive layer counts (one per stage) summing to model.n_layers={n_layers}")
+        raise invalid("parallel.pp_layers_per_stage", layers_per_stage,
+                      f"{n_stages} positive layer counts (one per stage) summing to model.n_layers={n_layers}")
     ranges, start = [], 0
     for count in layers_per_stage:
         ranges.append(range(start, start + count))
@@ -114,7 +110,7 @@ def split_layers(n_layers: int, n_stages: int, layers_per_stage: list[int] | Non
 
 def _check_schedule_name(schedule: str) -> None:
     if schedule not in SCHEDULES:
-        raise _invalid("pp_schedule", schedule, f"one of {', '.join(SCHEDULES)}")
+        raise invalid("parallel.pp_schedule", schedule, f"one of {', '.join(SCHEDULES)}")
 
 
 def stage_ids_for_rank(pp_rank: int, pp_size: int, stages_per_rank: int, schedule: str) -> list[int]:
@@ -130,10 +126,11 @@ def stage_ids_for_rank(pp_rank: int, pp_size: int, stages_per_rank: int, schedul
     if not 0 <= pp_rank < pp_size:
         raise ValueError(f"pp_rank={pp_rank} is out of range for pp_size={pp_size}")
     if schedule in SINGLE_STAGE_SCHEDULES and stages_per_rank != 1:
-        raise _invalid("pp_stages_per_rank", stages_per_rank, f"1 for the single-stage schedule {schedule}")
+        raise invalid("parallel.pp_stages_per_rank", stages_per_rank, f"1 for the single-stage schedule {schedule}")
     if schedule == "zbv_zero_bubble":
         if stages_per_rank != 2:
-            raise _invalid("pp_stages_per_rank", stages_per_rank, "2 for zbv_zero_bubble (a V of two stages per rank)")
+            raise invalid("parallel.pp_stages_per_rank", stages_per_rank,
+                          "2 for zbv_zero_bubble (a V of two stages per rank)")
         return [pp_rank, 2 * pp_size - 1 - pp_rank]
     return [pp_rank + k * pp_size for k in range(stages_per_rank)]
 
@@ -157,15 +154,15 @@ def check_pipeline_schedule(schedule: str, pp_size: int, stages_per_rank: int, n
     n_stages = pp_size * stages_per_rank
     stage_ids_for_rank(0, pp_size, stages_per_rank, schedule)  # placement constraints
     if n_microbatches < 1:
-        raise _invalid("pp_microbatches", n_microbatches, "an integer >= 1")
+        raise invalid("parallel.pp_microbatches", n_microbatches, "an integer >= 1")
     if schedule == "1f1b" and n_microbatches < n_stages:
-        raise _invalid("pp_microbatches", n_microbatches, f">= the {n_stages} pipeline stages for 1f1b")
+        raise invalid("parallel.pp_microbatches", n_microbatches, f">= the {n_stages} pipeline stages for 1f1b")
     if schedule in ("interleaved_1f1b", "interleaved_zero_bubble"):
         rounds = max(1, n_microbatches // pp_size)
         if n_microbatches % rounds:
-            raise _invalid("pp_microbatches", n_microbatches,
-                           f"a multiple of max(1, pp_microbatches // pp) = {rounds} for {schedule} "
-                           f"(e.g. {rounds * pp_size}), or fewer than pp={pp_size}")
+            raise invalid("parallel.pp_microbatches", n_microbatches,
+                          f"a multiple of max(1, pp_microbatches // pp) = {rounds} for {schedule} "
+                          f"(e.g. {rounds * pp_size}), or fewer than pp={pp_size}")
     if compiled and schedule in SPLIT_BACKWARD_SCHEDULES:
         raise ConfigError(f"parallel.pp_schedule={schedule!r} is invalid with parallel.compile=true: "
                           "torch 2.13 splits the backward of zero-bubble schedules by walking the autograd "
@@ -339,23 +336,6 @@ class TiedEmbeddingSync:
 
 # ------------------------------------------------------------------------------ runtime
 
-class _Stage(PipelineStage):
-    """torch's PipelineStage, fixed for forward-only steps of V-shaped schedules.
-
-    In eval() torch 2.13's runtime still walks the backward actions; where two
-    adjacent stages share a rank (zbv) it then hands the input gradients of one
-    to the other, and the stage asserts because it has no backward. There are no
-    gradients to hand over in eval, so these become no-ops.
-    """
-
-    def get_local_bwd_output(self, mb_index):
-        return super().get_local_bwd_output(mb_index) if self.has_backward else ()
-
-    def set_local_bwd_input(self, next_stage_bwd_outputs, mb_index) -> None:
-        if self.has_backward:
-            super().set_local_bwd_input(next_stage_bwd_outputs, mb_index)
-
-
 @dataclass
 class PipelineRuntime:
     """This rank's stages and the torch schedule that drives them.
@@ -406,13 +386,14 @@ def build_pipeline_schedule(stage_modules: list[nn.Module], stage_ids: list[int]
         raise ValueError(f"{n_stages} pipeline stages do not divide over {pp_size} pipeline ranks")
     stages_per_rank = n_stages // pp_size
     check_pipeline_schedule(schedule, pp_size, stages_per_rank, n_microbatches,
-                            compiled=any(_is_compiled(m) for m in stage_modules))
+                            compiled=any(is_compiled_module(m) for m in stage_modules))
     pp_rank = dist.get_rank(pp_group)
     expected = stage_ids_for_rank(pp_rank, pp_size, stages_per_rank, schedule)
     if list(stage_ids) != expected:
         raise ValueError(f"stage_ids={stage_ids} do not match the {schedule} placement for pipeline rank "
                          f"{pp_rank}: expected {expected} (see stage_ids_for_rank)")
-    stages = [_Stage(module, stage_id, n_stages, device, group=pp_group)
+    # EvalSafePipelineStage: torch's PipelineStage, fixed for eval() of V-shaped schedules.
+    stages = [EvalSafePipelineStage(module, stage_id, n_stages, device, group=pp_group)
               for module, stage_id in zip(stage_modules, stage_ids, strict=True)]
     cls = SCHEDULES[schedule]
     if schedule in SINGLE_STAGE_SCHEDULES:
@@ -421,12 +402,6 @@ def build_pipeline_schedule(stage_modules: list[nn.Module], stage_ids: list[int]
         torch_schedule = cls(stages, n_microbatches, loss_fn=loss_fn, scale_grads=False)
     return PipelineRuntime(torch_schedule, stages, list(stage_modules), list(stage_ids), n_stages,
                            n_microbatches, schedule)
-
-
-def _is_compiled(module: nn.Module) -> bool:
-    # torch.compile(m) wraps m in an OptimizedModule; m.compile() sets _compiled_call_impl in place.
-    return any(isinstance(m, OptimizedModule) or getattr(m, "_compiled_call_impl", None) is not None
-               for m in module.modules())
 
 
 def _step_inputs(runtime: PipelineRuntime, mode: str, tokens, ids, labels):

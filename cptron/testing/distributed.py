@@ -48,8 +48,9 @@ import tempfile
 import time
 import traceback
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 # torch.cuda.is_available() otherwise initializes the CUDA driver in this (the
 # parent) process, after which no forked rank can use CUDA. With this set it
@@ -57,14 +58,16 @@ from typing import Any, Callable
 os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
 
 import torch  # noqa: E402
-import torch._dynamo  # noqa: E402,F401  (see below)
 import torch.distributed as dist  # noqa: E402
+
+from cptron._torch_compat import preimport_torch_dynamo  # noqa: E402
 
 # DTensor, and with it TP, FSDP2 and DCP, imports torch._dynamo lazily on its
 # first op: some 300 modules, about 2 s per rank on 2 cores when every forked
 # rank does it again. Imported once here, before forking, every rank shares it.
 # Modules a test itself imports lazily inside fn are repeated per rank the same
 # way; import them at the top of the test module instead.
+preimport_torch_dynamo()
 
 __all__ = ["DistributedTestError", "run_distributed"]
 

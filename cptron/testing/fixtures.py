@@ -13,8 +13,10 @@ SentencePiece model is the Apache-2.0 Mistral-7B v1 model that the
 from __future__ import annotations
 
 import importlib.util
+import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedTokenizerFast
@@ -92,7 +94,7 @@ def train_bpe_tokenizer(
     *,
     pad: str = "<pad>",
     add_bos: bool = True,
-) -> "PreTrainedTokenizerFast":
+) -> PreTrainedTokenizerFast:
     """Train a small byte-level BPE tokenizer and save it to ``out_dir``.
 
     Trained on the shipped English and German verses unless ``texts`` is
@@ -104,6 +106,7 @@ def train_bpe_tokenizer(
     ``AutoTokenizer.from_pretrained(out_dir)`` loads it offline.  Training is
     deterministic: the same text and settings give the same vocab and merges.
     """
+    # Deferred: transformers takes seconds to import, and most users of these fixtures never train a tokenizer.
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -169,8 +172,6 @@ def _portable_tokenizer_class(config_path: Path) -> None:
     transformers 5 writes ``TokenizersBackend``, which transformers 4.x cannot
     resolve; ``PreTrainedTokenizerFast`` loads the same tokenizer.json in both.
     """
-    import json
-
     if not config_path.is_file():
         return
     config = json.loads(config_path.read_text(encoding="utf-8"))

@@ -6,12 +6,12 @@ from typing import Optional
 import torch
 from torch.distributed.tensor import DTensor
 
-from cptron.data.interface import Batch, dp_slice
+from cptron.data.interface import Batch, BatchSource, dp_slice
 from cptron.models.config import model_config_from_preset
 from cptron.models.llama import canonical_param_name
 from cptron.parallel.dims import ParallelConfig
-from cptron.train.checkpointing import CheckpointConfig
-from cptron.train.config import TrainConfig, TrainingConfig
+from cptron.train.checkpointer import CheckpointConfig
+from cptron.train.config import JobConfig, TrainingConfig
 from cptron.train.lr import LRConfig
 from cptron.train.metrics import MetricsConfig
 from cptron.train.optim import OptimizerConfig
@@ -20,7 +20,7 @@ VOCAB = 500  # padded to 512: padded columns must not change the loss
 EOS = 2
 
 
-class PackedSource:
+class PackedSource(BatchSource):
     """Deterministic packed windows with documents separated by EOS, sliced per DP rank."""
 
     def __init__(self, seq_len: int, global_batch: int, dp_rank: int, dp_size: int, seed: int = 0):
@@ -47,7 +47,7 @@ class PackedSource:
         self.step = state["step"]
 
 
-def make_train_config(run_dir, parallel: Optional[ParallelConfig] = None, **training) -> TrainConfig:
+def make_train_config(run_dir, parallel: Optional[ParallelConfig] = None, **training) -> JobConfig:
     """A 4-layer tiny model on 8 x 16-token sequences per step, micro batch 1 (gradient
     accumulation), clipping active, no checkpoints or metrics files unless overridden."""
     model = model_config_from_preset("tiny", n_layers=4, vocab_size=VOCAB, pad_vocab_to_multiple_of=64,
@@ -55,7 +55,7 @@ def make_train_config(run_dir, parallel: Optional[ParallelConfig] = None, **trai
     t = dict(run_dir=str(run_dir), steps=3, global_batch_size=8, micro_batch_size=1, seq_len=16, seed=0,
              device="cpu")
     t.update(training)
-    return TrainConfig(model=model, training=TrainingConfig(**t), parallel=parallel or ParallelConfig(),
+    return JobConfig(model=model, training=TrainingConfig(**t), parallel=parallel or ParallelConfig(),
                        optim=OptimizerConfig(lr=3e-3, grad_clip=0.05, weight_decay=0.1),
                        lr=LRConfig(schedule="cosine", warmup_steps=1),
                        checkpoint=CheckpointConfig(interval=0, save_final=False, resume=False),

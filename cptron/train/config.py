@@ -6,10 +6,10 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from cptron.data.config import DataConfig
-from cptron.errors import ConfigError
+from cptron.errors import require
 from cptron.models.config import ModelConfig
 from cptron.parallel.dims import ParallelConfig
-from cptron.train.checkpointing import CheckpointConfig
+from cptron.train.checkpointer import CheckpointConfig
 from cptron.train.lr import LRConfig
 from cptron.train.metrics import MetricsConfig
 from cptron.train.optim import OptimizerConfig
@@ -53,22 +53,18 @@ class TrainingConfig:
     """Tokenizer directory carried into every checkpoint (so an HF export has it); default: the init model's."""
 
     def validate(self) -> None:
-        def need(ok, name, expected):
-            if not ok:
-                raise ConfigError(f"training.{name}={getattr(self, name)!r} is invalid: expected {expected}")
-
-        need(bool(self.run_dir), "run_dir", "a directory path")
+        require(bool(self.run_dir), "training.run_dir", self.run_dir, "a directory path")
         for name in ("steps", "global_batch_size", "micro_batch_size", "seq_len"):
-            need(getattr(self, name) >= 1, name, "an integer >= 1")
-        need(self.eval_every >= 0, "eval_every", "an integer >= 0")
-        need(self.eval_batches >= 0, "eval_batches", "an integer >= 0")
-        need(self.max_skipped_steps >= 0, "max_skipped_steps", "an integer >= 0")
-        need(self.time_limit_minutes >= 0 and self.time_limit_minutes != float("inf"), "time_limit_minutes",
-             "a number of minutes >= 0 (0: no limit)")
+            require(getattr(self, name) >= 1, f"training.{name}", getattr(self, name), "an integer >= 1")
+        require(self.eval_every >= 0, "training.eval_every", self.eval_every, "an integer >= 0")
+        require(self.eval_batches >= 0, "training.eval_batches", self.eval_batches, "an integer >= 0")
+        require(self.max_skipped_steps >= 0, "training.max_skipped_steps", self.max_skipped_steps, "an integer >= 0")
+        require(self.time_limit_minutes >= 0 and self.time_limit_minutes != float("inf"),
+                "training.time_limit_minutes", self.time_limit_minutes, "a number of minutes >= 0 (0: no limit)")
 
 
 @dataclass
-class TrainConfig:
+class JobConfig:
     """Continually pretrain a Llama-family model (any mix of tensor/sequence, pipeline and sharded data parallelism)."""
 
     model: ModelConfig = field(default_factory=lambda: ModelConfig.from_preset("tiny"))
@@ -90,8 +86,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         t = self.training
-        if t.global_batch_size % t.micro_batch_size:
-            raise ConfigError(f"training.global_batch_size={t.global_batch_size} is invalid: expected a multiple "
-                              f"of training.micro_batch_size={t.micro_batch_size}")
-        if not math.isfinite(self.optim.lr):
-            raise ConfigError(f"optim.lr={self.optim.lr!r} is invalid: expected a finite number")
+        # global_batch_size is an int (the config parser makes it one), so its repr is the str this message showed
+        require(t.global_batch_size % t.micro_batch_size == 0, "training.global_batch_size", t.global_batch_size,
+                f"a multiple of training.micro_batch_size={t.micro_batch_size}")
+        require(math.isfinite(self.optim.lr), "optim.lr", self.optim.lr, "a finite number")

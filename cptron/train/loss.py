@@ -14,6 +14,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from cptron.data.interface import IGNORE_INDEX
+from cptron.distributed import local_shard_region
 
 
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -50,12 +51,8 @@ def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int, 
 def _mask_padded_columns(logits: DTensor, vocab_size: int) -> DTensor:
     if logits.shape[-1] == vocab_size:
         return logits
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    shape, offset = compute_local_shape_and_global_offset(logits.shape, logits.device_mesh, logits.placements)
-    start = offset[-1]
-    local = logits.to_local()
-    cols = torch.arange(start, start + shape[-1], device=local.device)
+    local, region = local_shard_region(logits)
+    cols = torch.arange(region[-1].start, region[-1].stop, device=local.device)
     local = local.masked_fill(cols >= vocab_size, torch.finfo(local.dtype).min)
     return DTensor.from_local(local, logits.device_mesh, logits.placements, run_check=False,
                               shape=logits.shape, stride=logits.stride())

@@ -20,18 +20,13 @@ the floor. Steps after the last phase keep its end value.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Literal, Optional, Protocol, Sequence
+from typing import Literal, Optional, Protocol
 
 import torch
 
-from cptron.errors import ConfigError
-
-
-def _need(ok: bool, field: str, value, expected: str) -> None:
-    if not ok:
-        raise ConfigError(f"{field}={value!r} is invalid: expected {expected}")
-
+from cptron.errors import require
 
 # ---------------------------------------------------------------- shapes
 
@@ -42,7 +37,7 @@ def _inverse_sqrt_fraction(t: float, length: int, timescale: float) -> float:
 
 
 # How far (0 -> 1) a phase has moved from its start value to its end value at progress t in [0, 1].
-SHAPES: dict[str, Callable[[float, "Phase"], float]] = {
+SHAPES: dict[str, Callable[[float, Phase], float]] = {
     "linear": lambda t, ph: t,
     "cosine": lambda t, ph: 0.5 * (1.0 - math.cos(math.pi * t)),
     "constant": lambda t, ph: 0.0,
@@ -68,15 +63,15 @@ class Phase:
 
     def __post_init__(self) -> None:
         where = f"lr phase starting at step {self.start}"
-        _need(self.shape in SHAPES, f"{where}: shape", self.shape, f"one of {sorted(SHAPES)}")
-        _need(self.length >= 1, f"{where}: length", self.length, "an integer >= 1")
+        require(self.shape in SHAPES, f"{where}: shape", self.shape, f"one of {sorted(SHAPES)}")
+        require(self.length >= 1, f"{where}: length", self.length, "an integer >= 1")
         for name in ("start_factor", "end_factor"):
             value = getattr(self, name)
-            _need(math.isfinite(value) and value >= 0, f"{where}: {name}", value, "a finite float >= 0")
-        _need(self.shape != "constant" or self.start_factor == self.end_factor, f"{where}: end_factor",
-              self.end_factor, f"start_factor={self.start_factor} for a constant phase")
-        _need(self.shape != "inverse_sqrt" or (self.timescale is not None and self.timescale > 0),
-              f"{where}: timescale", self.timescale, "a float > 0 for the inverse_sqrt shape")
+            require(math.isfinite(value) and value >= 0, f"{where}: {name}", value, "a finite float >= 0")
+        require(self.shape != "constant" or self.start_factor == self.end_factor, f"{where}: end_factor",
+                self.end_factor, f"start_factor={self.start_factor} for a constant phase")
+        require(self.shape != "inverse_sqrt" or (self.timescale is not None and self.timescale > 0),
+                f"{where}: timescale", self.timescale, "a float > 0 for the inverse_sqrt shape")
 
     @property
     def end(self) -> int:
@@ -105,8 +100,8 @@ class PhasedSchedule:
     def __post_init__(self) -> None:
         expected_start = 0
         for phase in self.phases:
-            _need(phase.start == expected_start, "lr phase start", phase.start,
-                  f"{expected_start} (phases must be contiguous from step 0)")
+            require(phase.start == expected_start, "lr phase start", phase.start,
+                    f"{expected_start} (phases must be contiguous from step 0)")
             expected_start = phase.end
 
     def factor(self, step: int) -> float:
@@ -157,18 +152,18 @@ class LRConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first impossible field (build_lr_schedule checks those needing total_steps)."""
-        _need(self.schedule in SCHEDULES, "lr.schedule", self.schedule, f"one of {sorted(SCHEDULES)}")
-        _need(self.warmup_steps >= 0, "lr.warmup_steps", self.warmup_steps, "an integer >= 0")
-        _need(self.decay_steps is None or self.decay_steps >= 1, "lr.decay_steps", self.decay_steps,
-              "None or an integer >= 1")
-        _need(self.schedule != "constant" or self.decay_steps is None, "lr.decay_steps", self.decay_steps,
-              "None for lr.schedule='constant' (it never decays)")
+        require(self.schedule in SCHEDULES, "lr.schedule", self.schedule, f"one of {sorted(SCHEDULES)}")
+        require(self.warmup_steps >= 0, "lr.warmup_steps", self.warmup_steps, "an integer >= 0")
+        require(self.decay_steps is None or self.decay_steps >= 1, "lr.decay_steps", self.decay_steps,
+                "None or an integer >= 1")
+        require(self.schedule != "constant" or self.decay_steps is None, "lr.decay_steps", self.decay_steps,
+                "None for lr.schedule='constant' (it never decays)")
         for name in ("min_lr_ratio", "warmup_start_ratio"):
             value = getattr(self, name)
-            _need(0.0 <= value <= 1.0, f"lr.{name}", value, "a float in [0, 1]")
-        _need(0.0 < self.decay_fraction <= 1.0, "lr.decay_fraction", self.decay_fraction, "a float in (0, 1]")
-        _need(self.decay_shape in _WSD_DECAY_SHAPES, "lr.decay_shape", self.decay_shape,
-              f"one of {sorted(_WSD_DECAY_SHAPES)}")
+            require(0.0 <= value <= 1.0, f"lr.{name}", value, "a float in [0, 1]")
+        require(0.0 < self.decay_fraction <= 1.0, "lr.decay_fraction", self.decay_fraction, "a float in (0, 1]")
+        require(self.decay_shape in _WSD_DECAY_SHAPES, "lr.decay_shape", self.decay_shape,
+                f"one of {sorted(_WSD_DECAY_SHAPES)}")
 
 
 _WSD_DECAY_SHAPES = {"linear": "linear", "cosine": "cosine", "1-sqrt": "sqrt"}
@@ -183,8 +178,8 @@ def _warmup(cfg: LRConfig) -> tuple:
 def _warmup_then_decay(cfg: LRConfig, total_steps: int, shape: str) -> PhasedSchedule:
     decay = cfg.decay_steps if cfg.decay_steps is not None else total_steps - cfg.warmup_steps
     if cfg.decay_steps is not None:
-        _need(cfg.warmup_steps + decay <= total_steps, "lr.warmup_steps + lr.decay_steps",
-              f"{cfg.warmup_steps} + {decay}", f"at most the total_steps={total_steps} of training")
+        require(cfg.warmup_steps + decay <= total_steps, "lr.warmup_steps + lr.decay_steps",
+                f"{cfg.warmup_steps} + {decay}", f"at most the total_steps={total_steps} of training")
     return chain(cfg.warmup_start_ratio, [_warmup(cfg), (decay, cfg.min_lr_ratio, shape)])
 
 
@@ -212,8 +207,8 @@ def wsd_schedule(cfg: LRConfig, total_steps: int) -> PhasedSchedule:
     decay = cfg.decay_steps if cfg.decay_steps is not None else max(1, round(cfg.decay_fraction * total_steps))
     stable = total_steps - cfg.warmup_steps - decay
     decay_field = "lr.decay_steps" if cfg.decay_steps is not None else "round(lr.decay_fraction * total_steps)"
-    _need(stable >= 0, f"lr.warmup_steps + {decay_field}", f"{cfg.warmup_steps} + {decay}",
-          f"at most the total_steps={total_steps} of training")
+    require(stable >= 0, f"lr.warmup_steps + {decay_field}", f"{cfg.warmup_steps} + {decay}",
+            f"at most the total_steps={total_steps} of training")
     return chain(cfg.warmup_start_ratio, [_warmup(cfg), (stable, 1.0, "constant"),
                                           (decay, cfg.min_lr_ratio, _WSD_DECAY_SHAPES[cfg.decay_shape])])
 
@@ -229,10 +224,10 @@ SCHEDULES: dict[str, Callable[[LRConfig, int], LRSchedule]] = {
 
 def build_lr_schedule(cfg: LRConfig, total_steps: int) -> LRSchedule:
     """The schedule `cfg` describes for a run of `total_steps` optimizer steps (ConfigError if it does not fit)."""
-    _need(isinstance(total_steps, int) and total_steps >= 1, "total_steps", total_steps, "an integer >= 1")
+    require(isinstance(total_steps, int) and total_steps >= 1, "total_steps", total_steps, "an integer >= 1")
     cfg.validate()
-    _need(cfg.warmup_steps <= total_steps, "lr.warmup_steps", cfg.warmup_steps,
-          f"at most the total_steps={total_steps} of training")
+    require(cfg.warmup_steps <= total_steps, "lr.warmup_steps", cfg.warmup_steps,
+            f"at most the total_steps={total_steps} of training")
     return SCHEDULES[cfg.schedule](cfg, total_steps)
 
 

@@ -22,13 +22,15 @@ import os
 import secrets
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Literal, Optional
 
 import torch
+from tqdm import tqdm
 
-from cptron.errors import ConfigError
+from cptron.errors import invalid, require
 
 log = logging.getLogger("cptron.metrics")
 
@@ -36,11 +38,6 @@ GiB = float(1 << 30)
 
 FLOP_CONVENTION = ("FLOPs/token = 6·N (N = parameters except the input embedding) + 12·L·H·Dh·T attention, "
                    "no causal halving (torchtitan's convention)")
-
-
-def _need(ok: bool, field: str, value, expected: str) -> None:
-    if not ok:
-        raise ConfigError(f"{field}={value!r} is invalid: expected {expected}")
 
 
 @dataclass
@@ -70,17 +67,17 @@ class MetricsConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first impossible field."""
-        _need(self.log_every >= 1, "metrics.log_every", self.log_every, "an integer >= 1")
-        _need(self.wandb_mode in ("offline", "online", "disabled"), "metrics.wandb_mode", self.wandb_mode,
-              "one of offline, online, disabled")
-        _need(self.progress_bar in ("auto", "on", "off"), "metrics.progress_bar", self.progress_bar,
-              "one of auto, on, off")
-        _need(not self.wandb or bool(self.wandb_project), "metrics.wandb_project", self.wandb_project,
-              "a non-empty project name when metrics.wandb is true")
-        _need(self.peak_tflops is None or (math.isfinite(self.peak_tflops) and self.peak_tflops > 0),
-              "metrics.peak_tflops", self.peak_tflops, "None or a float > 0")
-        _need(all(isinstance(s, int) and s >= 1 for s in self.profile_steps), "metrics.profile_steps",
-              self.profile_steps, "a list of optimizer steps >= 1")
+        require(self.log_every >= 1, "metrics.log_every", self.log_every, "an integer >= 1")
+        require(self.wandb_mode in ("offline", "online", "disabled"), "metrics.wandb_mode", self.wandb_mode,
+                "one of offline, online, disabled")
+        require(self.progress_bar in ("auto", "on", "off"), "metrics.progress_bar", self.progress_bar,
+                "one of auto, on, off")
+        require(not self.wandb or bool(self.wandb_project), "metrics.wandb_project", self.wandb_project,
+                "a non-empty project name when metrics.wandb is true")
+        require(self.peak_tflops is None or (math.isfinite(self.peak_tflops) and self.peak_tflops > 0),
+                "metrics.peak_tflops", self.peak_tflops, "None or a float > 0")
+        require(all(isinstance(s, int) and s >= 1 for s in self.profile_steps), "metrics.profile_steps",
+                self.profile_steps, "a list of optimizer steps >= 1")
 
 
 class StepProfiler:
@@ -96,6 +93,7 @@ class StepProfiler:
         if step not in self.steps:
             yield
             return
+        # Deferred: the profiler is needed only on the steps metrics.profile_steps names.
         from torch.profiler import ProfilerActivity, profile
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
@@ -122,7 +120,7 @@ def flops_per_token(model_cfg, seq_len: int) -> float:
     drops the shared matrix altogether, but the output projection still runs as a matmul, so its
     vocab·dim is added back. Sliding windows are not discounted either (as torchtitan counts).
     """
-    _need(seq_len >= 1, "seq_len", seq_len, "an integer >= 1")
+    require(seq_len >= 1, "seq_len", seq_len, "an integer >= 1")
     n = model_cfg.num_params(include_embedding=False)
     if model_cfg.tie_embeddings:
         n += model_cfg.padded_vocab_size * model_cfg.dim
@@ -208,9 +206,9 @@ class Throughput:
 
     def __init__(self, flops_per_token: float, peak_flops: Optional[float], world_size: int, *,
                  clock: Callable[[], float] = time.perf_counter):
-        _need(flops_per_token > 0, "flops_per_token", flops_per_token, "a float > 0")
-        _need(peak_flops is None or peak_flops > 0, "peak_flops", peak_flops, "None or a float > 0")
-        _need(world_size >= 1, "world_size", world_size, "an integer >= 1")
+        require(flops_per_token > 0, "flops_per_token", flops_per_token, "a float > 0")
+        require(peak_flops is None or peak_flops > 0, "peak_flops", peak_flops, "None or a float > 0")
+        require(world_size >= 1, "world_size", world_size, "an integer >= 1")
         self.flops_per_token, self.peak_flops, self.world_size = flops_per_token, peak_flops, world_size
         self._clock = clock
         self._last = clock()
@@ -284,7 +282,8 @@ class MetricsLogger:
         if rank != 0:
             return
         cfg.validate()
-        _need(0 <= start_step <= total_steps, "start_step", start_step, f"an integer in [0, total_steps={total_steps}]")
+        require(0 <= start_step <= total_steps, "start_step", start_step,
+                f"an integer in [0, total_steps={total_steps}]")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         sinks = ["log"]
         try:
@@ -298,8 +297,6 @@ class MetricsLogger:
                 self._wandb_run = self._open_wandb(run_config)
                 sinks.append(f"wandb {cfg.wandb_mode} {self.run_dir / 'wandb'} (run id {self._wandb_run.id})")
             if cfg.progress_bar == "on" or (cfg.progress_bar == "auto" and sys.stderr.isatty()):
-                from tqdm import tqdm
-
                 self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                                  dynamic_ncols=True, file=sys.stderr)
         except BaseException:
@@ -332,11 +329,11 @@ class MetricsLogger:
         return open(path, "a", encoding="utf-8")
 
     def _open_tensorboard(self, run_config: dict):
-        try:
+        try:  # an optional dependency, imported only when metrics.tensorboard is on
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:
-            raise ConfigError("metrics.tensorboard=True is invalid: expected the tensorboard package "
-                              f"(pip install tensorboard, or set metrics.tensorboard=false): {e}") from e
+            raise invalid("metrics.tensorboard", True, "the tensorboard package (pip install tensorboard, or "
+                          f"set metrics.tensorboard=false): {e}") from e
         log_dir = self.run_dir / "tensorboard"
         # purge_step hides events an earlier run wrote after the checkpoint this run resumes from.
         writer = SummaryWriter(log_dir=str(log_dir), purge_step=self.start_step + 1 if log_dir.exists() else None)
@@ -345,11 +342,11 @@ class MetricsLogger:
         return writer
 
     def _open_wandb(self, run_config: dict):
-        try:
+        try:  # an optional dependency, imported only when metrics.wandb is on
             import wandb
         except ImportError as e:
-            raise ConfigError("metrics.wandb=True is invalid: expected the wandb package "
-                              f"(pip install wandb, or set metrics.wandb=false): {e}") from e
+            raise invalid("metrics.wandb", True, "the wandb package (pip install wandb, or set "
+                          f"metrics.wandb=false): {e}") from e
         id_file = self.run_dir / "wandb_run_id"
         if self.start_step > 0 and id_file.exists():
             run_id = id_file.read_text(encoding="utf-8").strip()
@@ -371,14 +368,12 @@ class MetricsLogger:
             return
         if self._closed:
             raise RuntimeError(f"MetricsLogger.log(step={step}) after close()")
-        _need(bool(kind) and "/" not in kind, "kind", kind, "a non-empty name without '/'")
+        require(bool(kind) and "/" not in kind, "kind", kind, "a non-empty name without '/'")
         values = {key: _scalar(key, value) for key, value in metrics.items()}
         for reserved in ("step", "kind", "time"):
-            _need(reserved not in values, "metric name", reserved, "a name other than step, kind and time")
+            require(reserved not in values, "metric name", reserved, "a name other than step, kind and time")
         line = _format_line(step, self.total_steps, kind, values)
         if self._bar is not None:
-            from tqdm import tqdm
-
             with tqdm.external_write_mode(file=sys.stderr):
                 log.info(line)
         else:
@@ -416,8 +411,50 @@ class MetricsLogger:
         if self._wandb_run is not None:
             self._wandb_run.finish()
 
-    def __enter__(self) -> "MetricsLogger":
+    def __enter__(self) -> MetricsLogger:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# ---------------------------------------------------------------- one run's metrics
+
+class RunMetrics:
+    """What a training run reports: each step's row (with throughput, MFU and, every log_every
+    steps, memory), held-out losses, and the profiled steps; the trainer's one metrics component."""
+
+    def __init__(self, cfg: MetricsConfig, run_dir: str, *, rank: int, world_size: int, device: torch.device,
+                 dtype: torch.dtype, model_cfg, seq_len: int, global_batch_size: int, total_steps: int,
+                 start_step: int, run_config: dict):
+        self.cfg, self.device, self.total_steps = cfg, device, total_steps
+        self.logger = MetricsLogger(cfg, run_dir, rank=rank, run_config=run_config, total_steps=total_steps,
+                                    start_step=start_step)
+        peak, peak_desc = device_peak_flops(device, dtype, override_tflops=cfg.peak_tflops)
+        fpt = flops_per_token(model_cfg, seq_len)
+        if rank == 0:
+            log.info("%.4g FLOP/token; %s", fpt, peak_desc)
+        self.meter = Throughput(fpt, peak, world_size)
+        self.profiler = StepProfiler(cfg.profile_steps, run_dir, rank, device)
+        self.tokens_per_step = global_batch_size * seq_len
+
+    def train_step(self, step: int, values: dict[str, float]) -> None:
+        """Report the step that completed update `step` (1-based: step N is the state after N
+        optimizer steps, the number a checkpoint carries); `values` holds at least "loss"."""
+        row = {**values, **self.meter.update(self.tokens_per_step)}
+        if step % self.cfg.log_every == 0 or step == self.total_steps:
+            row.update(memory_stats(self.device))
+            self.logger.log(step, row)
+        self.logger.progress(step, {"loss": f"{values['loss']:.4f}"})
+
+    def evaluation(self, step: int, losses: dict[str, float]) -> None:
+        """Report held-out losses; the time they took does not count as training throughput."""
+        self.logger.log(step, {f"val/{k}": v for k, v in losses.items()}, kind="eval")
+        self.meter.reset()
+
+    def paused(self) -> None:
+        """Training paused (a checkpoint save): leave the pause out of the next throughput interval."""
+        self.meter.reset()
+
+    def close(self) -> None:
+        self.logger.close()

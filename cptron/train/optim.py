@@ -16,8 +16,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
+from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
-from cptron.errors import ConfigError
+from cptron.errors import require
 
 
 @dataclass
@@ -40,16 +41,12 @@ class OptimizerConfig:
     """AdamW kernel: fused (one kernel per step), foreach (grouped), for_loop; auto: fused on cuda and cpu, foreach elsewhere."""
 
     def validate(self) -> None:
-        def need(ok, name, expected):
-            if not ok:
-                raise ConfigError(f"optim.{name}={getattr(self, name)!r} is invalid: expected {expected}")
-
-        need(self.lr > 0 and math.isfinite(self.lr), "lr", "a positive finite number")
-        need(self.weight_decay >= 0, "weight_decay", "a number >= 0")
-        need(0 <= self.beta1 < 1, "beta1", "a number in [0, 1)")
-        need(0 <= self.beta2 < 1, "beta2", "a number in [0, 1)")
-        need(self.eps > 0, "eps", "a positive number")
-        need(self.grad_clip >= 0, "grad_clip", "a number >= 0 (0 disables clipping)")
+        require(self.lr > 0 and math.isfinite(self.lr), "optim.lr", self.lr, "a positive finite number")
+        require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "a number >= 0")
+        require(0 <= self.beta1 < 1, "optim.beta1", self.beta1, "a number in [0, 1)")
+        require(0 <= self.beta2 < 1, "optim.beta2", self.beta2, "a number in [0, 1)")
+        require(self.eps > 0, "optim.eps", self.eps, "a positive number")
+        require(self.grad_clip >= 0, "optim.grad_clip", self.grad_clip, "a number >= 0 (0 disables clipping)")
 
 
 def build_optimizers(parts: list[nn.Module], cfg: OptimizerConfig, device: torch.device) -> list[torch.optim.Optimizer]:
@@ -81,11 +78,12 @@ def global_grad_norm(parts: list[nn.Module], pp_group: Optional[dist.ProcessGrou
     """L2 norm of all gradients of the model, whatever the layout.
 
     DTensor gradients are grouped by their mesh and placements, so each group's
-    norm costs one collective (the DTensor norm reduces over sharded mesh
-    dimensions and leaves replicated ones alone). Plain tensors are replicated
-    copies and count once. Pipeline stages hold disjoint parameters: their squared
-    norms are summed over `pp_group`. Parameters in `skip` (the second copy of a
-    parameter that two stages share, e.g. tied embeddings) are not counted."""
+    norm (`torch.nn.utils.get_total_norm`, which takes DTensors of one layout) costs
+    one collective (the DTensor norm reduces over sharded mesh dimensions and
+    leaves replicated ones alone). Plain tensors are replicated copies and count
+    once. Pipeline stages hold disjoint parameters: their squared norms are summed
+    over `pp_group`. Parameters in `skip` (the second copy of a parameter that two
+    stages share, e.g. tied embeddings) are not counted."""
     groups: dict[object, list[torch.Tensor]] = defaultdict(list)
     plain: list[torch.Tensor] = []
     skipped = {id(p) for p in skip}
@@ -101,10 +99,9 @@ def global_grad_norm(parts: list[nn.Module], pp_group: Optional[dist.ProcessGrou
     device = device or (plain[0].device if plain else torch.device("cpu"))
     sq = torch.zeros((), dtype=torch.float32, device=device)
     for grads in groups.values():
-        group_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
-        sq = sq + group_norm.full_tensor() ** 2
+        sq = sq + get_total_norm(grads).float().full_tensor() ** 2
     if plain:
-        sq = sq + torch.linalg.vector_norm(torch.stack(torch._foreach_norm(plain)).float()) ** 2
+        sq = sq + get_total_norm(plain).float() ** 2
     if pp_group is not None and dist.get_world_size(pp_group) > 1:
         dist.all_reduce(sq, group=pp_group)
     return sq.sqrt()
@@ -112,13 +109,16 @@ def global_grad_norm(parts: list[nn.Module], pp_group: Optional[dist.ProcessGrou
 
 @torch.no_grad()
 def clip_gradients(parts: list[nn.Module], max_norm: float, total_norm: torch.Tensor) -> None:
-    """Scale all gradients by min(1, max_norm / total_norm), as torch's clip_grad_norm_ does."""
-    coef = float(max_norm / (total_norm + 1e-6))
-    if coef >= 1.0:
+    """Scale all gradients by min(1, max_norm / (total_norm + 1e-6)) with torch's
+    `clip_grads_with_norm_`, given the global `total_norm` (a plain tensor); nothing when
+    no gradient needs scaling. Gradients go to it grouped by DTensor mesh (plain tensors
+    on their own): one foreach kernel cannot mix meshes, or DTensors and plain tensors."""
+    if float(max_norm / (total_norm + 1e-6)) >= 1.0:
         return
-    grads = [p.grad for part in parts for p in part.parameters() if p.grad is not None]
-    dtensors = [g for g in grads if isinstance(g, DTensor)]
-    plain = [g for g in grads if not isinstance(g, DTensor)]
-    for group in (dtensors, plain):
-        if group:
-            torch._foreach_mul_(group, coef)
+    groups: dict[object, list[torch.Tensor]] = defaultdict(list)
+    for part in parts:
+        for p in part.parameters():
+            if p.grad is not None:
+                groups[p.grad.device_mesh if isinstance(p.grad, DTensor) else None].append(p)
+    for params in groups.values():
+        clip_grads_with_norm_(params, max_norm, total_norm)

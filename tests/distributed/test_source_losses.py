@@ -56,9 +56,9 @@ def test_source_losses_are_the_mean_token_loss_of_each_sources_rows(shards, tmp_
             per_row = F.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(), reduction="none").view(
                 batch.labels.shape).sum(1)
         want = {name: float(per_row[batch.sources == i].sum() / (batch.sources == i).sum() / batch.labels.shape[1])
-                for i, name in enumerate(trainer.source_names)}
-        total = float(trainer.forward_backward(batch))
-        return want, dict(trainer._last_source_losses), total, [trainer.source_names[i] for i in batch.sources]
+                for i, name in enumerate(trainer.module.sources.names)}
+        total = float(trainer.module.forward_backward(batch, trainer.step))
+        return want, dict(trainer.module.sources.last), total, [trainer.module.sources.names[i] for i in batch.sources]
 
     want, got, total, sources = run_distributed(check, 1, str(tmp_path))[0]
     assert set(got) == set(sources) == {"old", "new"} and sources.count("new") == 6  # 25% replay of 8 rows

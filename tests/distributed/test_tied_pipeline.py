@@ -19,7 +19,7 @@ from cptron import checkpoint as ckpt
 from cptron.parallel.dims import ParallelConfig
 from cptron.testing.distributed import run_distributed
 from cptron.testing.training import PackedSource, full_grads, make_train_config
-from cptron.train.checkpointing import CheckpointConfig
+from cptron.train.checkpointer import CheckpointConfig
 from cptron.train.trainer import Trainer
 
 STEPS = 3

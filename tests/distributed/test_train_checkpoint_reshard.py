@@ -15,7 +15,8 @@ from cptron import checkpoint as ckpt
 from cptron.models.config import model_config_from_preset
 from cptron.models.llama import build_model
 from cptron.testing.distributed import run_distributed
-from cptron.train.checkpointing import CheckpointConfig, TrainCheckpointer, model_config_for_init
+from cptron.train.checkpointer import CheckpointConfig, TrainCheckpointer
+from cptron.train.initial_weights import load_initial_weights, model_config_for_init
 
 TIED = model_config_from_preset("tiny", vocab_size=500, pad_vocab_to_multiple_of=64, tie_embeddings=True)
 UNTIED = dataclasses.replace(TIED, tie_embeddings=False)
@@ -232,7 +233,7 @@ def _hf_init(rank, world_size, hf_dir, tokens, layout):
     with torch.no_grad():  # non-zero everywhere, so a forgotten row or tensor shows up
         for p in model.parameters():
             (p.to_local() if isinstance(p, DTensor) else p).fill_(0.5)
-    _checkpointer(hf_dir.parent / "run", cfg).load_initial_weights(hf_dir, [model])
+    load_initial_weights(hf_dir, [model], cfg)
     with torch.no_grad():
         logits = model(tokens)
     return logits, _full(model.tok_embeddings.weight)

@@ -10,7 +10,7 @@ from cptron.checkpoint import latest_complete_checkpoint, load_model, read_meta
 from cptron.parallel.dims import ParallelConfig
 from cptron.testing.distributed import run_distributed
 from cptron.testing.training import PackedSource, make_train_config
-from cptron.train.checkpointing import CheckpointConfig
+from cptron.train.checkpointer import CheckpointConfig
 from cptron.train.trainer import NonFiniteLossError, Trainer
 
 

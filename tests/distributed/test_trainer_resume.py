@@ -12,7 +12,7 @@ import pytest
 from cptron.parallel.dims import ParallelConfig
 from cptron.testing.distributed import run_distributed
 from cptron.testing.training import PackedSource, make_train_config
-from cptron.train.checkpointing import CheckpointConfig
+from cptron.train.checkpointer import CheckpointConfig
 from cptron.train.trainer import Trainer
 
 STEPS = 6

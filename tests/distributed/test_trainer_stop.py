@@ -10,7 +10,7 @@ import pytest
 from cptron.parallel.dims import ParallelConfig
 from cptron.testing.distributed import run_distributed
 from cptron.testing.training import PackedSource, make_train_config
-from cptron.train.checkpointing import CheckpointConfig
+from cptron.train.checkpointer import CheckpointConfig
 from cptron.train.trainer import Trainer
 
 STEPS = 8
@@ -52,16 +52,16 @@ def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step_with_a_checkp
 
 SCRIPT = """
 import os, signal, sys, time
-from cptron.train.trainer import _StopRequests
-none = _StopRequests([])
+from cptron.train.stop import StopRequests
+none = StopRequests([])
 assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-stops = _StopRequests(["SIGTERM", "USR1"])
+stops = StopRequests(["SIGTERM", "USR1"])
 os.kill(os.getpid(), signal.SIGUSR1)
 assert stops.received == "SIGUSR1", stops.received
 stops.restore()
 assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
-_StopRequests.repeat_grace_s = 0.3
-stops = _StopRequests(["SIGTERM"])
+StopRequests.repeat_grace_s = 0.3
+stops = StopRequests(["SIGTERM"])
 os.kill(os.getpid(), signal.SIGTERM)
 os.kill(os.getpid(), signal.SIGTERM)  # a copy within the grace period (SLURM and torchrun both send it)
 print("first signal only recorded:", stops.received, flush=True)

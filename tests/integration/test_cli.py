@@ -9,7 +9,8 @@ import transformers
 
 from cptron import checkpoint as ckpt
 from cptron.cli import COMMANDS, main
-from cptron.config import _dotted_fields, field_docs, parse_config
+from cptron.config import field_docs, parse_config
+from cptron.config.introspect import dotted_fields
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -29,7 +30,7 @@ def test_help_documents_every_field(path, capsys):
         main([*path, "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for dotted in _dotted_fields(cls):
+    for dotted in dotted_fields(cls):
         assert f"--{dotted}" in out, dotted
     for doc in field_docs(cls).values():
         assert doc.split()[0] in out

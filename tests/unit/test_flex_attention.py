@@ -20,7 +20,7 @@ from cptron.models.llama import attention_mask_for, build_attention_mask, build_
 from cptron.parallel.dims import ParallelConfig
 from cptron.testing.distributed import run_distributed
 from cptron.testing.training import PackedSource, full_grads, make_train_config
-from cptron.train.trainer import Trainer, _attention_description
+from cptron.train.trainer import Trainer, attention_description
 
 # Three rows with different document layouts (one document, several, a one-token one).
 DOC_LAYOUTS = [[0] * 64, [0] * 7 + [1] * 30 + [2] * 27, [5] * 20 + [9] + [5] * 43]
@@ -191,11 +191,11 @@ def test_trainer_refuses_flex_with_compiled_blocks_on_cpu_at_startup(tmp_path):
 def test_attention_log_line_names_the_kernel():
     mc = mistral(sliding_window=6)
     cpu = torch.device("cpu")
-    assert _attention_description(True, cpu, mc, "flex").startswith(
+    assert attention_description(True, cpu, mc, "flex").startswith(
         "FlexAttention with a block-sparse document and sliding-window (6 tokens) causal mask")
-    assert "compile" in _attention_description(False, torch.device("cuda"), mc, "flex")
-    assert _attention_description(True, cpu, mc, "sdpa").startswith("SDPA")
-    assert _attention_description(False, cpu, model_config_from_preset("tiny"), "flex").startswith("SDPA causal")
+    assert "compile" in attention_description(False, torch.device("cuda"), mc, "flex")
+    assert attention_description(True, cpu, mc, "sdpa").startswith("SDPA")
+    assert attention_description(False, cpu, model_config_from_preset("tiny"), "flex").startswith("SDPA causal")
 
 
 # ------------------------------------------- the block-sparse kernel (compiled)

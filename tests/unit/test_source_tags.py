@@ -5,15 +5,15 @@ import torch.nn.functional as F
 
 from cptron.data.interface import IGNORE_INDEX, Batch
 from cptron.train.loss import cross_entropy_sum, cross_entropy_sum_and_rows
-from cptron.train.trainer import _SOURCE_BITS, _tag_labels, _untag_labels
+from cptron.train.source_losses import SOURCE_BITS, tag_labels, untag_labels
 
 
 def test_tags_round_trip_for_ignored_labels_large_vocabularies_and_every_source():
     labels = torch.tensor([[IGNORE_INDEX, 5], [2**31 - 1, IGNORE_INDEX], [0, 128_255], [7, 7]])
-    sources = torch.tensor([0, (1 << _SOURCE_BITS) - 1, 3, 1])
-    tagged = _tag_labels(labels, sources)
+    sources = torch.tensor([0, (1 << SOURCE_BITS) - 1, 3, 1])
+    tagged = tag_labels(labels, sources)
     for first in range(4):  # a microbatch is any run of rows; it reports its first row
-        back, got_sources, first_row = _untag_labels(tagged[first:])
+        back, got_sources, first_row = untag_labels(tagged[first:])
         assert torch.equal(back, labels[first:]) and torch.equal(got_sources, sources[first:])
         assert first_row == first
 

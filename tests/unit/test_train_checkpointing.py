@@ -20,7 +20,8 @@ from cptron.errors import CheckpointError, ConfigError
 from cptron.hf import convert_cptron_to_hf, convert_hf_to_cptron
 from cptron.models.config import model_config_from_preset
 from cptron.models.llama import build_model
-from cptron.train.checkpointing import CheckpointConfig, TrainCheckpointer, model_config_for_init
+from cptron.train.checkpointer import CheckpointConfig, TrainCheckpointer
+from cptron.train.initial_weights import load_initial_weights, model_config_for_init
 
 CFG = model_config_from_preset("tiny", vocab_size=500, pad_vocab_to_multiple_of=64, tie_embeddings=True)
 HF_VOCAB = 300
@@ -353,7 +354,7 @@ def test_initial_weights_from_hf_match_transformers_logits(tmp_path, tie, shards
     model = build_model(cfg, seed=1)
     _scramble(model)
     cp = TrainCheckpointer(CheckpointConfig(init_from=str(tmp_path / "hf")), tmp_path / "run", model_cfg=cfg)
-    cp.load_initial_weights(tmp_path / "hf", [model])
+    load_initial_weights(tmp_path / "hf", [model], cfg)
     assert torch.count_nonzero(model.tok_embeddings.weight[HF_VOCAB:]) == 0
     tokens = torch.randint(0, HF_VOCAB, (2, 20), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -367,21 +368,19 @@ def test_initial_weights_refuse_mismatched_vocab_missing_and_misshaped_tensors(t
     make_hf(tmp_path / "hf")
     cfg = model_config_for_init(str(tmp_path / "hf"), pad_vocab_to_multiple_of=1)
     model = build_model(cfg, seed=1)
-    cp = TrainCheckpointer(CheckpointConfig(), tmp_path / "run", model_cfg=cfg)
     other = build_model(model_config_from_preset("tiny", vocab_size=HF_VOCAB + 1), seed=0)
-    other_cp = TrainCheckpointer(CheckpointConfig(), tmp_path / "run", model_cfg=other.cfg)
     with pytest.raises(CheckpointError, match="vocabulary mismatch: .*config.json has vocab_size=300"):
-        other_cp.load_initial_weights(tmp_path / "hf", [other])
+        load_initial_weights(tmp_path / "hf", [other], other.cfg)
 
     weights = load_file(tmp_path / "hf" / "model.safetensors")
     del weights["model.layers.1.mlp.up_proj.weight"]
     save_file(weights, tmp_path / "hf" / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="'model.layers.1.mlp.up_proj.weight' .*is missing"):
-        cp.load_initial_weights(tmp_path / "hf", [model])
+        load_initial_weights(tmp_path / "hf", [model], cfg)
     weights["model.layers.1.mlp.up_proj.weight"] = torch.zeros(96, 32)
     save_file(weights, tmp_path / "hf" / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"up_proj.weight' in .*model.safetensors has shape \[96, 32\]"):
-        cp.load_initial_weights(tmp_path / "hf", [model])
+        load_initial_weights(tmp_path / "hf", [model], cfg)
 
 
 def test_initial_weights_from_a_cptron_checkpoint_with_other_vocab_padding(tmp_path):
@@ -391,8 +390,7 @@ def test_initial_weights_from_a_cptron_checkpoint_with_other_vocab_padding(tmp_p
     assert cfg.padded_vocab_size == 384
     model = build_model(cfg, seed=1)
     _scramble(model)
-    TrainCheckpointer(CheckpointConfig(), tmp_path / "run", model_cfg=cfg).load_initial_weights(
-        tmp_path / "cp", [model])
+    load_initial_weights(tmp_path / "cp", [model], cfg)
     assert torch.count_nonzero(model.output.weight[HF_VOCAB:]) == 0
     tokens = torch.randint(0, HF_VOCAB, (2, 20), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():

@@ -1,8 +1,9 @@
 """`--help` text of a config dataclass: every dotted option with its type, default and docstring.
 
-cptron.config.format_help is the public entry; it lives apart so that config.py
-stays about parsing. Mappings and lists of sections get one block each, listing
-their item class's fields under a `<name>`/`<index>` placeholder.
+This module owns format_help, which cptron.config.parse_config prints for
+`-h`/`--help`. It builds on introspect.py and parse.py (config_to_dict writes
+mapping defaults); neither imports it. Mappings and lists of sections get one
+block each, listing their item class's fields under a `<name>`/`<index>` placeholder.
 """
 from __future__ import annotations
 
@@ -16,17 +17,26 @@ from typing import Any, Literal
 
 import yaml
 
-from cptron.config import (_PLACEHOLDER, _field_default, _field_docs, _hints, _init_fields, _is_section, _is_union,
-                           _items_of, config_to_dict)
+from cptron.config.introspect import (
+    PLACEHOLDER,
+    field_default,
+    field_docs,
+    init_fields,
+    is_section,
+    is_union,
+    items_of,
+    type_hints,
+)
+from cptron.config.parse import config_to_dict
 
 
 def _type_label(tp: Any) -> str:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    items = _items_of(tp)
+    items = items_of(tp)
     if items:
         label = "'{NAME: {FIELD: VALUE}, ...}'" if items[0] is dict else "'[{FIELD: VALUE}, ...]'"
-        return label + ("|none" if _is_union(tp) else "")
-    if _is_union(tp):
+        return label + ("|none" if is_union(tp) else "")
+    if is_union(tp):
         parts = [_type_label(a) for a in args if a is not type(None)]
         return "|".join(parts + (["none"] if type(None) in args else []))
     if origin is Literal:
@@ -71,10 +81,10 @@ def _items_help(kind: type, dotted: str) -> str:
 
 def _help_section(cls: type, prefix: str, defaults: Any, out: list[str], doc: str = "") -> None:
     leaves, sections = [], []
-    docs, hints = _field_docs(cls), _hints(cls)
-    for name, f in _init_fields(cls).items():
-        default = getattr(defaults, name) if defaults is not None else _field_default(f)
-        (sections if _is_section(hints[name]) else leaves).append((name, default))
+    docs, hints = field_docs(cls), type_hints(cls)
+    for name, f in init_fields(cls).items():
+        default = getattr(defaults, name) if defaults is not None else field_default(f)
+        (sections if is_section(hints[name]) else leaves).append((name, default))
     if leaves:
         title = prefix[:-1] if prefix else "options"
         # A section is described by its field's docstring in the parent; the top level by the description.
@@ -83,24 +93,24 @@ def _help_section(cls: type, prefix: str, defaults: Any, out: list[str], doc: st
     for name, default in leaves:
         shown = "required" if default is dataclasses.MISSING else f"default: {_format_value(default)}"
         out.append(f"  --{prefix}{name} {_type_label(hints[name])}  ({shown})")
-        items = _items_of(hints[name])
+        items = items_of(hints[name])
         text = docs.get(name, "(undocumented)") + (" " + _items_help(items[0], prefix + name) if items else "")
         out.append(textwrap.fill(text, width=88, initial_indent=" " * 6, subsequent_indent=" " * 6))
     for name, _ in leaves:  # one block per mapping or list of sections, with its item class's fields
-        items = _items_of(hints[name])
+        items = items_of(hints[name])
         if items:
             kind, item_cls = items
             new = ("a new <name> starts from these defaults" if kind is dict else
                    "<index> counts from 0; the index after the last appends an item with these defaults")
-            _help_section(item_cls, f"{prefix}{name}.{_PLACEHOLDER[kind]}.", None, out,
+            _help_section(item_cls, f"{prefix}{name}.{PLACEHOLDER[kind]}.", None, out,
                           f"{_class_summary(item_cls)} ({item_cls.__name__}: {new})".lstrip())
     for name, default in sections:
         _help_section(hints[name], f"{prefix}{name}.", None if default is dataclasses.MISSING else default, out,
                       docs.get(name, ""))
 
 
-def help_text(cls: type, prog: str = "cptron", description: str | None = None, *,
-              positional_yaml: bool = False) -> str:
+def format_help(cls: type, prog: str = "cptron", description: str | None = None, *,
+                positional_yaml: bool = False) -> str:
     """Every field of `cls` (dotted), with its type, default and docstring, grouped by section."""
     usage = f"usage: {prog}" + (" [CONFIG.yaml]" if positional_yaml else "") + " [--section.field VALUE ...]"
     out = [usage]
@@ -115,4 +125,4 @@ def help_text(cls: type, prog: str = "cptron", description: str | None = None, *
     return "\n".join(out) + "\n"
 
 
-__all__ = ["help_text"]
+__all__ = ["format_help"]

@@ -1,8 +1,11 @@
 """Typed dataclass configs: defaults < YAML file < dotted command-line overrides.
 
-Each component owns a small dataclass whose fields carry a one-line attribute
-docstring (a string literal on the line after the field). A job config nests
-them: a field whose type is a dataclass is a *section*, set in YAML as a nested
+This module owns turning YAML and command-line options into a config dataclass
+(parse_config, load_yaml, config_from_dict), checking it (validate_config) and
+writing it back out (config_to_dict, dump_yaml). It reads classes through
+introspect.py; the `--help` text is help.py's, which builds on this module.
+
+A job config nests section dataclasses: a section is set in YAML as a nested
 mapping and on the command line as `--section.field value`. A section with a
 `preset` field and a `from_preset(name)` classmethod starts from that preset
 whenever the preset is given; its other explicitly given fields override it.
@@ -21,25 +24,31 @@ the command line in two ways:
     whatever their order on the command line.
 A mapping key may contain dots (`--data.sources.web.en.paths` names source
 `web.en`): the last component that names a field of the item class ends the key.
-The `--help` text is laid out by cptron/config_help.py.
 """
 from __future__ import annotations
 
-import ast
 import dataclasses
 import difflib
-import functools
 import inspect
 import pathlib
-import textwrap
-import types
 import typing
-from collections.abc import Mapping
-from typing import Any, Literal, Union
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
 
 import yaml
 
-from cptron.errors import ConfigError
+from cptron.config.introspect import (
+    PLACEHOLDER,
+    dotted_fields,
+    field_default,
+    init_fields,
+    is_section,
+    is_union,
+    items_of,
+    type_hints,
+    without_none,
+)
+from cptron.errors import ConfigError, invalid
 
 _TRUE = ("true", "1", "yes", "y", "on")
 _FALSE = ("false", "0", "no", "n", "off")
@@ -51,95 +60,6 @@ class _Bad(Exception):
     """A value does not fit a type; the caller turns it into a ConfigError."""
 
 
-# ---------------------------------------------------------------- introspection
-
-def field_docs(cls: type) -> dict[str, str]:
-    """Attribute docstrings of the dataclass `cls`'s fields, base classes included."""
-    return dict(_field_docs(cls))
-
-
-@functools.lru_cache(maxsize=None)
-def _field_docs(cls: type) -> dict[str, str]:
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):  # subclasses override their bases' docs
-        if klass is object:
-            continue
-        try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
-        except (OSError, TypeError, SyntaxError):  # built in a REPL or by exec: no source
-            continue
-        node = next((n for n in tree.body if isinstance(n, ast.ClassDef)), None)
-        body = node.body if node is not None else []
-        for stmt, nxt in zip(body, body[1:]):
-            if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
-                    and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
-                    and isinstance(nxt.value.value, str)):
-                docs[stmt.target.id] = inspect.cleandoc(nxt.value.value)
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in docs.items() if k in names}
-
-
-@functools.lru_cache(maxsize=None)
-def _hints(cls: type) -> dict[str, Any]:
-    try:
-        hints = typing.get_type_hints(cls)
-    except Exception:  # an unresolvable forward reference: fall back to what is there
-        hints = {}
-    return {f.name: hints.get(f.name, f.type) for f in dataclasses.fields(cls)}
-
-
-def _init_fields(cls: type) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(cls) if f.init}
-
-
-def _is_section(tp: Any) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
-
-
-def _field_default(f: dataclasses.Field) -> Any:
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    return dataclasses.MISSING
-
-
-# How `--help` and the suggestions write an item's key in a mapping or list of sections.
-_PLACEHOLDER = {dict: "<name>", list: "<index>"}
-
-
-def _without_none(tp: Any) -> Any:
-    """`X` for `Optional[X]`, else `tp`."""
-    others = [a for a in typing.get_args(tp) if a is not type(None)] if _is_union(tp) else [tp]
-    return others[0] if len(others) == 1 else tp
-
-
-def _items_of(tp: Any) -> tuple[type, type] | None:
-    """(dict or list, item class) when `tp` is a mapping or list of sections (or Optional of one)."""
-    tp = _without_none(tp)
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is list and len(args) == 1 and _is_section(args[0]):
-        return list, args[0]
-    if origin is dict and len(args) == 2 and _is_section(args[1]):
-        return dict, args[1]
-    return None
-
-
-def _dotted_fields(cls: type, prefix: str = "") -> list[str]:
-    """Every settable field of `cls` as a dotted name (items of mappings/lists as `<name>`/`<index>`)."""
-    out = []
-    for name in _init_fields(cls):
-        tp = _hints(cls)[name]
-        items = _items_of(tp)
-        if _is_section(tp):
-            out += _dotted_fields(tp, f"{prefix}{name}.")
-        elif items:
-            out += [prefix + name] + _dotted_fields(items[1], f"{prefix}{name}.{_PLACEHOLDER[items[0]]}.")
-        else:
-            out.append(prefix + name)
-    return out
-
-
 def _suggest(name: str, choices: list[str]) -> str:
     close = difflib.get_close_matches(name, choices, n=3, cutoff=0.6)
     return f"; did you mean {' or '.join(close)}?" if close else ""
@@ -147,14 +67,10 @@ def _suggest(name: str, choices: list[str]) -> str:
 
 # ---------------------------------------------------------------- value conversion
 
-def _is_union(tp: Any) -> bool:
-    return typing.get_origin(tp) in (Union, types.UnionType)
-
-
 def _expected(tp: Any) -> str:
     """What a value of type `tp` must look like, for error messages."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if _is_union(tp):
+    if is_union(tp):
         parts = [_expected(a) for a in args if a is not type(None)]
         return " or ".join(parts + (["none"] if type(None) in args else []))
     if origin is Literal:
@@ -162,15 +78,15 @@ def _expected(tp: Any) -> str:
     if origin in (list, tuple, set, frozenset) or tp in (list, tuple):
         if origin is tuple and args and args[-1] is not Ellipsis:
             return f"{len(args)} comma-separated values ({', '.join(_expected(a) for a in args)})"
-        if args and _is_section(args[0]):
+        if args and is_section(args[0]):
             return f"a list of mappings of {args[0].__name__} fields"
         item = _expected(args[0]) if args else "anything"
         return f"a list (comma-separated on the command line) whose items are each {item}"
-    if origin is dict and len(args) == 2 and _is_section(args[1]):
+    if origin is dict and len(args) == 2 and is_section(args[1]):
         return f"a mapping of names to mappings of {args[1].__name__} fields"
     if origin is dict or tp is dict:
         return "a mapping (k=v,k2=v2 on the command line)"
-    if _is_section(tp):
+    if is_section(tp):
         return f"a mapping of {tp.__name__} fields"
     return {bool: "a boolean (true/false/yes/no/1/0)", int: "an integer", float: "a float",
             str: "a string", pathlib.Path: "a path"}.get(tp, f"a {getattr(tp, '__name__', tp)}")
@@ -179,14 +95,14 @@ def _expected(tp: Any) -> str:
 def _convert(tp: Any, raw: Any, name: str, source: str | None = None) -> Any:
     """`raw` (a CLI string or a YAML value) as type `tp`, or ConfigError naming `name`."""
     if raw is _BARE:
-        if tp is bool or (_is_union(tp) and bool in typing.get_args(tp)):
+        if tp is bool or (is_union(tp) and bool in typing.get_args(tp)):
             return True
         raise ConfigError(f"--{name}: missing value: expected {_expected(tp)}")
     try:
         return _coerce(tp, raw, name, source)
     except _Bad:
         where = f" (in {source})" if source else ""
-        raise ConfigError(f"{name}={raw!r} is invalid: expected {_expected(tp)}{where}") from None
+        raise invalid(name, raw, f"{_expected(tp)}{where}") from None
 
 
 def _coerce(tp: Any, raw: Any, name: str, source: str | None = None) -> Any:
@@ -194,7 +110,7 @@ def _coerce(tp: Any, raw: Any, name: str, source: str | None = None) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is Any or tp is object:
         return raw
-    if _is_union(tp):
+    if is_union(tp):
         if type(None) in args and (raw is None or (isinstance(raw, str) and raw.strip().lower() in _NONE)):
             return None
         for arg in (a for a in args if a is not type(None)):
@@ -222,13 +138,13 @@ def _coerce(tp: Any, raw: Any, name: str, source: str | None = None) -> Any:
                 raise _Bad
             return tuple(_coerce(a, x, f"{name}[{i}]", source) for i, (a, x) in enumerate(zip(args, items)))
         item_tp = args[0] if args else Any
-        if isinstance(raw, str) and _is_section(item_tp):  # "a,b" cannot spell sections
+        if isinstance(raw, str) and is_section(item_tp):  # "a,b" cannot spell sections
             raise _Bad
         out = [_coerce(item_tp, x, f"{name}[{i}]", source) for i, x in enumerate(items)]
         return (origin or tp)(out)
     if origin is dict or tp is dict:
         key_tp, val_tp = args or (Any, Any)
-        if isinstance(raw, str) and _is_section(val_tp):  # "k=v" cannot spell sections
+        if isinstance(raw, str) and is_section(val_tp):  # "k=v" cannot spell sections
             raise _Bad
         if isinstance(raw, str):
             pairs = [p.split("=", 1) for p in raw.split(",") if p.strip()]
@@ -239,7 +155,7 @@ def _coerce(tp: Any, raw: Any, name: str, source: str | None = None) -> Any:
             raise _Bad
         return {_coerce(key_tp, k, name, source): _coerce(val_tp, v, f"{name}.{k}", source)
                 for k, v in raw.items()}
-    if _is_section(tp):  # e.g. items of a list of dataclasses, given in YAML
+    if is_section(tp):  # e.g. items of a list of dataclasses, given in YAML
         if isinstance(raw, tp):
             return raw
         return _build(tp, name + ".", None, raw, {}, source) if isinstance(raw, Mapping) else _fail()
@@ -281,7 +197,7 @@ class _Items:
 def _flow_value(raw: Any, dotted: str, kind: type, item_cls: type) -> Any:
     """The YAML flow-style text given as `--dotted` for a whole mapping or list of sections, loaded."""
     example = "'{NAME: {FIELD: VALUE}}'" if kind is dict else "'[{FIELD: VALUE}, ...]'"
-    one = f"--{dotted}.{_PLACEHOLDER[kind]}.<field> VALUE"
+    one = f"--{dotted}.{PLACEHOLDER[kind]}.<field> VALUE"
     shape = "mapping of names to" if kind is dict else "list of"
     if raw is not _BARE:
         try:
@@ -290,17 +206,18 @@ def _flow_value(raw: Any, dotted: str, kind: type, item_cls: type) -> Any:
             value = e
         if isinstance(value, Mapping if kind is dict else list):
             return value
-    given = ": missing value" if raw is _BARE else f"={raw!r} is invalid"
-    raise ConfigError(f"--{dotted}{given}: expected a YAML flow {shape} "
-                      f"mappings of {item_cls.__name__} fields, e.g. --{dotted} {example}, or one field "
-                      f"as {one}")
+    expected = (f"a YAML flow {shape} mappings of {item_cls.__name__} fields, e.g. --{dotted} {example}, "
+                f"or one field as {one}")
+    if raw is _BARE:
+        raise ConfigError(f"--{dotted}: missing value: expected {expected}")
+    raise invalid(f"--{dotted}", raw, expected)
 
 
 def _apply_items(tp: Any, dotted: str, current: Any, items: _Items) -> Any:
     """`current` (from YAML, a base or defaults) with the command line's whole value and item fields."""
-    kind, item_cls = _items_of(tp)
+    kind, item_cls = items_of(tp)
     if items.whole is not dataclasses.MISSING:
-        if _is_union(tp) and isinstance(items.whole, str) and items.whole.strip().lower() in _NONE:
+        if is_union(tp) and isinstance(items.whole, str) and items.whole.strip().lower() in _NONE:
             if not items.entries:
                 return None
             current = None
@@ -310,7 +227,7 @@ def _apply_items(tp: Any, dotted: str, current: Any, items: _Items) -> Any:
     for key in sorted(items.entries) if kind is list else items.entries:
         cli = items.entries[key]
         if kind is dict:
-            name = _convert(typing.get_args(_without_none(tp))[0], key, f"{dotted} key")
+            name = _convert(typing.get_args(without_none(tp))[0], key, f"{dotted} key")
             out[name] = _build(item_cls, f"{dotted}.{key}.", out.get(name), {}, cli, None)
         elif key > len(out):
             raise ConfigError(f"--{dotted}.{key}.<field>: index {key} is invalid: expected an index below "
@@ -329,7 +246,7 @@ def _build(cls: type, prefix: str, base: Any, yaml_map: Any, cli_map: dict, sour
     if not isinstance(yaml_map, Mapping):
         section = prefix[:-1] or "the top level"
         raise ConfigError(f"{section} must be a mapping of {cls.__name__} fields, got {yaml_map!r}{where}")
-    fields, hints = _init_fields(cls), _hints(cls)
+    fields, hints = init_fields(cls), type_hints(cls)
     for key in yaml_map:
         if key not in fields:
             hint = _suggest(f"{prefix}{key}", [prefix + n for n in fields])
@@ -350,8 +267,8 @@ def _build(cls: type, prefix: str, base: Any, yaml_map: Any, cli_map: dict, sour
     values = {}
     for name, f in fields.items():
         tp, dotted = hints[name], prefix + name
-        if _is_section(tp):
-            sub_base = getattr(base, name) if base is not None else _field_default(f)
+        if is_section(tp):
+            sub_base = getattr(base, name) if base is not None else field_default(f)
             sub_base = None if sub_base is dataclasses.MISSING else sub_base
             values[name] = _build(tp, dotted + ".", sub_base, yaml_map.get(name), cli_map.get(name, {}), source)
         elif isinstance(cli_map.get(name), _Items):
@@ -360,7 +277,7 @@ def _build(cls: type, prefix: str, base: Any, yaml_map: Any, cli_map: dict, sour
             elif name in yaml_map:
                 current = _convert(tp, yaml_map[name], dotted, source)
             else:
-                current = getattr(base, name) if base is not None else _field_default(f)
+                current = getattr(base, name) if base is not None else field_default(f)
             values[name] = _apply_items(tp, dotted, current, cli_map[name])
         elif name in cli_map:
             values[name] = _convert(tp, cli_map[name], dotted)
@@ -369,7 +286,7 @@ def _build(cls: type, prefix: str, base: Any, yaml_map: Any, cli_map: dict, sour
         elif base is not None:
             values[name] = getattr(base, name)
         else:
-            default = _field_default(f)
+            default = field_default(f)
             if default is dataclasses.MISSING:
                 raise ConfigError(f"{dotted} is required: expected {_expected(tp)} (as --{dotted} or in YAML)")
             values[name] = default
@@ -417,7 +334,7 @@ def _parse_argv(cls: type, argv: list[str], allow_positional_yaml: bool) -> tupl
     per mapping or list of sections.
     """
     yaml_path, tree, i = None, {}, 0
-    known = _dotted_fields(cls)
+    known = dotted_fields(cls)
     while i < len(argv):
         token = argv[i]
         i += 1
@@ -440,19 +357,19 @@ def _parse_argv(cls: type, argv: list[str], allow_positional_yaml: bool) -> tupl
 def _place(klass: type, parts: list[str], prefix: str, node: dict, raw: Any, option: str, known: list[str]) -> None:
     """Store the value `raw` of `--option` in `node`, the CLI tree of `klass`; `parts` are the names left."""
     name, rest = parts[0].replace("-", "_"), parts[1:]  # dashes only in field names: keys keep theirs
-    fields, dotted = _init_fields(klass), prefix + name
-    tp = _hints(klass)[name] if name in fields else None
+    fields, dotted = init_fields(klass), prefix + name
+    tp = type_hints(klass)[name] if name in fields else None
     if tp is None:
         tail = "".join("." + p for p in rest)
         close = difflib.get_close_matches(name, list(fields), n=3, cutoff=0.6)
         hint = (f"; did you mean {' or '.join(prefix + c + tail for c in close)}?" if close
                 else _suggest(option.replace("-", "_"), known))
         raise ConfigError(f"--{option}: unknown field {option!r}{hint} (see --help)")
-    items = _items_of(tp)
-    if rest and not _is_section(tp) and not items:
+    items = items_of(tp)
+    if rest and not is_section(tp) and not items:
         raise ConfigError(f"--{option}: unknown field {option!r}: {dotted} has no fields; expected --{dotted} "
                           f"VALUE, {_expected(tp)} (see --help)")
-    if _is_section(tp):
+    if is_section(tp):
         if not rest:
             raise ConfigError(f"--{option}: {dotted!r} is a section: set its fields as --{dotted}.<field>")
         _place(tp, rest, dotted + ".", node.setdefault(name, {}), raw, option, known)
@@ -467,8 +384,8 @@ def _place(klass: type, parts: list[str], prefix: str, node: dict, raw: Any, opt
     if not rest:
         entry.whole = raw
         return
-    item_fields = _init_fields(item_cls)
-    usage = (f"--{dotted}.{_PLACEHOLDER[kind]}.<field> VALUE with <field> a {item_cls.__name__} field, "
+    item_fields = init_fields(item_cls)
+    usage = (f"--{dotted}.{PLACEHOLDER[kind]}.<field> VALUE with <field> a {item_cls.__name__} field, "
              f"one of {sorted(item_fields)}")
     if kind is list:
         if not rest[0].isdigit() or len(rest) < 2:
@@ -503,14 +420,18 @@ def load_yaml(path: str) -> dict:
 
 
 def parse_config(cls: type, argv: list[str], yaml_path: str | None = None, prog: str = "cptron", *,
-                 allow_positional_yaml: bool = False, description: str | None = None) -> Any:
+                 allow_positional_yaml: bool = False, description: str | None = None,
+                 format_help: Callable[..., str] | None = None) -> Any:
     """A validated `cls` from its defaults, then `yaml_path`, then the overrides in `argv`.
 
     With `allow_positional_yaml`, a positional argument (only one, and before any option)
-    is the YAML path. `-h`/`--help` prints `format_help` and exits with status 0.
+    is the YAML path. With `format_help`, `-h`/`--help` prints `format_help(cls, prog,
+    description, positional_yaml=allow_positional_yaml)` and exits with status 0:
+    cptron.config.parse_config passes help.format_help (this module cannot import help.py,
+    which builds on it); without it, `-h`/`--help` are options like any other.
     """
     argv = list(argv)
-    if "-h" in argv or "--help" in argv:
+    if format_help is not None and ("-h" in argv or "--help" in argv):
         print(format_help(cls, prog, description, positional_yaml=allow_positional_yaml))
         raise SystemExit(0)
     positional, cli = _parse_argv(cls, argv, allow_positional_yaml)
@@ -555,15 +476,4 @@ def dump_yaml(obj: Any, path: str | None = None) -> str:
     return text
 
 
-# ---------------------------------------------------------------- help
-
-def format_help(cls: type, prog: str = "cptron", description: str | None = None, *,
-                positional_yaml: bool = False) -> str:
-    """Every field of `cls` (dotted), with its type, default and docstring, grouped by section."""
-    from cptron.config_help import help_text  # imported here: config_help builds on this module
-
-    return help_text(cls, prog, description, positional_yaml=positional_yaml)
-
-
-__all__ = ["field_docs", "parse_config", "format_help", "config_to_dict", "config_from_dict",
-           "dump_yaml", "load_yaml", "validate_config"]
+__all__ = ["parse_config", "config_to_dict", "config_from_dict", "dump_yaml", "load_yaml", "validate_config"]
