@@ -38,6 +38,7 @@ cptron's floor, means the behaviour or the missing API is older than the floor.
 Not here: `cptron/distributed.py` (`local_shard_region`) is the one home of
 `torch.distributed.tensor._utils.compute_local_shape_and_global_offset`.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -48,6 +49,7 @@ import torch
 from torch import nn
 
 # ----------------------------------------------------------------------------- module conversions
+
 
 class ConversionHookModule(nn.Module):
     """An nn.Module whose `_after_conversion()` runs after every conversion of its tensors.
@@ -76,6 +78,7 @@ class ConversionHookModule(nn.Module):
 
 # ----------------------------------------------------------------------------- torch.compile
 
+
 def is_compiled_module(module: nn.Module) -> bool:
     """Whether `module` or any submodule is compiled, by `torch.compile(m)` or `m.compile()`.
 
@@ -84,8 +87,9 @@ def is_compiled_module(module: nn.Module) -> bool:
     and only sets the private attribute `_compiled_call_impl`."""
     from torch._dynamo import OptimizedModule
 
-    return any(isinstance(m, OptimizedModule) or getattr(m, "_compiled_call_impl", None) is not None
-               for m in module.modules())
+    return any(
+        isinstance(m, OptimizedModule) or getattr(m, "_compiled_call_impl", None) is not None for m in module.modules()
+    )
 
 
 # ----------------------------------------------------------------------------- wrapper names
@@ -98,6 +102,7 @@ internally); `cptron.models.llama.canonical_param_name` removes them to get chec
 
 
 # ----------------------------------------------------------------------------- activation checkpointing
+
 
 def checkpoint_wrapper(module: nn.Module, *, preserve_rng_state: bool) -> nn.Module:
     """`module` wrapped so that its activations are recomputed in backward (non-reentrant
@@ -117,17 +122,22 @@ def checkpoint_wrapper(module: nn.Module, *, preserve_rng_state: bool) -> nn.Mod
 
 # Options torch's public flex_attention passes to its operator for CPU inputs; the dense
 # implementation does not read them, but the operator expects them.
-_FLEX_CPU_KERNEL_OPTIONS = {"BACKEND": "AUTO", "PRESCALE_QK": False, "ROWS_GUARANTEED_SAFE": False,
-                            "BLOCKS_ARE_CONTIGUOUS": False, "WRITE_DQ": True, "OUTPUT_LOGSUMEXP": True,
-                            "OUTPUT_MAX": False}
+_FLEX_CPU_KERNEL_OPTIONS = {
+    "BACKEND": "AUTO",
+    "PRESCALE_QK": False,
+    "ROWS_GUARANTEED_SAFE": False,
+    "BLOCKS_ARE_CONTIGUOUS": False,
+    "WRITE_DQ": True,
+    "OUTPUT_LOGSUMEXP": True,
+    "OUTPUT_MAX": False,
+}
 
 
 def _identity_score(score, b, h, q_idx, kv_idx):
     return score
 
 
-def flex_attention_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask,
-                         scale: float) -> torch.Tensor:
+def flex_attention_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask, scale: float) -> torch.Tensor:
     """softmax(scale * q k^T) v over the pairs `block_mask` allows, by torch's dense reference
     implementation of flex attention (it evaluates `mask_mod` on the full score matrix and
     differentiates through it); k/v may have fewer heads than q (grouped-query attention).
@@ -138,12 +148,14 @@ def flex_attention_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bloc
     directly, as the public function does, with the options it passes for CPU inputs."""
     from torch._higher_order_ops.flex_attention import flex_attention as flex_attention_op
 
-    out, _, _ = flex_attention_op(q, k, v, _identity_score, block_mask.as_tuple(), scale,
-                                  dict(_FLEX_CPU_KERNEL_OPTIONS))
+    out, _, _ = flex_attention_op(
+        q, k, v, _identity_score, block_mask.as_tuple(), scale, dict(_FLEX_CPU_KERNEL_OPTIONS)
+    )
     return out
 
 
 # ----------------------------------------------------------------------------- test harness
+
 
 def preimport_torch_dynamo() -> None:
     """Import `torch._dynamo` now.
@@ -156,6 +168,7 @@ def preimport_torch_dynamo() -> None:
 
 
 # ----------------------------------------------------------------------------- pipelining
+
 
 def _eval_safe_pipeline_stage() -> type:
     from torch.distributed.pipelining import PipelineStage

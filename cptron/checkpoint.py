@@ -23,6 +23,7 @@ hidden names, which `recover_interrupted_write` resolves on the next read or wri
 `write_checkpoint_async` writes the tensors in a background thread and adds the
 marker once DCP reports every rank's files written; until then the directory stays hidden.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -100,16 +101,19 @@ def read_meta(path: str | os.PathLike) -> dict:
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if not (path / COMPLETE_MARKER).is_file():
-        raise CheckpointError(f"checkpoint {path} is incomplete (no {COMPLETE_MARKER} marker): "
-                              "it was interrupted while being written")
+        raise CheckpointError(
+            f"checkpoint {path} is incomplete (no {COMPLETE_MARKER} marker): it was interrupted while being written"
+        )
     try:
         meta = json.loads((path / META_FILE).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"checkpoint {path}: cannot read {META_FILE}: {e}") from e
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {path}: format_version {version!r} is not supported "
-                              f"(this cptron reads version {FORMAT_VERSION})")
+        raise CheckpointError(
+            f"checkpoint {path}: format_version {version!r} is not supported "
+            f"(this cptron reads version {FORMAT_VERSION})"
+        )
     return meta
 
 
@@ -117,8 +121,11 @@ def tensor_metadata(path: str | os.PathLike) -> dict[str, tuple[torch.Size, torc
     """Global shape and dtype of every tensor stored in the DCP checkpoint at `path`."""
 
     md = FileSystemReader(str(path)).read_metadata()
-    return {k: (v.size, v.properties.dtype) for k, v in md.state_dict_metadata.items()
-            if isinstance(v, TensorStorageMetadata)}
+    return {
+        k: (v.size, v.properties.dtype)
+        for k, v in md.state_dict_metadata.items()
+        if isinstance(v, TensorStorageMetadata)
+    }
 
 
 class _LazySavePlanner(DefaultSavePlanner):
@@ -222,17 +229,20 @@ def _finish_staged(path: Path, meta: dict, tokenizer_files: Optional[list[Path]]
         (tmp / TOKENIZER_DIR).mkdir()
         for f in tokenizer_files:
             shutil.copy2(f, tmp / TOKENIZER_DIR / Path(f).name)
-    _write_synced(tmp / META_FILE, json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=2,
-                                              sort_keys=True))
+    _write_synced(tmp / META_FILE, json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=2, sort_keys=True))
     _write_synced(tmp / COMPLETE_MARKER, "complete\n")  # last: marks everything above as durable
     _fsync_dir(tmp)
     replace_dir(tmp, path)
 
 
-def write_checkpoint(path: str | os.PathLike, state_dict: dict[str, Any], meta: dict,
-                     fetch: Optional[Callable[[str], torch.Tensor]] = None,
-                     tokenizer_files: Optional[list[Path]] = None,
-                     overwrite: bool = False) -> Path:
+def write_checkpoint(
+    path: str | os.PathLike,
+    state_dict: dict[str, Any],
+    meta: dict,
+    fetch: Optional[Callable[[str], torch.Tensor]] = None,
+    tokenizer_files: Optional[list[Path]] = None,
+    overwrite: bool = False,
+) -> Path:
     """Atomically write `state_dict` (DCP) plus `meta` to the checkpoint directory `path`.
 
     Collective when a process group is initialized: every rank passes its local
@@ -269,15 +279,23 @@ class PendingCheckpointWrite:
     a hidden `.incomplete` directory that no reader looks at.
     """
 
-    def __init__(self, path: Path, future, meta: dict, tokenizer_files: Optional[list[Path]],
-                 on_complete: Optional[Callable[[Path], None]], process_group=None):
+    def __init__(
+        self,
+        path: Path,
+        future,
+        meta: dict,
+        tokenizer_files: Optional[list[Path]],
+        on_complete: Optional[Callable[[Path], None]],
+        process_group=None,
+    ):
         self.path = path
         self._error: Optional[str] = None
         # DCP's coordinator is rank 0 of the group that carried the write.
         distributed = is_distributed()
         self._coordinator = not distributed or dist.get_rank(process_group) == 0
-        self._thread = threading.Thread(target=self._finish, args=(future, meta, tokenizer_files, on_complete),
-                                        name=f"finish-{path.name}")
+        self._thread = threading.Thread(
+            target=self._finish, args=(future, meta, tokenizer_files, on_complete), name=f"finish-{path.name}"
+        )
         self._thread.start()
 
     def _finish(self, future, meta, tokenizer_files, on_complete) -> None:
@@ -308,10 +326,15 @@ class PendingCheckpointWrite:
         return self.path
 
 
-def write_checkpoint_async(path: str | os.PathLike, state_dict: dict[str, Any], meta: dict,
-                           tokenizer_files: Optional[list[Path]] = None, overwrite: bool = False,
-                           process_group=None,
-                           on_complete: Optional[Callable[[Path], None]] = None) -> PendingCheckpointWrite:
+def write_checkpoint_async(
+    path: str | os.PathLike,
+    state_dict: dict[str, Any],
+    meta: dict,
+    tokenizer_files: Optional[list[Path]] = None,
+    overwrite: bool = False,
+    process_group=None,
+    on_complete: Optional[Callable[[Path], None]] = None,
+) -> PendingCheckpointWrite:
     """Like `write_checkpoint`, but returns once the tensors are copied to CPU memory; a
     background thread writes them (`dcp.async_save`) while the caller goes on changing
     the originals. Collective. `process_group` carries the background thread's
@@ -324,8 +347,9 @@ def write_checkpoint_async(path: str | os.PathLike, state_dict: dict[str, Any], 
     writer = FileSystemWriter(str(tmp), single_file_per_rank=True, sync_files=True)
     error, future = None, None
     try:
-        future = dcp.async_save(state_dict, storage_writer=writer, process_group=process_group,
-                                no_dist=not is_distributed())
+        future = dcp.async_save(
+            state_dict, storage_writer=writer, process_group=process_group, no_dist=not is_distributed()
+        )
     except (Exception, CheckpointException) as e:
         error = f"starting the write of checkpoint {path} failed: {_describe(e)}"
     raise_on_every_rank(error, error_type=CheckpointError)

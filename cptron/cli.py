@@ -8,6 +8,7 @@
 
 `cptron <command> --help` lists every field with its docstring and default.
 """
+
 from __future__ import annotations
 
 import logging
@@ -57,8 +58,12 @@ class InitConfig:
 
     def validate(self) -> None:
         require(bool(self.output), "output", self.output, "a directory path")
-        require(self.tokenizer is None or Path(self.tokenizer).is_dir(), "tokenizer", self.tokenizer,
-                "an existing directory")
+        require(
+            self.tokenizer is None or Path(self.tokenizer).is_dir(),
+            "tokenizer",
+            self.tokenizer,
+            "an existing directory",
+        )
 
 
 @dataclass
@@ -82,8 +87,12 @@ class HFToCptronConfig:
         require(bool(self.input), "input", self.input, "an HF model directory")
         require(Path(self.input).is_dir(), "input", self.input, "an existing directory")
         require(bool(self.output), "output", self.output, "a directory path")
-        require(self.pad_vocab_to_multiple_of >= 1, "pad_vocab_to_multiple_of", self.pad_vocab_to_multiple_of,
-                "an integer >= 1")
+        require(
+            self.pad_vocab_to_multiple_of >= 1,
+            "pad_vocab_to_multiple_of",
+            self.pad_vocab_to_multiple_of,
+            "an integer >= 1",
+        )
 
 
 @dataclass
@@ -141,34 +150,52 @@ class VerifyConfig:
 
 # ------------------------------------------------------------------ commands
 
+
 def run_init(cfg: InitConfig) -> None:
     dtype = getattr(torch, cfg.dtype)
     model = build_model(cfg.model, seed=cfg.seed, dtype=dtype)
-    log.info("initialized %s model (%s parameters, %s) with seed %d on cpu",
-             cfg.model.preset or cfg.model.family, f"{cfg.model.num_params():,}", cfg.dtype, cfg.seed)
+    log.info(
+        "initialized %s model (%s parameters, %s) with seed %d on cpu",
+        cfg.model.preset or cfg.model.family,
+        f"{cfg.model.num_params():,}",
+        cfg.dtype,
+        cfg.seed,
+    )
     tok_files = tokenizer_files(Path(cfg.tokenizer)) if cfg.tokenizer else []
     params = {name: p.detach() for name, p in model.named_parameters()}
     meta = {"model": config_to_dict(cfg.model), "step": 0, "source": f"init(seed={cfg.seed})"}
-    out = ckpt.write_checkpoint(cfg.output, {"model": params}, meta, tokenizer_files=tok_files,
-                                overwrite=cfg.overwrite)
+    out = ckpt.write_checkpoint(cfg.output, {"model": params}, meta, tokenizer_files=tok_files, overwrite=cfg.overwrite)
     log.info("wrote %s", out)
 
 
 def run_hf_to_cptron(cfg: HFToCptronConfig) -> None:
-    out = convert_hf_to_cptron(cfg.input, cfg.output, pad_vocab_to_multiple_of=cfg.pad_vocab_to_multiple_of,
-                               dtype=cfg.dtype, overwrite=cfg.overwrite, progress=cfg.progress)
+    out = convert_hf_to_cptron(
+        cfg.input,
+        cfg.output,
+        pad_vocab_to_multiple_of=cfg.pad_vocab_to_multiple_of,
+        dtype=cfg.dtype,
+        overwrite=cfg.overwrite,
+        progress=cfg.progress,
+    )
     log.info("wrote cptron checkpoint %s", out)
 
 
 def run_cptron_to_hf(cfg: CptronToHFConfig) -> None:
-    out = convert_cptron_to_hf(cfg.input, cfg.output, dtype=cfg.dtype, max_shard_size=cfg.max_shard_size,
-                               overwrite=cfg.overwrite, progress=cfg.progress)
+    out = convert_cptron_to_hf(
+        cfg.input,
+        cfg.output,
+        dtype=cfg.dtype,
+        max_shard_size=cfg.max_shard_size,
+        overwrite=cfg.overwrite,
+        progress=cfg.progress,
+    )
     log.info("wrote Hugging Face model %s", out)
 
 
 def run_verify(cfg: VerifyConfig) -> float:
-    diff = compare_with_transformers(cfg.checkpoint, cfg.hf, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
-                                     seed=cfg.seed)
+    diff = compare_with_transformers(
+        cfg.checkpoint, cfg.hf, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed
+    )
     verdict = "OK" if diff <= cfg.tolerance else "MISMATCH"
     print(f"max |logits(cptron) - logits(transformers)| = {diff:.3e} (tolerance {cfg.tolerance:.0e}): {verdict}")
     if diff > cfg.tolerance:
@@ -189,8 +216,12 @@ def run_train(cfg: JobConfig) -> None:
         result = trainer.run()
         if trainer.rank == 0:
             last = result.losses.get(result.last_step - 1)
-            log.info("%s at step %d%s", "finished" if result.stopped_by is None else f"stopped ({result.stopped_by})",
-                     result.last_step, f", last loss {last:.4f}" if last is not None else "")
+            log.info(
+                "%s at step %d%s",
+                "finished" if result.stopped_by is None else f"stopped ({result.stopped_by})",
+                result.last_step,
+                f", last loss {last:.4f}" if last is not None else "",
+            )
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -203,9 +234,16 @@ def run_data_plan(cfg: JobConfig) -> str:
     t = cfg.training
     init_from = cfg.checkpoint.init_from
     model_cfg = model_config_for_init(init_from, cfg.model.pad_vocab_to_multiple_of) if init_from else cfg.model
-    loader, validation = build_data_loaders(cfg.data, seq_len=t.seq_len, global_batch_size=t.global_batch_size,
-                                            dp_rank=0, dp_size=1, vocab_size=model_cfg.vocab_size, seed=t.seed,
-                                            total_steps=t.steps)
+    loader, validation = build_data_loaders(
+        cfg.data,
+        seq_len=t.seq_len,
+        global_batch_size=t.global_batch_size,
+        dp_rank=0,
+        dp_size=1,
+        vocab_size=model_cfg.vocab_size,
+        seed=t.seed,
+        total_steps=t.steps,
+    )
     lines = []
     latest = TrainCheckpointer(cfg.checkpoint, t.run_dir, model_cfg=model_cfg).resume_path()
     if latest is not None:
@@ -218,8 +256,10 @@ def run_data_plan(cfg: JobConfig) -> str:
         if t.eval_batches:
             batches = min(batches, t.eval_batches)
         windows = min(meta["validation_windows"], batches * t.global_batch_size)
-        lines.append(f"validation set {name}: {windows} samples from {meta['validation_documents']:,} held-out "
-                     f"documents ({-(-windows // t.global_batch_size)} batch(es))")
+        lines.append(
+            f"validation set {name}: {windows} samples from {meta['validation_documents']:,} held-out "
+            f"documents ({-(-windows // t.global_batch_size)} batch(es))"
+        )
     text = "\n".join(lines)
     print(text)
     return text
@@ -240,8 +280,13 @@ COMMANDS: dict[tuple[str, ...], tuple[type, Callable]] = {
 
 
 def _overview() -> str:
-    lines = [f"cptron {__version__}: continual pretraining of Llama-family models", "",
-             "usage: cptron <command> [CONFIG.yaml] [--section.field VALUE ...]", "", "commands:"]
+    lines = [
+        f"cptron {__version__}: continual pretraining of Llama-family models",
+        "",
+        "usage: cptron <command> [CONFIG.yaml] [--section.field VALUE ...]",
+        "",
+        "commands:",
+    ]
     for path, (cls, _) in COMMANDS.items():
         summary = (cls.__doc__ or "").strip().splitlines()[0]
         lines.append(f"  {' '.join(path):<26} {summary}")
@@ -250,8 +295,9 @@ def _overview() -> str:
 
 
 def _setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -265,15 +311,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     for path, command in sorted(COMMANDS.items(), key=lambda kv: -len(kv[0])):
         if tuple(argv[: len(path)]) == path:
             cls, runner = command
-            rest = argv[len(path):]
+            rest = argv[len(path) :]
             break
     else:
         if argv[0] in {p[0] for p in COMMANDS} and (len(argv) == 1 or argv[1] in ("-h", "--help")):
             print(_overview())
             return 0
         groups = sorted({p[0] for p in COMMANDS})
-        print(f"cptron: unknown command {' '.join(argv[:2])!r}; expected one of: "
-              + ", ".join(" ".join(p) for p in COMMANDS) + f" (groups: {', '.join(groups)})", file=sys.stderr)
+        print(
+            f"cptron: unknown command {' '.join(argv[:2])!r}; expected one of: "
+            + ", ".join(" ".join(p) for p in COMMANDS)
+            + f" (groups: {', '.join(groups)})",
+            file=sys.stderr,
+        )
         return 2
     prog = "cptron " + " ".join(path)
     try:

@@ -5,6 +5,7 @@ rank 0's value on every rank, running a step on rank 0 alone, turning one rank's
 the same error on every rank (so no rank is left waiting in a collective), and the position
 of a DTensor's local shard in its global tensor (the only use of torch's private helper for it).
 """
+
 from __future__ import annotations
 
 import os
@@ -104,8 +105,9 @@ def local_shard_region(tensor: torch.Tensor) -> tuple[torch.Tensor, tuple[slice,
     shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
     local = tensor.to_local()
     if tuple(local.shape) != tuple(shape):
-        raise CptronError(f"DTensor with placements {tensor.placements}: its local shard is not one block of "
-                          "the global tensor")
+        raise CptronError(
+            f"DTensor with placements {tensor.placements}: its local shard is not one block of the global tensor"
+        )
     return local, tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))
 
 
@@ -124,6 +126,5 @@ def setup_distributed(device_choice: str) -> tuple[int, int, torch.device]:
             dist.init_process_group(backend)
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" \
-        else torch.device("cpu")
+    device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), device

@@ -11,6 +11,7 @@ SwiGLU, rope types default/linear/llama3, GQA, tied embeddings, q/k/v bias (Qwen
 The q/k projections keep HF's half-split rotary layout (see models/llama.py), so no
 row permutation happens and tensors round-trip bit-identically.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,25 +39,63 @@ HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"
 FAMILY_TO_ARCH = {v: k for k, v in HF_ARCHITECTURES.items()}
 _HF_CONFIG_CLASS = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config"}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 # Architecture fields cptron owns on export; every other key of the source config is carried over.
-_OWNED_HF_KEYS = {"architectures", "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                  "num_key_value_heads", "head_dim", "intermediate_size", "vocab_size", "rms_norm_eps",
-                  "rope_theta", "rope_scaling", "rope_parameters", "max_position_embeddings",
-                  "tie_word_embeddings", "attention_bias", "sliding_window", "use_sliding_window",
-                  "hidden_act", "mlp_bias", "torch_dtype", "dtype", "transformers_version", "_name_or_path"}
+_OWNED_HF_KEYS = {
+    "architectures",
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "intermediate_size",
+    "vocab_size",
+    "rms_norm_eps",
+    "rope_theta",
+    "rope_scaling",
+    "rope_parameters",
+    "max_position_embeddings",
+    "tie_word_embeddings",
+    "attention_bias",
+    "sliding_window",
+    "use_sliding_window",
+    "hidden_act",
+    "mlp_bias",
+    "torch_dtype",
+    "dtype",
+    "transformers_version",
+    "_name_or_path",
+}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 _LAYER_MAP = {
-    "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
-    "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.up_proj": "feed_forward.w3",
-    "mlp.down_proj": "feed_forward.w2", "input_layernorm": "attention_norm",
+    "self_attn.q_proj": "attention.wq",
+    "self_attn.k_proj": "attention.wk",
+    "self_attn.v_proj": "attention.wv",
+    "self_attn.o_proj": "attention.wo",
+    "mlp.gate_proj": "feed_forward.w1",
+    "mlp.up_proj": "feed_forward.w3",
+    "mlp.down_proj": "feed_forward.w2",
+    "input_layernorm": "attention_norm",
     "post_attention_layernorm": "ffn_norm",
 }
 _LAYER_MAP_BACK = {v: k for k, v in _LAYER_MAP.items()}
-_GLOBAL_MAP = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
-               "lm_head.weight": "output.weight"}
+_GLOBAL_MAP = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+}
 _GLOBAL_MAP_BACK = {v: k for k, v in _GLOBAL_MAP.items()}
 _HF_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 _CP_LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)\.(weight|bias)$")
@@ -99,6 +138,7 @@ def cptron_to_hf_name(name: str) -> str:
 
 # ------------------------------------------------------------------------- configs
 
+
 def _rope_fields(hf: dict) -> dict:
     """Rope settings from either config style: `rope_parameters` (transformers 5) or
     `rope_theta` + `rope_scaling` (transformers 4 and released checkpoints)."""
@@ -110,17 +150,20 @@ def _rope_fields(hf: dict) -> dict:
     theta = merged.get("rope_theta", hf.get("rope_theta", 10000.0))
     rope_type = merged.get("rope_type", merged.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ConversionError(f"config.json: rope type {rope_type!r} is not supported: expected one of "
-                              f"{', '.join(SUPPORTED_ROPE_TYPES)}")
+        raise ConversionError(
+            f"config.json: rope type {rope_type!r} is not supported: expected one of {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
     if merged.get("partial_rotary_factor", 1.0) != 1.0:
         raise ConversionError("config.json: partial_rotary_factor != 1 is not supported")
     out = dict(rope_theta=float(theta), rope_type=rope_type)
     if rope_type in ("linear", "llama3"):
         out["rope_factor"] = float(merged["factor"])
     if rope_type == "llama3":
-        out.update(rope_low_freq_factor=float(merged["low_freq_factor"]),
-                   rope_high_freq_factor=float(merged["high_freq_factor"]),
-                   rope_original_max_position_embeddings=int(merged["original_max_position_embeddings"]))
+        out.update(
+            rope_low_freq_factor=float(merged["low_freq_factor"]),
+            rope_high_freq_factor=float(merged["high_freq_factor"]),
+            rope_original_max_position_embeddings=int(merged["original_max_position_embeddings"]),
+        )
     return out
 
 
@@ -143,8 +186,9 @@ def model_config_from_hf(hf: dict, pad_vocab_to_multiple_of: int = 1) -> ModelCo
     archs = hf.get("architectures") or []
     arch = archs[0] if archs else None
     if arch not in HF_ARCHITECTURES:
-        raise ConversionError(f"config.json: architecture {arch!r} is not supported: expected one of "
-                              f"{', '.join(HF_ARCHITECTURES)}")
+        raise ConversionError(
+            f"config.json: architecture {arch!r} is not supported: expected one of {', '.join(HF_ARCHITECTURES)}"
+        )
     family = HF_ARCHITECTURES[arch]
     hf = _with_transformers_defaults(hf, family)
     try:
@@ -171,15 +215,23 @@ def _model_config_from_full_hf(hf: dict, family: str, pad_vocab_to_multiple_of: 
     dim = int(hf["hidden_size"])
     head_dim = hf.get("head_dim")
     cfg = ModelConfig(
-        family=family, dim=dim, n_layers=int(hf["num_hidden_layers"]), n_heads=n_heads,
+        family=family,
+        dim=dim,
+        n_layers=int(hf["num_hidden_layers"]),
+        n_heads=n_heads,
         n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
         head_dim=None if head_dim in (None, dim // n_heads) else int(head_dim),
-        ffn_hidden_dim=int(hf["intermediate_size"]), vocab_size=int(hf["vocab_size"]),
-        pad_vocab_to_multiple_of=pad_vocab_to_multiple_of, norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        ffn_hidden_dim=int(hf["intermediate_size"]),
+        vocab_size=int(hf["vocab_size"]),
+        pad_vocab_to_multiple_of=pad_vocab_to_multiple_of,
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         max_seq_len=int(hf.get("max_position_embeddings", 2048)),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), qkv_bias=qkv_bias,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=qkv_bias,
         sliding_window=None if sliding is None else int(sliding),
-        init_std=float(hf.get("initializer_range", 0.02)), **_rope_fields(hf))
+        init_std=float(hf.get("initializer_range", 0.02)),
+        **_rope_fields(hf),
+    )
     try:
         cfg.validate()
     except Exception as e:
@@ -187,25 +239,37 @@ def _model_config_from_full_hf(hf: dict, family: str, pad_vocab_to_multiple_of: 
     return cfg
 
 
-def hf_config_from_model_config(cfg: ModelConfig, base: Optional[dict] = None,
-                                dtype: Optional[torch.dtype] = None):
+def hf_config_from_model_config(cfg: ModelConfig, base: Optional[dict] = None, dtype: Optional[torch.dtype] = None):
     """A transformers config object for `cfg`, keeping the non-architecture keys of `base`
     (token ids, initializer range, ...) from the model the checkpoint came from."""
     import transformers  # deferred: see _with_transformers_defaults
 
     cls = getattr(transformers, _HF_CONFIG_CLASS[cfg.family])
     kwargs = {k: v for k, v in (base or {}).items() if k not in _OWNED_HF_KEYS and not k.startswith("_")}
-    kwargs.update(hidden_size=cfg.dim, num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-                  num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_size, intermediate_size=cfg.ffn_hidden_dim,
-                  vocab_size=cfg.vocab_size, rms_norm_eps=cfg.norm_eps, max_position_embeddings=cfg.max_seq_len,
-                  tie_word_embeddings=cfg.tie_embeddings, hidden_act="silu", rope_theta=cfg.rope_theta)
+    kwargs.update(
+        hidden_size=cfg.dim,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.kv_heads,
+        head_dim=cfg.head_size,
+        intermediate_size=cfg.ffn_hidden_dim,
+        vocab_size=cfg.vocab_size,
+        rms_norm_eps=cfg.norm_eps,
+        max_position_embeddings=cfg.max_seq_len,
+        tie_word_embeddings=cfg.tie_embeddings,
+        hidden_act="silu",
+        rope_theta=cfg.rope_theta,
+    )
     if cfg.rope_type == "linear":
         kwargs["rope_scaling"] = {"rope_type": "linear", "factor": cfg.rope_factor}
     elif cfg.rope_type == "llama3":
-        kwargs["rope_scaling"] = {"rope_type": "llama3", "factor": cfg.rope_factor,
-                                  "low_freq_factor": cfg.rope_low_freq_factor,
-                                  "high_freq_factor": cfg.rope_high_freq_factor,
-                                  "original_max_position_embeddings": cfg.rope_original_max_position_embeddings}
+        kwargs["rope_scaling"] = {
+            "rope_type": "llama3",
+            "factor": cfg.rope_factor,
+            "low_freq_factor": cfg.rope_low_freq_factor,
+            "high_freq_factor": cfg.rope_high_freq_factor,
+            "original_max_position_embeddings": cfg.rope_original_max_position_embeddings,
+        }
     if cfg.family == "llama":
         kwargs.update(attention_bias=False, mlp_bias=False)
     elif cfg.family == "mistral":
@@ -224,6 +288,7 @@ def hf_config_from_model_config(cfg: ModelConfig, base: Optional[dict] = None,
 
 # ------------------------------------------------------------------------ HF files
 
+
 def hf_weight_map(hf_dir: Path) -> dict[str, Path]:
     """HF tensor name -> safetensors file, checking that every shard exists."""
     index = hf_dir / "model.safetensors.index.json"
@@ -241,8 +306,10 @@ def hf_weight_map(hf_dir: Path) -> dict[str, Path]:
         with _open_safetensors(single) as f:
             return {name: single for name in f.keys()}
     if any(hf_dir.glob("*.bin")):
-        raise ConversionError(f"{hf_dir} holds PyTorch .bin weights; only safetensors is supported "
-                              "(re-save with save_pretrained(safe_serialization=True))")
+        raise ConversionError(
+            f"{hf_dir} holds PyTorch .bin weights; only safetensors is supported "
+            "(re-save with save_pretrained(safe_serialization=True))"
+        )
     raise ConversionError(f"{hf_dir}: neither model.safetensors nor model.safetensors.index.json found")
 
 
@@ -292,8 +359,14 @@ class _ShardReader:
         self._handle, self._path = None, None
 
 
-def convert_hf_to_cptron(hf_dir: str | os.PathLike, out: str | os.PathLike, pad_vocab_to_multiple_of: int = 1,
-                         dtype: Optional[str] = None, overwrite: bool = False, progress: bool = True) -> Path:
+def convert_hf_to_cptron(
+    hf_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    pad_vocab_to_multiple_of: int = 1,
+    dtype: Optional[str] = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
     """Convert an HF model directory into a cptron checkpoint directory; returns `out`."""
     hf_dir, out = Path(hf_dir), Path(out)
     if out.exists() and not overwrite:
@@ -313,16 +386,21 @@ def convert_hf_to_cptron(hf_dir: str | os.PathLike, out: str | os.PathLike, pad_
         if name is None:
             if _DERIVED_HF_TENSORS.search(hf_name):
                 continue
-            raise ConversionError(f"tensor {hf_name!r} in {path.name} has no cptron counterpart "
-                                  f"for a {cfg.family} model")
+            raise ConversionError(
+                f"tensor {hf_name!r} in {path.name} has no cptron counterpart for a {cfg.family} model"
+            )
         if name not in expected:
-            raise ConversionError(f"tensor {hf_name!r} in {path.name} does not fit the model in config.json "
-                                  f"(layer index beyond num_hidden_layers or bias on a bias-free projection)")
+            raise ConversionError(
+                f"tensor {hf_name!r} in {path.name} does not fit the model in config.json "
+                f"(layer index beyond num_hidden_layers or bias on a bias-free projection)"
+            )
         sources[name] = (hf_name, path)
     missing = [cptron_to_hf_name(n) for n in expected if n not in sources]
     if missing:
-        raise ConversionError(f"{hf_dir}: tensors missing from the checkpoint: {', '.join(missing[:8])}"
-                              + (" ..." if len(missing) > 8 else ""))
+        raise ConversionError(
+            f"{hf_dir}: tensors missing from the checkpoint: {', '.join(missing[:8])}"
+            + (" ..." if len(missing) > 8 else "")
+        )
 
     # Shapes and dtypes come from the safetensors headers; nothing is loaded yet. The
     # state dict is ordered by file so that streaming opens each shard once.
@@ -338,24 +416,34 @@ def convert_hf_to_cptron(hf_dir: str | os.PathLike, out: str | os.PathLike, pad_
                 try:
                     sl = f.get_slice(hf_name)
                 except Exception as e:
-                    raise ConversionError(f"tensor {hf_name!r} is not in {path} although the index "
-                                          f"names that file: {e}") from e
+                    raise ConversionError(
+                        f"tensor {hf_name!r} is not in {path} although the index names that file: {e}"
+                    ) from e
                 shape, src_dtype = tuple(sl.get_shape()), _safetensors_dtype(sl.get_dtype(), hf_name)
                 want = tuple(expected[name])
                 hf_want = (cfg.vocab_size,) + want[1:] if name in _PADDED else want
                 if shape != hf_want:
-                    raise ConversionError(f"tensor {hf_name!r} in {path.name} has shape {list(shape)}, "
-                                          f"expected {list(hf_want)} from config.json")
+                    raise ConversionError(
+                        f"tensor {hf_name!r} in {path.name} has shape {list(shape)}, "
+                        f"expected {list(hf_want)} from config.json"
+                    )
                 state[name] = torch.empty(want, dtype=target_dtype or src_dtype, device="meta")
 
-    log.info("converting %s (%s, %d layers, %s parameters) from %d file(s) to %s, dtype %s",
-             hf_dir, hf_config["architectures"][0], cfg.n_layers, f"{cfg.num_params():,}",
-             len(set(files.values())), out, target_dtype or "as stored")
+    log.info(
+        "converting %s (%s, %d layers, %s parameters) from %d file(s) to %s, dtype %s",
+        hf_dir,
+        hf_config["architectures"][0],
+        cfg.n_layers,
+        f"{cfg.num_params():,}",
+        len(set(files.values())),
+        out,
+        target_dtype or "as stored",
+    )
     reader = _ShardReader()
     bar = tqdm(total=len(state), desc="hf-to-cptron", unit="tensor", disable=not progress)
 
     def fetch(flat_key: str) -> torch.Tensor:
-        name = flat_key[len(ckpt.MODEL_PREFIX):]
+        name = flat_key[len(ckpt.MODEL_PREFIX) :]
         hf_name, path = sources[name]
         t = reader.get(path, hf_name).to(state[name].dtype)
         if name in _PADDED and cfg.padded_vocab_size > cfg.vocab_size:
@@ -366,12 +454,17 @@ def convert_hf_to_cptron(hf_dir: str | os.PathLike, out: str | os.PathLike, pad_
         return t.contiguous()
 
     gen_path = hf_dir / "generation_config.json"
-    meta = {"model": config_to_dict(cfg), "step": 0, "source": str(hf_dir), "hf_config": hf_config,
-            "hf_generation_config": _read_json(gen_path) if gen_path.is_file() else None}
+    meta = {
+        "model": config_to_dict(cfg),
+        "step": 0,
+        "source": str(hf_dir),
+        "hf_config": hf_config,
+        "hf_generation_config": _read_json(gen_path) if gen_path.is_file() else None,
+    }
     try:
-        ckpt.write_checkpoint(out, {"model": state}, meta, fetch=fetch,
-                              tokenizer_files=tokenizer_files(hf_dir),
-                              overwrite=overwrite)
+        ckpt.write_checkpoint(
+            out, {"model": state}, meta, fetch=fetch, tokenizer_files=tokenizer_files(hf_dir), overwrite=overwrite
+        )
     finally:
         reader.close()
         bar.close()
@@ -387,6 +480,7 @@ def _safetensors_dtype(code: str, name: str) -> torch.dtype:
 
 # ------------------------------------------------------------------- cptron -> HF
 
+
 def parse_size(text: str | int) -> int:
     """'5GB', '500MB', '1.5GiB' or a byte count -> bytes."""
     if isinstance(text, int):
@@ -394,8 +488,18 @@ def parse_size(text: str | int) -> int:
     m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?i?B)?\s*", str(text), re.IGNORECASE)
     if not m:
         raise ConversionError(f"size {text!r} is invalid: expected e.g. 5GB, 500MB or a byte count")
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    units = {
+        "": 1,
+        "B": 1,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "TIB": 2**40,
+    }
     return int(float(m.group(1)) * units[(m.group(2) or "").upper()])
 
 
@@ -411,9 +515,14 @@ def _plan_shards(items: list[tuple[str, int]], max_bytes: int) -> list[list[str]
     return shards
 
 
-def convert_cptron_to_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, dtype: Optional[str] = None,
-                         max_shard_size: str | int = "5GB", overwrite: bool = False,
-                         progress: bool = True) -> Path:
+def convert_cptron_to_hf(
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    dtype: Optional[str] = None,
+    max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
     """Export a cptron checkpoint directory as an HF model directory; returns `out`."""
     src, out = Path(checkpoint), Path(out)
     meta = ckpt.read_meta(src)
@@ -427,14 +536,23 @@ def convert_cptron_to_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, 
         if key not in stored:
             raise ConversionError(f"checkpoint {src} lacks tensor {key!r}")
         if tuple(stored[key][0]) != tuple(shape):
-            raise ConversionError(f"checkpoint {src}: tensor {key!r} has shape {list(stored[key][0])}, "
-                                  f"expected {list(shape)} from its model config")
+            raise ConversionError(
+                f"checkpoint {src}: tensor {key!r} has shape {list(stored[key][0])}, "
+                f"expected {list(shape)} from its model config"
+            )
         rows = cfg.vocab_size if name in _PADDED else shape[0]
         dt = target_dtype or stored[key][1]
         items.append((name, rows * (shape.numel() // max(shape[0], 1)) * dt.itemsize))
     shards = _plan_shards(items, parse_size(max_shard_size))
-    log.info("exporting %s (%s, %d layers) to %s as %s in %d shard(s)", src, FAMILY_TO_ARCH[cfg.family],
-             cfg.n_layers, out, target_dtype or "stored dtype", len(shards))
+    log.info(
+        "exporting %s (%s, %d layers) to %s as %s in %d shard(s)",
+        src,
+        FAMILY_TO_ARCH[cfg.family],
+        cfg.n_layers,
+        out,
+        target_dtype or "stored dtype",
+        len(shards),
+    )
 
     if out.exists() and not overwrite:
         raise ConversionError(f"{out} already exists; pass --overwrite to replace it")
@@ -447,8 +565,9 @@ def convert_cptron_to_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, 
     bar = tqdm(total=len(items), desc="cptron-to-hf", unit="tensor", disable=not progress)
     for i, group in enumerate(shards):
         fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        state = {n: torch.empty(stored[ckpt.MODEL_PREFIX + n][0], dtype=stored[ckpt.MODEL_PREFIX + n][1])
-                 for n in group}
+        state = {
+            n: torch.empty(stored[ckpt.MODEL_PREFIX + n][0], dtype=stored[ckpt.MODEL_PREFIX + n][1]) for n in group
+        }
         ckpt.load_state(src, {"model": state})
         tensors = {}
         for n in group:
@@ -465,8 +584,9 @@ def convert_cptron_to_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, 
     bar.close()
     if len(shards) > 1:
         total = sum(b for _, b in items)
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        (tmp / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+        )
     export_dtype = out_dtypes.pop() if len(out_dtypes) == 1 else None
     hf_cfg = hf_config_from_model_config(cfg, meta.get("hf_config"), export_dtype)
     hf_cfg.save_pretrained(tmp)
@@ -490,8 +610,9 @@ def _write_generation_config(out: Path, hf_cfg, original: Optional[dict]) -> Non
 
 
 @torch.no_grad()
-def compare_with_transformers(checkpoint: str | os.PathLike, hf_dir: str | os.PathLike, batch_size: int = 2,
-                              seq_len: int = 64, seed: int = 0) -> float:
+def compare_with_transformers(
+    checkpoint: str | os.PathLike, hf_dir: str | os.PathLike, batch_size: int = 2, seq_len: int = 64, seed: int = 0
+) -> float:
     """Largest absolute difference between cptron's and transformers' float32 logits
     for the same random tokens (the real vocabulary only)."""
     from transformers import AutoModelForCausalLM  # deferred: see _with_transformers_defaults
@@ -500,8 +621,9 @@ def compare_with_transformers(checkpoint: str | os.PathLike, hf_dir: str | os.Pa
     hf_model = AutoModelForCausalLM.from_pretrained(hf_dir).float().eval()
     vocab = model.cfg.vocab_size
     if hf_model.config.vocab_size != vocab:
-        raise ConversionError(f"{hf_dir} has vocab_size {hf_model.config.vocab_size}, checkpoint {checkpoint} "
-                              f"has {vocab}")
+        raise ConversionError(
+            f"{hf_dir} has vocab_size {hf_model.config.vocab_size}, checkpoint {checkpoint} has {vocab}"
+        )
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, vocab, (batch_size, seq_len), generator=gen)
     ours = model(tokens)[..., :vocab]

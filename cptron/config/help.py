@@ -5,6 +5,7 @@ This module owns format_help, which cptron.config.parse_config prints for
 mapping defaults); neither imports it. Mappings and lists of sections get one
 block each, listing their item class's fields under a `<name>`/`<index>` placeholder.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,7 +49,8 @@ def _type_label(tp: Any) -> str:
     if origin is dict:
         return "KEY=VALUE,..."
     return {bool: "BOOL", int: "INT", float: "FLOAT", str: "STR", pathlib.Path: "PATH"}.get(
-        tp, getattr(tp, "__name__", str(tp)).upper())
+        tp, getattr(tp, "__name__", str(tp)).upper()
+    )
 
 
 def _format_value(value: Any) -> str:
@@ -74,9 +76,11 @@ def _class_summary(cls: type) -> str:
 def _items_help(kind: type, dotted: str) -> str:
     """How a mapping or list of sections is set on the command line, after its field's docstring."""
     one, whole = ("<name>", "mapping") if kind is dict else ("<index>", "list")
-    return (f"On the command line: --{dotted}.{one}.<field> VALUE sets one field of one item (options "
-            f"below); --{dotted} with a YAML flow {whole} (as shown) replaces the whole {whole}, before "
-            "those.")
+    return (
+        f"On the command line: --{dotted}.{one}.<field> VALUE sets one field of one item (options "
+        f"below); --{dotted} with a YAML flow {whole} (as shown) replaces the whole {whole}, before "
+        "those."
+    )
 
 
 def _help_section(cls: type, prefix: str, defaults: Any, out: list[str], doc: str = "") -> None:
@@ -100,27 +104,43 @@ def _help_section(cls: type, prefix: str, defaults: Any, out: list[str], doc: st
         items = items_of(hints[name])
         if items:
             kind, item_cls = items
-            new = ("a new <name> starts from these defaults" if kind is dict else
-                   "<index> counts from 0; the index after the last appends an item with these defaults")
-            _help_section(item_cls, f"{prefix}{name}.{PLACEHOLDER[kind]}.", None, out,
-                          f"{_class_summary(item_cls)} ({item_cls.__name__}: {new})".lstrip())
+            new = (
+                "a new <name> starts from these defaults"
+                if kind is dict
+                else "<index> counts from 0; the index after the last appends an item with these defaults"
+            )
+            _help_section(
+                item_cls,
+                f"{prefix}{name}.{PLACEHOLDER[kind]}.",
+                None,
+                out,
+                f"{_class_summary(item_cls)} ({item_cls.__name__}: {new})".lstrip(),
+            )
     for name, default in sections:
-        _help_section(hints[name], f"{prefix}{name}.", None if default is dataclasses.MISSING else default, out,
-                      docs.get(name, ""))
+        _help_section(
+            hints[name],
+            f"{prefix}{name}.",
+            None if default is dataclasses.MISSING else default,
+            out,
+            docs.get(name, ""),
+        )
 
 
-def format_help(cls: type, prog: str = "cptron", description: str | None = None, *,
-                positional_yaml: bool = False) -> str:
+def format_help(
+    cls: type, prog: str = "cptron", description: str | None = None, *, positional_yaml: bool = False
+) -> str:
     """Every field of `cls` (dotted), with its type, default and docstring, grouped by section."""
     usage = f"usage: {prog}" + (" [CONFIG.yaml]" if positional_yaml else "") + " [--section.field VALUE ...]"
     out = [usage]
     if description:
         out.append("\n" + description.strip())
-    out.append("\nValues apply in order: defaults, then the YAML file, then the command line. "
-               "Booleans take true/false/yes/no/1/0 (a bare --flag is true), optional fields take "
-               "none, lists are comma-separated. A section's preset applies before its other fields. "
-               "Mappings and lists of sections take one field of one item as --field.<name>.<field> "
-               "(--field.<index>.<field>), or the whole value in YAML flow style.")
+    out.append(
+        "\nValues apply in order: defaults, then the YAML file, then the command line. "
+        "Booleans take true/false/yes/no/1/0 (a bare --flag is true), optional fields take "
+        "none, lists are comma-separated. A section's preset applies before its other fields. "
+        "Mappings and lists of sections take one field of one item as --field.<name>.<field> "
+        "(--field.<index>.<field>), or the whole value in YAML flow style."
+    )
     _help_section(cls, "", None, out)
     return "\n".join(out) + "\n"
 

@@ -6,6 +6,7 @@ is a *section*; a field holding a mapping of names to sections or a list of
 sections has *items*, written `<name>`/`<index>` in dotted names (PLACEHOLDER).
 This module only reads classes and types; parse.py and help.py build on it.
 """
+
 from __future__ import annotations
 
 import ast
@@ -39,9 +40,13 @@ def _field_docs(cls: type) -> dict[str, str]:
         node = next((n for n in tree.body if isinstance(n, ast.ClassDef)), None)
         body = node.body if node is not None else []
         for stmt, nxt in zip(body, body[1:]):
-            if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
-                    and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
-                    and isinstance(nxt.value.value, str)):
+            if (
+                isinstance(stmt, ast.AnnAssign)
+                and isinstance(stmt.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
                 docs[stmt.target.id] = inspect.cleandoc(nxt.value.value)
     names = {f.name for f in dataclasses.fields(cls)}
     return {k: v for k, v in docs.items() if k in names}
@@ -113,5 +118,15 @@ def dotted_fields(cls: type, prefix: str = "") -> list[str]:
     return out
 
 
-__all__ = ["PLACEHOLDER", "dotted_fields", "field_default", "field_docs", "init_fields", "is_section", "is_union",
-           "items_of", "type_hints", "without_none"]
+__all__ = [
+    "PLACEHOLDER",
+    "dotted_fields",
+    "field_default",
+    "field_docs",
+    "init_fields",
+    "is_section",
+    "is_union",
+    "items_of",
+    "type_hints",
+    "without_none",
+]

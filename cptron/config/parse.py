@@ -25,6 +25,7 @@ the command line in two ways:
 A mapping key may contain dots (`--data.sources.web.en.paths` names source
 `web.en`): the last component that names a field of the item class ends the key.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -67,6 +68,7 @@ def _suggest(name: str, choices: list[str]) -> str:
 
 # ---------------------------------------------------------------- value conversion
 
+
 def _expected(tp: Any) -> str:
     """What a value of type `tp` must look like, for error messages."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -88,8 +90,13 @@ def _expected(tp: Any) -> str:
         return "a mapping (k=v,k2=v2 on the command line)"
     if is_section(tp):
         return f"a mapping of {tp.__name__} fields"
-    return {bool: "a boolean (true/false/yes/no/1/0)", int: "an integer", float: "a float",
-            str: "a string", pathlib.Path: "a path"}.get(tp, f"a {getattr(tp, '__name__', tp)}")
+    return {
+        bool: "a boolean (true/false/yes/no/1/0)",
+        int: "an integer",
+        float: "a float",
+        str: "a string",
+        pathlib.Path: "a path",
+    }.get(tp, f"a {getattr(tp, '__name__', tp)}")
 
 
 def _convert(tp: Any, raw: Any, name: str, source: str | None = None) -> Any:
@@ -153,8 +160,7 @@ def _coerce(tp: Any, raw: Any, name: str, source: str | None = None) -> Any:
             raw = {k.strip(): v.strip() for k, v in pairs}
         if not isinstance(raw, Mapping):
             raise _Bad
-        return {_coerce(key_tp, k, name, source): _coerce(val_tp, v, f"{name}.{k}", source)
-                for k, v in raw.items()}
+        return {_coerce(key_tp, k, name, source): _coerce(val_tp, v, f"{name}.{k}", source) for k, v in raw.items()}
     if is_section(tp):  # e.g. items of a list of dataclasses, given in YAML
         if isinstance(raw, tp):
             return raw
@@ -186,6 +192,7 @@ def _fail() -> Any:
 
 # ---------------------------------------------------------------- building
 
+
 class _Items:
     """Command-line values of a mapping or list of sections: the whole value, then per-item fields."""
 
@@ -206,8 +213,9 @@ def _flow_value(raw: Any, dotted: str, kind: type, item_cls: type) -> Any:
             value = e
         if isinstance(value, Mapping if kind is dict else list):
             return value
-    expected = (f"a YAML flow {shape} mappings of {item_cls.__name__} fields, e.g. --{dotted} {example}, "
-                f"or one field as {one}")
+    expected = (
+        f"a YAML flow {shape} mappings of {item_cls.__name__} fields, e.g. --{dotted} {example}, or one field as {one}"
+    )
     if raw is _BARE:
         raise ConfigError(f"--{dotted}: missing value: expected {expected}")
     raise invalid(f"--{dotted}", raw, expected)
@@ -230,12 +238,14 @@ def _apply_items(tp: Any, dotted: str, current: Any, items: _Items) -> Any:
             name = _convert(typing.get_args(without_none(tp))[0], key, f"{dotted} key")
             out[name] = _build(item_cls, f"{dotted}.{key}.", out.get(name), {}, cli, None)
         elif key > len(out):
-            raise ConfigError(f"--{dotted}.{key}.<field>: index {key} is invalid: expected an index below "
-                              f"{len(out)} (the items of {dotted}) or {len(out)} to append one; several new items "
-                              f"are easier to give in YAML or as --{dotted} '[{{FIELD: VALUE}}, ...]'")
+            raise ConfigError(
+                f"--{dotted}.{key}.<field>: index {key} is invalid: expected an index below "
+                f"{len(out)} (the items of {dotted}) or {len(out)} to append one; several new items "
+                f"are easier to give in YAML or as --{dotted} '[{{FIELD: VALUE}}, ...]'"
+            )
         else:
             base = out[key] if key < len(out) else None
-            out[key:key + 1] = [_build(item_cls, f"{dotted}[{key}].", base, {}, cli, None)]
+            out[key : key + 1] = [_build(item_cls, f"{dotted}[{key}].", base, {}, cli, None)]
     return out
 
 
@@ -250,8 +260,9 @@ def _build(cls: type, prefix: str, base: Any, yaml_map: Any, cli_map: dict, sour
     for key in yaml_map:
         if key not in fields:
             hint = _suggest(f"{prefix}{key}", [prefix + n for n in fields])
-            raise ConfigError(f"{prefix}{key} is not a field of {cls.__name__}{hint} "
-                              f"(expected one of {sorted(fields)}){where}")
+            raise ConfigError(
+                f"{prefix}{key} is not a field of {cls.__name__}{hint} (expected one of {sorted(fields)}){where}"
+            )
     from_preset = getattr(cls, "from_preset", None)
     if "preset" in fields and callable(from_preset):
         raw = cli_map.get("preset", yaml_map.get("preset", dataclasses.MISSING))
@@ -342,8 +353,10 @@ def _parse_argv(cls: type, argv: list[str], allow_positional_yaml: bool) -> tupl
             if allow_positional_yaml and yaml_path is None and not tree:
                 yaml_path = token
                 continue
-            raise ConfigError(f"unexpected positional argument {token!r}: expected --section.field value"
-                              + (" (a YAML path may only come first)" if allow_positional_yaml else ""))
+            raise ConfigError(
+                f"unexpected positional argument {token!r}: expected --section.field value"
+                + (" (a YAML path may only come first)" if allow_positional_yaml else "")
+            )
         key, eq, raw = token[2:].partition("=")
         if not eq:
             if i < len(argv) and not argv[i].startswith("--"):
@@ -362,13 +375,18 @@ def _place(klass: type, parts: list[str], prefix: str, node: dict, raw: Any, opt
     if tp is None:
         tail = "".join("." + p for p in rest)
         close = difflib.get_close_matches(name, list(fields), n=3, cutoff=0.6)
-        hint = (f"; did you mean {' or '.join(prefix + c + tail for c in close)}?" if close
-                else _suggest(option.replace("-", "_"), known))
+        hint = (
+            f"; did you mean {' or '.join(prefix + c + tail for c in close)}?"
+            if close
+            else _suggest(option.replace("-", "_"), known)
+        )
         raise ConfigError(f"--{option}: unknown field {option!r}{hint} (see --help)")
     items = items_of(tp)
     if rest and not is_section(tp) and not items:
-        raise ConfigError(f"--{option}: unknown field {option!r}: {dotted} has no fields; expected --{dotted} "
-                          f"VALUE, {_expected(tp)} (see --help)")
+        raise ConfigError(
+            f"--{option}: unknown field {option!r}: {dotted} has no fields; expected --{dotted} "
+            f"VALUE, {_expected(tp)} (see --help)"
+        )
     if is_section(tp):
         if not rest:
             raise ConfigError(f"--{option}: {dotted!r} is a section: set its fields as --{dotted}.<field>")
@@ -385,8 +403,10 @@ def _place(klass: type, parts: list[str], prefix: str, node: dict, raw: Any, opt
         entry.whole = raw
         return
     item_fields = init_fields(item_cls)
-    usage = (f"--{dotted}.{PLACEHOLDER[kind]}.<field> VALUE with <field> a {item_cls.__name__} field, "
-             f"one of {sorted(item_fields)}")
+    usage = (
+        f"--{dotted}.{PLACEHOLDER[kind]}.<field> VALUE with <field> a {item_cls.__name__} field, "
+        f"one of {sorted(item_fields)}"
+    )
     if kind is list:
         if not rest[0].isdigit() or len(rest) < 2:
             raise ConfigError(f"--{option}: expected {usage}; <index> counts from 0")
@@ -419,9 +439,16 @@ def load_yaml(path: str) -> dict:
     return dict(data)
 
 
-def parse_config(cls: type, argv: list[str], yaml_path: str | None = None, prog: str = "cptron", *,
-                 allow_positional_yaml: bool = False, description: str | None = None,
-                 format_help: Callable[..., str] | None = None) -> Any:
+def parse_config(
+    cls: type,
+    argv: list[str],
+    yaml_path: str | None = None,
+    prog: str = "cptron",
+    *,
+    allow_positional_yaml: bool = False,
+    description: str | None = None,
+    format_help: Callable[..., str] | None = None,
+) -> Any:
     """A validated `cls` from its defaults, then `yaml_path`, then the overrides in `argv`.
 
     With `allow_positional_yaml`, a positional argument (only one, and before any option)
@@ -445,6 +472,7 @@ def parse_config(cls: type, argv: list[str], yaml_path: str | None = None, prog:
 
 
 # ---------------------------------------------------------------- dicts and YAML
+
 
 def config_to_dict(obj: Any) -> Any:
     """`obj` as plain YAML/JSON data: dataclasses become dicts, tuples lists, paths strings."""

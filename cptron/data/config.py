@@ -17,6 +17,7 @@ line, set one field of one source (`--data.sources.web.paths /x,/y`; a new name
 adds a source), a stage's field (`--data.stages.0.replay_fraction 0.2`), or a
 whole value as a YAML flow mapping (`--data.sources '{web: {paths: [/x]}}'`).
 """
+
 from __future__ import annotations
 
 import math
@@ -51,18 +52,30 @@ class SourceConfig:
 
     def validate(self, name: str = "source") -> None:
         where = f"data.sources.{name}"
-        require(bool(self.paths) and all(isinstance(p, str) and p for p in self.paths), f"{where}.paths",
-                self.paths, "a non-empty list of shard paths, globs or directories")
+        require(
+            bool(self.paths) and all(isinstance(p, str) and p for p in self.paths),
+            f"{where}.paths",
+            self.paths,
+            "a non-empty list of shard paths, globs or directories",
+        )
         if self.weight is not None:
             require(_finite_at_least(self.weight, 0), f"{where}.weight", self.weight, "a finite number >= 0")
         if self.epochs is not None:
-            require(_finite_at_least(self.epochs, 0) and self.epochs > 0, f"{where}.epochs", self.epochs,
-                    "a number > 0 or none")
+            require(
+                _finite_at_least(self.epochs, 0) and self.epochs > 0,
+                f"{where}.epochs",
+                self.epochs,
+                "a number > 0 or none",
+            )
         if self.max_samples is not None:
             require(self.max_samples >= 1, f"{where}.max_samples", self.max_samples, "an integer >= 1 or none")
         if self.held_out_fraction is not None:
-            require(_finite_at_least(self.held_out_fraction, 0) and self.held_out_fraction < 1,
-                    f"{where}.held_out_fraction", self.held_out_fraction, "a fraction in [0, 1)")
+            require(
+                _finite_at_least(self.held_out_fraction, 0) and self.held_out_fraction < 1,
+                f"{where}.held_out_fraction",
+                self.held_out_fraction,
+                "a fraction in [0, 1)",
+            )
 
 
 @dataclass
@@ -76,12 +89,21 @@ class ReplayConfig:
 
     def validate(self) -> None:
         if self.fraction is not None:
-            require(_finite_at_least(self.fraction, 0) and self.fraction <= 1, "data.replay.fraction", self.fraction,
-                    "a fraction in [0, 1] or none")
-            require(bool(self.sources), "data.replay.sources", self.sources,
-                    "the names of the replayed sources when data.replay.fraction is set")
-        require(len(set(self.sources)) == len(self.sources), "data.replay.sources", self.sources,
-                "each source named once")
+            require(
+                _finite_at_least(self.fraction, 0) and self.fraction <= 1,
+                "data.replay.fraction",
+                self.fraction,
+                "a fraction in [0, 1] or none",
+            )
+            require(
+                bool(self.sources),
+                "data.replay.sources",
+                self.sources,
+                "the names of the replayed sources when data.replay.fraction is set",
+            )
+        require(
+            len(set(self.sources)) == len(self.sources), "data.replay.sources", self.sources, "each source named once"
+        )
 
 
 @dataclass
@@ -103,19 +125,31 @@ class StageConfig:
         """Checked by DataConfig.validate, which knows the stage's index and the source names."""
 
     def check(self, where: str) -> None:
-        require((self.start_step is None) != (self.start_fraction is None), f"{where}.start_step",
-                self.start_step, "exactly one of start_step and start_fraction")
+        require(
+            (self.start_step is None) != (self.start_fraction is None),
+            f"{where}.start_step",
+            self.start_step,
+            "exactly one of start_step and start_fraction",
+        )
         if self.start_step is not None:
             require(self.start_step >= 0, f"{where}.start_step", self.start_step, "an integer >= 0")
         if self.start_fraction is not None:
-            require(_finite_at_least(self.start_fraction, 0) and self.start_fraction <= 1,
-                    f"{where}.start_fraction", self.start_fraction, "a fraction in [0, 1]")
+            require(
+                _finite_at_least(self.start_fraction, 0) and self.start_fraction <= 1,
+                f"{where}.start_fraction",
+                self.start_fraction,
+                "a fraction in [0, 1]",
+            )
         for key, table in (("weights", self.weights), ("scale", self.scale)):
             for name, value in table.items():
                 require(_finite_at_least(value, 0), f"{where}.{key}.{name}", value, "a finite number >= 0")
         if self.replay_fraction is not None:
-            require(_finite_at_least(self.replay_fraction, 0) and self.replay_fraction <= 1,
-                    f"{where}.replay_fraction", self.replay_fraction, "a fraction in [0, 1]")
+            require(
+                _finite_at_least(self.replay_fraction, 0) and self.replay_fraction <= 1,
+                f"{where}.replay_fraction",
+                self.replay_fraction,
+                "a fraction in [0, 1]",
+            )
 
 
 @dataclass
@@ -128,8 +162,12 @@ class ValidationConfig:
     """Global batches per validation set at most (fewer when a source's held-out data runs out)."""
 
     def validate(self) -> None:
-        require(_finite_at_least(self.held_out_fraction, 0) and self.held_out_fraction < 1,
-                "data.validation.held_out_fraction", self.held_out_fraction, "a fraction in [0, 1)")
+        require(
+            _finite_at_least(self.held_out_fraction, 0) and self.held_out_fraction < 1,
+            "data.validation.held_out_fraction",
+            self.held_out_fraction,
+            "a fraction in [0, 1)",
+        )
         require(self.num_batches >= 1, "data.validation.num_batches", self.num_batches, "an integer >= 1")
 
 
@@ -154,16 +192,24 @@ class DataConfig:
 
     def validate(self) -> None:
         for name, src in self.sources.items():
-            require(isinstance(name, str) and bool(SOURCE_NAME.match(name)), "data.sources", name,
-                    "source names of letters, digits, '_', '.' and '-' (they name cache files)")
+            require(
+                isinstance(name, str) and bool(SOURCE_NAME.match(name)),
+                "data.sources",
+                name,
+                "source names of letters, digits, '_', '.' and '-' (they name cache files)",
+            )
             require(isinstance(src, SourceConfig), f"data.sources.{name}", src, "a mapping of SourceConfig fields")
             src.validate(name)
         self.replay.validate()
         self.validation.validate()
         names = set(self.sources)
         unknown = [n for n in self.replay.sources if n not in names]
-        require(not unknown or not names, "data.replay.sources", self.replay.sources,
-                f"names of sources in data.sources {sorted(names)} (unknown: {unknown})")
+        require(
+            not unknown or not names,
+            "data.replay.sources",
+            self.replay.sources,
+            f"names of sources in data.sources {sorted(names)} (unknown: {unknown})",
+        )
         # Weights are normalized within each replay group (or across all sources without replay),
         # so a group mixes explicit weights and sizes never.
         old = set(self.replay.sources) if self.replay.fraction is not None else set()
@@ -171,29 +217,53 @@ class DataConfig:
         given = {n for n, s in self.sources.items() if s.weight is not None}
         for group in groups:
             some = [n for n in group if n in given]
-            require(not some or len(some) == len(group), "data.sources", f"weights given for {some} only",
-                    f"a weight for every source of {group} or for none (none: proportional to size)"
-                    + (" (replayed and new sources are separate groups)" if old else ""))
+            require(
+                not some or len(some) == len(group),
+                "data.sources",
+                f"weights given for {some} only",
+                f"a weight for every source of {group} or for none (none: proportional to size)"
+                + (" (replayed and new sources are separate groups)" if old else ""),
+            )
         steps = []
         for i, stage in enumerate(self.stages):
             where = f"data.stages[{i}]"
             stage.check(where)
             for key in ("weights", "scale"):
                 bad = [n for n in getattr(stage, key) if n not in names]
-                require(not bad or not names, f"{where}.{key}", getattr(stage, key),
-                        f"names of sources in data.sources {sorted(names)} (unknown: {bad})")
+                require(
+                    not bad or not names,
+                    f"{where}.{key}",
+                    getattr(stage, key),
+                    f"names of sources in data.sources {sorted(names)} (unknown: {bad})",
+                )
             sized = [n for n in stage.weights if n in names and n not in given]
-            require(not sized, f"{where}.weights", stage.weights, f"scale (factors) for {sized}, whose "
-                    "data.sources.<name>.weight is none (proportional to size)")
-            require(stage.replay_fraction is None or self.replay.fraction is not None, f"{where}.replay_fraction",
-                    stage.replay_fraction, "data.replay.fraction to be set too (it names the replayed sources)")
+            require(
+                not sized,
+                f"{where}.weights",
+                stage.weights,
+                f"scale (factors) for {sized}, whose data.sources.<name>.weight is none (proportional to size)",
+            )
+            require(
+                stage.replay_fraction is None or self.replay.fraction is not None,
+                f"{where}.replay_fraction",
+                stage.replay_fraction,
+                "data.replay.fraction to be set too (it names the replayed sources)",
+            )
             if stage.start_step is not None:
                 steps.append(stage.start_step)
-        require(steps == sorted(set(steps)), "data.stages", [s.start_step for s in self.stages],
-                "stages in increasing order of distinct start_step")
+        require(
+            steps == sorted(set(steps)),
+            "data.stages",
+            [s.start_step for s in self.stages],
+            "stages in increasing order of distinct start_step",
+        )
         fractions = [s.start_fraction for s in self.stages if s.start_fraction is not None]
-        require(fractions == sorted(set(fractions)), "data.stages", fractions,
-                "stages in increasing order of distinct start_fraction")
+        require(
+            fractions == sorted(set(fractions)),
+            "data.stages",
+            fractions,
+            "stages in increasing order of distinct start_fraction",
+        )
         if names:
             check_mixture_config(self)
 

@@ -23,6 +23,7 @@ so a loader can refuse a shard made with another tokenizer without scanning it.
 Opening a shard reads and checks the index only (O(index size)). The .bin is
 memory-mapped and scanned only by `max_token_id()` when there is no sidecar.
 """
+
 from __future__ import annotations
 
 import glob as globlib
@@ -45,12 +46,24 @@ _SCAN_BLOCK = 1 << 24  # tokens per block when scanning a whole .bin
 _HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequence count, document-index count
 
 DTYPE_CODES: dict[int, np.dtype] = {
-    1: np.dtype(np.uint8), 2: np.dtype(np.int8), 3: np.dtype(np.int16), 4: np.dtype(np.int32),
-    5: np.dtype(np.int64), 6: np.dtype(np.float64), 7: np.dtype(np.float32), 8: np.dtype(np.uint16),
+    1: np.dtype(np.uint8),
+    2: np.dtype(np.int8),
+    3: np.dtype(np.int16),
+    4: np.dtype(np.int32),
+    5: np.dtype(np.int64),
+    6: np.dtype(np.float64),
+    7: np.dtype(np.float32),
+    8: np.dtype(np.uint16),
 }
 _CODE_OF_DTYPE = {dt: code for code, dt in DTYPE_CODES.items()}
-_INT_DTYPES = {np.dtype(np.uint8), np.dtype(np.int8), np.dtype(np.int16), np.dtype(np.uint16),
-               np.dtype(np.int32), np.dtype(np.int64)}
+_INT_DTYPES = {
+    np.dtype(np.uint8),
+    np.dtype(np.int8),
+    np.dtype(np.int16),
+    np.dtype(np.uint16),
+    np.dtype(np.int32),
+    np.dtype(np.int64),
+}
 
 # Megatron's own cut-off: below it uint16 holds every id with room for a few added tokens.
 UINT16_VOCAB_LIMIT = 65_500
@@ -91,8 +104,7 @@ def read_sidecar(path_prefix: str | os.PathLike) -> Optional[dict]:
         raise CptronError(f"shard sidecar {path} must hold a JSON object, got {type(data).__name__}")
     version = data.get("format_version")
     if version != SIDECAR_FORMAT_VERSION:
-        raise CptronError(f"shard sidecar {path} has format_version={version!r}: expected "
-                          f"{SIDECAR_FORMAT_VERSION}")
+        raise CptronError(f"shard sidecar {path} has format_version={version!r}: expected {SIDECAR_FORMAT_VERSION}")
     return data
 
 
@@ -114,8 +126,10 @@ class IndexedDataset:
         self._idx_file, self._bin_file = idx_path(self.path_prefix), bin_path(self.path_prefix)
         missing = [p for p in (self._idx_file, self._bin_file) if not os.path.isfile(p)]
         if missing:
-            raise CptronError(f"missing shard {self.path_prefix}: {' and '.join(missing)} not found "
-                              "(a shard needs both <prefix>.bin and <prefix>.idx)")
+            raise CptronError(
+                f"missing shard {self.path_prefix}: {' and '.join(missing)} not found "
+                "(a shard needs both <prefix>.bin and <prefix>.idx)"
+            )
         self._idx_map, idx_view = _map_file(self._idx_file)
         self._read_index(idx_view)
         self._bin_map, bin_view = _map_file(self._bin_file)
@@ -132,18 +146,20 @@ class IndexedDataset:
         path = self._idx_file
         if len(view) < _HEADER.size:
             if bytes(view[:9]) != INDEX_MAGIC[: len(view)]:
-                raise CptronError(f"{path} is not a Megatron index: wrong magic {bytes(view[:9])!r} "
-                                  f"(expected {INDEX_MAGIC!r})")
-            raise CptronError(f"{path} is truncated: {len(view)} bytes, shorter than the "
-                              f"{_HEADER.size}-byte header")
+                raise CptronError(
+                    f"{path} is not a Megatron index: wrong magic {bytes(view[:9])!r} (expected {INDEX_MAGIC!r})"
+                )
+            raise CptronError(f"{path} is truncated: {len(view)} bytes, shorter than the {_HEADER.size}-byte header")
         magic, version, code, n_seq, n_doc_idx = _HEADER.unpack_from(view, 0)
         if magic != INDEX_MAGIC:
             raise CptronError(f"{path} is not a Megatron index: wrong magic {magic!r} (expected {INDEX_MAGIC!r})")
         if version != INDEX_VERSION:
             raise CptronError(f"{path} has unsupported index version {version}: expected {INDEX_VERSION}")
         if code not in DTYPE_CODES:
-            raise CptronError(f"{path} has unknown dtype code {code}: expected one of "
-                              + ", ".join(f"{c} ({d.name})" for c, d in DTYPE_CODES.items()))
+            raise CptronError(
+                f"{path} has unknown dtype code {code}: expected one of "
+                + ", ".join(f"{c} ({d.name})" for c, d in DTYPE_CODES.items())
+            )
         self.dtype: np.dtype = DTYPE_CODES[code]
         if self.dtype not in _INT_DTYPES:
             raise CptronError(f"{path} stores {self.dtype.name} values: expected an integer token dtype")
@@ -154,7 +170,8 @@ class IndexedDataset:
             raise CptronError(
                 f"{path} is truncated or has wrong counts: its header says {n_seq} sequences and "
                 f"{n_doc_idx} document indices, which take {expected} bytes after the header, but the "
-                f"file has {body}")
+                f"file has {body}"
+            )
         if n_doc_idx < 1:
             raise CptronError(f"{path} has wrong counts: 0 document indices (expected at least [0])")
         offset = _HEADER.size
@@ -164,12 +181,17 @@ class IndexedDataset:
         offset += 8 * n_seq
         self.document_indices = np.frombuffer(view, dtype="<i8", count=n_doc_idx, offset=offset)
         offset += 8 * n_doc_idx
-        self.sequence_modes = (np.frombuffer(view, dtype=np.int8, count=n_seq, offset=offset)
-                               if body == expected + n_seq and n_seq else None)
+        self.sequence_modes = (
+            np.frombuffer(view, dtype=np.int8, count=n_seq, offset=offset)
+            if body == expected + n_seq and n_seq
+            else None
+        )
         docs = self.document_indices
         if docs[0] != 0 or docs[-1] != n_seq:
-            raise CptronError(f"{path} has wrong counts: document indices run from {docs[0]} to {docs[-1]}, "
-                              f"expected 0 to the sequence count {n_seq}")
+            raise CptronError(
+                f"{path} has wrong counts: document indices run from {docs[0]} to {docs[-1]}, "
+                f"expected 0 to the sequence count {n_seq}"
+            )
         if n_doc_idx > 1 and bool((np.diff(docs) < 0).any()):
             raise CptronError(f"{path} has decreasing document indices: expected sequence boundaries in order")
 
@@ -182,28 +204,35 @@ class IndexedDataset:
             if bool((lengths < 0).any()) or bool((self.sequence_pointers < 0).any()):
                 raise CptronError(f"{self._idx_file} has negative sequence lengths or pointers")
             if bool((self.sequence_pointers % itemsize).any()):
-                raise CptronError(f"{self._idx_file} has sequence pointers that are not multiples of the "
-                                  f"{itemsize}-byte {self.dtype.name} tokens")
+                raise CptronError(
+                    f"{self._idx_file} has sequence pointers that are not multiples of the "
+                    f"{itemsize}-byte {self.dtype.name} tokens"
+                )
             ends = self.sequence_pointers + lengths * itemsize
             worst = int(np.argmax(ends))
         else:  # shards are written contiguously, so the last sequence ends last
             ends, worst = None, n - 1
         end = int(self.sequence_pointers[worst]) + int(self.sequence_lengths[worst]) * itemsize
         if end > size:
-            raise CptronError(f"{self._bin_file} is truncated: the index says sequence {worst} ends at byte "
-                              f"{end}, but the .bin has {size} bytes")
+            raise CptronError(
+                f"{self._bin_file} is truncated: the index says sequence {worst} ends at byte "
+                f"{end}, but the .bin has {size} bytes"
+            )
 
     def _check_sidecar(self) -> None:
         side, path = self.sidecar, sidecar_path(self.path_prefix)
         if side.get("dtype") != self.dtype.name:
-            raise CptronError(f"{path} says dtype {side.get('dtype')!r} but {self._idx_file} stores "
-                              f"{self.dtype.name}: the sidecar belongs to another shard")
-        actual = {"token_count": self.num_tokens, "document_count": self.num_documents,
-                  "sequence_count": len(self)}
+            raise CptronError(
+                f"{path} says dtype {side.get('dtype')!r} but {self._idx_file} stores "
+                f"{self.dtype.name}: the sidecar belongs to another shard"
+            )
+        actual = {"token_count": self.num_tokens, "document_count": self.num_documents, "sequence_count": len(self)}
         for key, value in actual.items():
             if side.get(key) != value:
-                raise CptronError(f"{path} says {key}={side.get(key)!r} but the index {self._idx_file} has "
-                                  f"{value}: the sidecar belongs to another shard")
+                raise CptronError(
+                    f"{path} says {key}={side.get(key)!r} but the index {self._idx_file} has "
+                    f"{value}: the sidecar belongs to another shard"
+                )
         max_id, vocab = side.get("max_token_id"), side.get("vocab_size")
         if isinstance(max_id, int) and isinstance(vocab, int) and max_id >= vocab:
             raise CptronError(f"{path} says max_token_id={max_id}, not below its vocab_size={vocab}")
@@ -234,8 +263,10 @@ class IndexedDataset:
         if length is None:
             length = seq_len - offset
         if offset < 0 or length < 0 or offset + length > seq_len:
-            raise IndexError(f"tokens [{offset}, {offset + length}) out of range for sequence {idx} of "
-                             f"{self.path_prefix} ({seq_len} tokens)")
+            raise IndexError(
+                f"tokens [{offset}, {offset + length}) out of range for sequence {idx} of "
+                f"{self.path_prefix} ({seq_len} tokens)"
+            )
         start = int(self.sequence_pointers[idx]) + offset * self.dtype.itemsize
         return np.frombuffer(self._tokens.data, dtype=self.dtype, count=length, offset=start)
 
@@ -263,8 +294,11 @@ class IndexedDataset:
         Megatron and cptron write does), else None."""
         itemsize = self.dtype.itemsize
         starts = self.sequence_pointers // itemsize
-        if len(self) == 0 or int(self.sequence_pointers[0]) != 0 or \
-                not bool((np.diff(starts) == self.sequence_lengths[:-1]).all()):
+        if (
+            len(self) == 0
+            or int(self.sequence_pointers[0]) != 0
+            or not bool((np.diff(starts) == self.sequence_lengths[:-1]).all())
+        ):
             return None
         return np.frombuffer(self._tokens.data, dtype=self.dtype, count=self.num_tokens)
 
@@ -274,7 +308,7 @@ class IndexedDataset:
         tokens, best = self._contiguous_tokens(), -1
         if tokens is not None:
             for lo in range(0, tokens.size, _SCAN_BLOCK):  # blocks bound the temporary memory of max()
-                best = max(best, int(tokens[lo: lo + _SCAN_BLOCK].max()))
+                best = max(best, int(tokens[lo : lo + _SCAN_BLOCK].max()))
             return best
         for i in range(len(self)):
             if self.sequence_lengths[i]:
@@ -287,7 +321,7 @@ class IndexedDataset:
         if tokens is not None:
             starts = self.sequence_pointers // self.dtype.itemsize
             for lo in range(0, tokens.size, _SCAN_BLOCK):
-                bad = np.flatnonzero(tokens[lo: lo + _SCAN_BLOCK] >= limit)
+                bad = np.flatnonzero(tokens[lo : lo + _SCAN_BLOCK] >= limit)
                 if bad.size:
                     pos = lo + int(bad[0])
                     # the last sequence starting at or before pos (skipping empty ones that start there too)
@@ -306,12 +340,16 @@ class IndexedDataset:
             return
         found = self._first_token_at_least(vocab_size)
         if found is None:
-            raise CptronError(f"{sidecar_path(self.path_prefix)} says max_token_id={self.max_token_id()} >= "
-                              f"vocab_size={vocab_size}, but no such id is in {self._bin_file}: stale sidecar")
+            raise CptronError(
+                f"{sidecar_path(self.path_prefix)} says max_token_id={self.max_token_id()} >= "
+                f"vocab_size={vocab_size}, but no such id is in {self._bin_file}: stale sidecar"
+            )
         seq, pos = found
-        raise CptronError(f"{self._bin_file}: token id {int(self.get(seq)[pos])} at sequence {seq}, position {pos} "
-                          f"is >= vocab_size={vocab_size} (largest id {self.max_token_id()}); was it tokenized "
-                          "with another tokenizer?")
+        raise CptronError(
+            f"{self._bin_file}: token id {int(self.get(seq)[pos])} at sequence {seq}, position {pos} "
+            f"is >= vocab_size={vocab_size} (largest id {self.max_token_id()}); was it tokenized "
+            "with another tokenizer?"
+        )
 
     def __getstate__(self) -> dict:
         # Memory maps do not pickle; a copy sent to a spawned worker reopens the files.
@@ -333,8 +371,10 @@ class IndexedDataset:
         self._idx_map = self._bin_map = None
 
     def __repr__(self) -> str:
-        return (f"IndexedDataset({self.path_prefix!r}, {len(self)} sequences, {self.num_documents} documents, "
-                f"{self.dtype.name})")
+        return (
+            f"IndexedDataset({self.path_prefix!r}, {len(self)} sequences, {self.num_documents} documents, "
+            f"{self.dtype.name})"
+        )
 
 
 class IndexedDatasetWriter:
@@ -347,17 +387,28 @@ class IndexedDatasetWriter:
     the `with` block removes the temporary files.
     """
 
-    def __init__(self, path_prefix: str | os.PathLike, *, vocab_size: int,
-                 tokenizer_fingerprint: Optional[str] = None, dtype: Any = None, overwrite: bool = False):
+    def __init__(
+        self,
+        path_prefix: str | os.PathLike,
+        *,
+        vocab_size: int,
+        tokenizer_fingerprint: Optional[str] = None,
+        dtype: Any = None,
+        overwrite: bool = False,
+    ):
         self.path_prefix = os.fspath(path_prefix)
         self.vocab_size = int(vocab_size)
         self.dtype = best_dtype(self.vocab_size) if dtype is None else np.dtype(dtype)
         if self.dtype not in _CODE_OF_DTYPE or self.dtype not in _INT_DTYPES:
-            raise CptronError(f"dtype={self.dtype.name} is invalid for shard {self.path_prefix}: expected one of "
-                              + ", ".join(sorted(d.name for d in _INT_DTYPES)))
+            raise CptronError(
+                f"dtype={self.dtype.name} is invalid for shard {self.path_prefix}: expected one of "
+                + ", ".join(sorted(d.name for d in _INT_DTYPES))
+            )
         if self.vocab_size - 1 > np.iinfo(self.dtype).max:
-            raise CptronError(f"dtype={self.dtype.name} cannot hold the ids of vocab_size={self.vocab_size} "
-                              f"for shard {self.path_prefix}")
+            raise CptronError(
+                f"dtype={self.dtype.name} cannot hold the ids of vocab_size={self.vocab_size} "
+                f"for shard {self.path_prefix}"
+            )
         self.tokenizer_fingerprint = tokenizer_fingerprint
         finals = [bin_path(self.path_prefix), idx_path(self.path_prefix), sidecar_path(self.path_prefix)]
         existing = [p for p in finals if os.path.exists(p)]
@@ -391,8 +442,9 @@ class IndexedDatasetWriter:
     def num_tokens(self) -> int:
         return self._tokens
 
-    def add_document(self, tokens: Sequence[int] | np.ndarray,
-                     sequence_lengths: Optional[Sequence[int] | np.ndarray] = None) -> None:
+    def add_document(
+        self, tokens: Sequence[int] | np.ndarray, sequence_lengths: Optional[Sequence[int] | np.ndarray] = None
+    ) -> None:
         """Append one document; ids must lie in [0, vocab_size). It is one sequence, or the sequences of
         `sequence_lengths` (e.g. sentences, as Megatron's `--split-sentences` writes), which add up to it."""
         if self._done:
@@ -406,12 +458,16 @@ class IndexedDatasetWriter:
         else:
             lens = np.asarray(sequence_lengths, dtype=np.int64)
             if lens.ndim != 1 or not len(lens) or int(lens.sum()) != arr.size or bool((lens < 0).any()):
-                raise CptronError(f"document {doc} for shard {self.path_prefix}: sequence_lengths {lens.tolist()} "
-                                  f"must be one or more counts >= 0 that add up to its {arr.size} tokens")
+                raise CptronError(
+                    f"document {doc} for shard {self.path_prefix}: sequence_lengths {lens.tolist()} "
+                    f"must be one or more counts >= 0 that add up to its {arr.size} tokens"
+                )
         self._check_ids(arr, np.array([arr.size]), doc)
         if bool((lens > np.iinfo(np.int32).max).any()):
-            raise CptronError(f"document {doc} for shard {self.path_prefix} has a sequence of {int(lens.max())} "
-                              "tokens: more than an int32 sequence length holds")
+            raise CptronError(
+                f"document {doc} for shard {self.path_prefix} has a sequence of {int(lens.max())} "
+                "tokens: more than an int32 sequence length holds"
+            )
         self._bin.write(np.ascontiguousarray(arr, dtype=self.dtype).tobytes())
         if len(lens) > 1 and self._doc_index is None:
             self._doc_index = list(range(len(self._lengths) + 1))
@@ -426,8 +482,10 @@ class IndexedDatasetWriter:
             raise CptronError(f"shard {self.path_prefix} is already finalized")
         arr, lens = np.asarray(tokens), np.asarray(lengths, dtype=np.int64)
         if arr.ndim != 1 or lens.ndim != 1 or int(lens.sum()) != arr.size or bool((lens < 0).any()):
-            raise CptronError(f"documents for shard {self.path_prefix}: lengths (sum {int(lens.sum())}) must be "
-                              f">= 0 and add up to the {arr.size} tokens given")
+            raise CptronError(
+                f"documents for shard {self.path_prefix}: lengths (sum {int(lens.sum())}) must be "
+                f">= 0 and add up to the {arr.size} tokens given"
+            )
         if bool((lens > np.iinfo(np.int32).max).any()):
             raise CptronError(f"a document for shard {self.path_prefix} has more tokens than an int32 length holds")
         self._check_ids(arr, lens, self.num_documents)
@@ -443,21 +501,30 @@ class IndexedDatasetWriter:
         if not arr.size:
             return
         if arr.dtype.kind not in "iu":
-            raise CptronError(f"document {first} for shard {self.path_prefix} has {arr.dtype} values: "
-                              "expected integer token ids")
+            raise CptronError(
+                f"document {first} for shard {self.path_prefix} has {arr.dtype} values: expected integer token ids"
+            )
         lo, hi = int(arr.min()), int(arr.max())
         if lo < 0 or hi >= self.vocab_size:
             bad = int(np.argmax((arr < 0) | (arr >= self.vocab_size)))
             doc = first + int(np.searchsorted(np.cumsum(lengths), bad, side="right"))
-            raise CptronError(f"document {doc} for shard {self.path_prefix} has token id {int(arr[bad])}: "
-                              f"expected ids in [0, vocab_size={self.vocab_size})")
+            raise CptronError(
+                f"document {doc} for shard {self.path_prefix} has token id {int(arr[bad])}: "
+                f"expected ids in [0, vocab_size={self.vocab_size})"
+            )
         self._max_id = max(self._max_id, hi)
 
     def sidecar(self) -> dict:
-        return {"format_version": SIDECAR_FORMAT_VERSION, "tokenizer_fingerprint": self.tokenizer_fingerprint,
-                "vocab_size": self.vocab_size, "dtype": self.dtype.name, "max_token_id": self._max_id,
-                "token_count": self._tokens, "document_count": self.num_documents,
-                "sequence_count": len(self._lengths)}
+        return {
+            "format_version": SIDECAR_FORMAT_VERSION,
+            "tokenizer_fingerprint": self.tokenizer_fingerprint,
+            "vocab_size": self.vocab_size,
+            "dtype": self.dtype.name,
+            "max_token_id": self._max_id,
+            "token_count": self._tokens,
+            "document_count": self.num_documents,
+            "sequence_count": len(self._lengths),
+        }
 
     def finalize(self) -> dict:
         """Write the index and sidecar, move the three files into place, and return the sidecar."""
@@ -472,8 +539,9 @@ class IndexedDatasetWriter:
             pointers = np.zeros(n, dtype="<i8")
             if n > 1:
                 np.cumsum(lengths[:-1].astype(np.int64) * self.dtype.itemsize, out=pointers[1:])
-            documents = (np.arange(n + 1, dtype="<i8") if self._doc_index is None
-                         else np.asarray(self._doc_index, dtype="<i8"))
+            documents = (
+                np.arange(n + 1, dtype="<i8") if self._doc_index is None else np.asarray(self._doc_index, dtype="<i8")
+            )
             idx_tmp = self._tmp[idx_path(self.path_prefix)]
             with open(idx_tmp, "wb") as fh:
                 fh.write(_HEADER.pack(INDEX_MAGIC, INDEX_VERSION, _CODE_OF_DTYPE[self.dtype], n, len(documents)))
@@ -534,5 +602,15 @@ def shard_prefixes(path_or_glob_or_dir: str | os.PathLike) -> list[str]:
     return prefixes
 
 
-__all__ = ["best_dtype", "IndexedDataset", "IndexedDatasetWriter", "read_sidecar", "shard_prefixes",
-           "DTYPE_CODES", "INDEX_MAGIC", "bin_path", "idx_path", "sidecar_path"]
+__all__ = [
+    "best_dtype",
+    "IndexedDataset",
+    "IndexedDatasetWriter",
+    "read_sidecar",
+    "shard_prefixes",
+    "DTYPE_CODES",
+    "INDEX_MAGIC",
+    "bin_path",
+    "idx_path",
+    "sidecar_path",
+]

@@ -10,6 +10,7 @@ data-parallel size: rank r of R takes rows [r * B/R, (r+1) * B/R) of global batc
 B. So a run resumed on a different number of ranks (same global batch) sees the
 same samples.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -42,15 +43,19 @@ class Batch:
 
     def __post_init__(self):
         if self.tokens.shape != self.labels.shape or self.tokens.dim() != 2:
-            raise CptronError(f"Batch: tokens {tuple(self.tokens.shape)} and labels {tuple(self.labels.shape)} "
-                              "must both be [rows, seq_len]")
+            raise CptronError(
+                f"Batch: tokens {tuple(self.tokens.shape)} and labels {tuple(self.labels.shape)} "
+                "must both be [rows, seq_len]"
+            )
         if self.doc_ids is not None and self.doc_ids.shape != self.tokens.shape:
-            raise CptronError(f"Batch: doc_ids {tuple(self.doc_ids.shape)} must match tokens "
-                              f"{tuple(self.tokens.shape)}")
+            raise CptronError(
+                f"Batch: doc_ids {tuple(self.doc_ids.shape)} must match tokens {tuple(self.tokens.shape)}"
+            )
         if self.sources is not None:
             if tuple(self.sources.shape) != (self.tokens.shape[0],):
-                raise CptronError(f"Batch: sources {tuple(self.sources.shape)} must hold one index per row "
-                                  f"({self.tokens.shape[0]})")
+                raise CptronError(
+                    f"Batch: sources {tuple(self.sources.shape)} must hold one index per row ({self.tokens.shape[0]})"
+                )
             self.sources = self.sources.long()
 
     @property
@@ -58,14 +63,20 @@ class Batch:
         return self.tokens.shape[0]
 
     def slice(self, start: int, stop: int) -> Batch:
-        return Batch(self.tokens[start:stop], self.labels[start:stop],
-                     None if self.doc_ids is None else self.doc_ids[start:stop],
-                     None if self.sources is None else self.sources[start:stop])
+        return Batch(
+            self.tokens[start:stop],
+            self.labels[start:stop],
+            None if self.doc_ids is None else self.doc_ids[start:stop],
+            None if self.sources is None else self.sources[start:stop],
+        )
 
     def to(self, device) -> Batch:
-        return Batch(self.tokens.to(device), self.labels.to(device),
-                     None if self.doc_ids is None else self.doc_ids.to(device),
-                     None if self.sources is None else self.sources.to(device))
+        return Batch(
+            self.tokens.to(device),
+            self.labels.to(device),
+            None if self.doc_ids is None else self.doc_ids.to(device),
+            None if self.sources is None else self.sources.to(device),
+        )
 
     @staticmethod
     def from_windows(windows: torch.Tensor | np.ndarray, doc_ids=None) -> Batch:
@@ -113,8 +124,12 @@ def dp_slice(global_batch: int, dp_rank: int, dp_size: int) -> tuple[int, int]:
     """Rows [start, stop) of a global batch that data-parallel rank `dp_rank` takes."""
     if dp_size < 1 or not 0 <= dp_rank < dp_size:
         raise ConfigError(f"dp_rank={dp_rank} is invalid for dp_size={dp_size}")
-    require(global_batch % dp_size == 0, "global_batch_size", global_batch,  # an int: repr is str
-            f"a multiple of the data-parallel size {dp_size}")
+    require(
+        global_batch % dp_size == 0,
+        "global_batch_size",
+        global_batch,  # an int: repr is str
+        f"a multiple of the data-parallel size {dp_size}",
+    )
     per = global_batch // dp_size
     return dp_rank * per, (dp_rank + 1) * per
 
@@ -128,12 +143,13 @@ class InMemoryTokenSource(BatchSource):
     replay-aware mixture in `cptron.data`.
     """
 
-    def __init__(self, tokens, seq_len: int, global_batch: int, dp_rank: int = 0, dp_size: int = 1,
-                 seed: int = 0):
+    def __init__(self, tokens, seq_len: int, global_batch: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0):
         self.tokens = torch.as_tensor(np.asarray(tokens), dtype=torch.int64).flatten()
         if self.tokens.numel() < seq_len + 2:
-            raise ConfigError(f"in-memory token source has {self.tokens.numel()} tokens: expected at least "
-                              f"seq_len + 2 = {seq_len + 2}")
+            raise ConfigError(
+                f"in-memory token source has {self.tokens.numel()} tokens: expected at least "
+                f"seq_len + 2 = {seq_len + 2}"
+            )
         self.seq_len, self.global_batch, self.seed = seq_len, global_batch, seed
         self.rows = dp_slice(global_batch, dp_rank, dp_size)
         self.step = 0
@@ -147,8 +163,8 @@ class InMemoryTokenSource(BatchSource):
     def __next__(self) -> Batch:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.step)
         starts = torch.randint(0, self.tokens.numel() - self.seq_len - 1, (self.global_batch,), generator=g)
-        starts = starts[self.rows[0]:self.rows[1]]
-        windows = torch.stack([self.tokens[s:s + self.seq_len + 1] for s in starts.tolist()])
+        starts = starts[self.rows[0] : self.rows[1]]
+        windows = torch.stack([self.tokens[s : s + self.seq_len + 1] for s in starts.tolist()])
         self.step += 1
         return Batch.from_windows(windows)
 
@@ -157,6 +173,8 @@ class InMemoryTokenSource(BatchSource):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("kind") != "memory" or state.get("fingerprint") != self._fingerprint:
-            raise CptronError(f"data state {state!r} was saved by a different data source "
-                              f"(expected an in-memory source with fingerprint {self._fingerprint})")
+            raise CptronError(
+                f"data state {state!r} was saved by a different data source "
+                f"(expected an in-memory source with fingerprint {self._fingerprint})"
+            )
         self.step = int(state["step"])

@@ -15,6 +15,7 @@ allow_mixture_change) continues every source where it stopped: within an epoch
 no sample is lost or repeated. The state is the per-source positions, the
 consumed samples, the step, the segment's counts and fingerprints of the config.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -95,9 +96,12 @@ def batch_from_windows(windows: np.ndarray, input_doc_ids: np.ndarray, sources: 
     Same result, but torch's strided copies run on its intra-op thread pool, which
     on small shared hosts costs milliseconds per batch where numpy takes microseconds.
     """
-    return Batch(torch.from_numpy(np.ascontiguousarray(windows[:, :-1])),
-                 torch.from_numpy(np.ascontiguousarray(windows[:, 1:])), torch.from_numpy(input_doc_ids),
-                 None if sources is None else torch.from_numpy(sources))
+    return Batch(
+        torch.from_numpy(np.ascontiguousarray(windows[:, :-1])),
+        torch.from_numpy(np.ascontiguousarray(windows[:, 1:])),
+        torch.from_numpy(input_doc_ids),
+        None if sources is None else torch.from_numpy(sources),
+    )
 
 
 def _step(x: float) -> str:
@@ -114,8 +118,10 @@ def _cap(src_cfg, windows: int, name: str) -> Optional[int]:
         return None
     cap = min(caps)
     if cap < 1:
-        raise ConfigError(f"data.sources.{name}.epochs={src_cfg.epochs!r} is invalid: expected a cap of at least "
-                          f"one sample (the source has {windows} windows per epoch)")
+        raise ConfigError(
+            f"data.sources.{name}.epochs={src_cfg.epochs!r} is invalid: expected a cap of at least "
+            f"one sample (the source has {windows} windows per epoch)"
+        )
     return cap
 
 
@@ -134,8 +140,18 @@ class MixtureLoader(BatchSource):
         """Names of the sources, in the order Batch.sources indexes them."""
         return list(self.names)
 
-    def __init__(self, cfg: DataConfig, sources: dict[str, SourceIndex], *, seq_len: int, global_batch_size: int,
-                 dp_rank: int, dp_size: int, seed: int, total_steps: Optional[int] = None):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        sources: dict[str, SourceIndex],
+        *,
+        seq_len: int,
+        global_batch_size: int,
+        dp_rank: int,
+        dp_size: int,
+        seed: int,
+        total_steps: Optional[int] = None,
+    ):
         self.cfg, self.seq_len, self.global_batch_size = cfg, int(seq_len), int(global_batch_size)
         self.rows = dp_slice(self.global_batch_size, dp_rank, dp_size)
         self.seed = int(seed)
@@ -148,15 +164,24 @@ class MixtureLoader(BatchSource):
         if total_steps is not None and all(c is not None for c in self.caps):
             need, have = int(total_steps) * self.global_batch_size, sum(self.caps)
             if need > have:
-                raise ConfigError(f"data.sources: their caps (epochs/max_samples) allow {have} samples, but "
-                                  f"{total_steps} steps of {self.global_batch_size} need {need}: expected "
-                                  "larger caps or a source without a cap")
+                raise ConfigError(
+                    f"data.sources: their caps (epochs/max_samples) allow {have} samples, but "
+                    f"{total_steps} steps of {self.global_batch_size} need {need}: expected "
+                    "larger caps or a source without a cap"
+                )
         self._replay_sources = set(cfg.replay.sources)
-        self._config = {"seq_len": self.seq_len, "seed": self.seed,
-                        "mixture": mixture_description(cfg), "stages": stages_description(cfg)}
+        self._config = {
+            "seq_len": self.seq_len,
+            "seed": self.seed,
+            "mixture": mixture_description(cfg),
+            "stages": stages_description(cfg),
+        }
         data = {n: s.data_fingerprint for n, s in zip(self.names, self.sources)}
-        self._fingerprints = {"data": _digest([self.seq_len, self.seed, data]),
-                              "mixture": _digest(self._config["mixture"]), "stages": _digest(self._config["stages"])}
+        self._fingerprints = {
+            "data": _digest([self.seq_len, self.seed, data]),
+            "mixture": _digest(self._config["mixture"]),
+            "stages": _digest(self._config["stages"]),
+        }
         self._shares_cache: dict[tuple, tuple[str, list[Fraction]]] = {}
         self.step = 0
         self.consumed_samples = 0
@@ -180,13 +205,20 @@ class MixtureLoader(BatchSource):
         if cache_key not in self._shares_cache:
             live = {n for n, a in zip(self.names, active) if a}
             try:
-                table = shares(stage.weights, stage.replay_fraction, self._replay_sources, active=live,
-                               where=f"data (stage {stage.index}, step {step})")
+                table = shares(
+                    stage.weights,
+                    stage.replay_fraction,
+                    self._replay_sources,
+                    active=live,
+                    where=f"data (stage {stage.index}, step {step})",
+                )
             except CptronError:
                 done = [f"{n} (cap {c})" for n, a, c in zip(self.names, active, self.caps) if not a]
-                raise CptronError(f"data: no samples left at step {step}: sources {done} reached their caps "
-                                  f"(epochs/max_samples) and the others have weight 0 in stage {stage.index}; "
-                                  "raise the caps or give an uncapped source a weight") from None
+                raise CptronError(
+                    f"data: no samples left at step {step}: sources {done} reached their caps "
+                    f"(epochs/max_samples) and the others have weight 0 in stage {stage.index}; "
+                    "raise the caps or give an uncapped source a weight"
+                ) from None
             values = [table[n] for n in self.names]
             self._shares_cache[cache_key] = (format_shares(self.names, values), values)
         key, values = self._shares_cache[cache_key]
@@ -255,15 +287,23 @@ class MixtureLoader(BatchSource):
             while at < stop:
                 live = {n for n, r in zip(self.names, left) if r is None or r > 0}
                 try:
-                    table = shares(stage.weights, stage.replay_fraction, self._replay_sources, active=live,
-                                   where=f"data (stage {stage.index})")
+                    table = shares(
+                        stage.weights,
+                        stage.replay_fraction,
+                        self._replay_sources,
+                        active=live,
+                        where=f"data (stage {stage.index})",
+                    )
                 except CptronError:
-                    done = [f"{n} (cap {c})" for n, r, c in zip(self.names, left, self.caps) if r is not None and r <= 0]
+                    done = [
+                        f"{n} (cap {c})" for n, r, c in zip(self.names, left, self.caps) if r is not None and r <= 0
+                    ]
                     raise CptronError(
                         f"data: the mixture runs out of samples at step {_step(float(at / self.global_batch_size))} "
                         f"of {total_steps}: {', '.join(done)} reach their caps (epochs/max_samples) and the other "
                         f"sources have weight 0 in stage {stage.index}; raise the caps, lower training.steps or give "
-                        "an uncapped source a weight") from None
+                        "an uncapped source a weight"
+                    ) from None
                 span = stop - at
                 for n, r in zip(self.names, left):  # the first capped source to run out ends the stretch
                     if r is not None and r > 0 and table[n] > 0:
@@ -272,36 +312,51 @@ class MixtureLoader(BatchSource):
                 for i, n in enumerate(self.names):
                     if left[i] is not None:
                         left[i] = max(Fraction(0), left[i] - samples[n])
-                ran_out = [n for i, n in enumerate(self.names)
-                           if left[i] is not None and left[i] == 0 and samples[n] > 0]
-                out.append({"stage": stage.index, "start_step": float(at / self.global_batch_size),
-                            "end_step": float((at + span) / self.global_batch_size), "shares": table,
-                            "samples": samples, "ran_out": ran_out})
+                ran_out = [
+                    n for i, n in enumerate(self.names) if left[i] is not None and left[i] == 0 and samples[n] > 0
+                ]
+                out.append(
+                    {
+                        "stage": stage.index,
+                        "start_step": float(at / self.global_batch_size),
+                        "end_step": float((at + span) / self.global_batch_size),
+                        "shares": table,
+                        "samples": samples,
+                        "ran_out": ran_out,
+                    }
+                )
                 at += span
         return out
 
     def describe_plan(self, total_steps: int) -> str:
         """A table of the sources and of what the rest of the run takes from each (for the log)."""
-        rows = [f"data: {len(self.names)} source(s), {self.global_batch_size} samples of seq_len + 1 = "
-                f"{self.seq_len + 1} tokens per step, steps {self.step}..{total_steps}"]
+        rows = [
+            f"data: {len(self.names)} source(s), {self.global_batch_size} samples of seq_len + 1 = "
+            f"{self.seq_len + 1} tokens per step, steps {self.step}..{total_steps}"
+        ]
         width = max(len(n) for n in self.names)
         for name, source, w, cap in zip(self.names, self.sources, self.windows, self.caps):
             meta = source.meta or {}
-            rows.append(f"  {name:<{width}}  {len(source.prefixes)} shard(s), {meta.get('train_documents', 0):,} "
-                        f"documents, {meta.get('train_tokens', 0):,} tokens = {w:,} samples per epoch"
-                        + (f", capped at {cap:,}" if cap is not None else "")
-                        + (f"; {meta['validation_documents']:,} held out" if meta.get("validation_documents") else ""))
+            rows.append(
+                f"  {name:<{width}}  {len(source.prefixes)} shard(s), {meta.get('train_documents', 0):,} "
+                f"documents, {meta.get('train_tokens', 0):,} tokens = {w:,} samples per epoch"
+                + (f", capped at {cap:,}" if cap is not None else "")
+                + (f"; {meta['validation_documents']:,} held out" if meta.get("validation_documents") else "")
+            )
         total = dict.fromkeys(self.names, Fraction(0))
         for part in self.plan(total_steps):
             total = {n: total[n] + part["samples"][n] for n in self.names}
             mix = ", ".join(f"{n} {float(part['shares'][n]):.1%}" for n in self.names)
             ends = f"; {', '.join(part['ran_out'])} reach(es) the cap" if part["ran_out"] else ""
-            rows.append(f"  steps {_step(part['start_step'])}..{_step(part['end_step'])} (stage {part['stage']}): "
-                        f"{mix}{ends}")
+            rows.append(
+                f"  steps {_step(part['start_step'])}..{_step(part['end_step'])} (stage {part['stage']}): {mix}{ends}"
+            )
         for name, p, w in zip(self.names, self.positions, self.windows):
             n = float(total[name])
-            rows.append(f"  {name:<{width}}  ~{n:,.0f} more samples; {(p + n) / w:.2f} epochs of it by the end"
-                        + (" (repeats data)" if p + n > w else ""))
+            rows.append(
+                f"  {name:<{width}}  ~{n:,.0f} more samples; {(p + n) / w:.2f} epochs of it by the end"
+                + (" (repeats data)" if p + n > w else "")
+            )
         return "\n".join(rows)
 
     @property
@@ -317,12 +372,28 @@ class MixtureLoader(BatchSource):
 
     def _snapshot(self) -> tuple:
         scheduler = None if self._scheduler is None else self._scheduler.copy()
-        return (self.step, self.consumed_samples, list(self.positions), self._segment_key, self._segment_start,
-                scheduler, self._pending_counts, self._stage_index)
+        return (
+            self.step,
+            self.consumed_samples,
+            list(self.positions),
+            self._segment_key,
+            self._segment_start,
+            scheduler,
+            self._pending_counts,
+            self._stage_index,
+        )
 
     def _restore(self, snap: tuple) -> None:
-        (self.step, self.consumed_samples, self.positions, self._segment_key, self._segment_start,
-         self._scheduler, self._pending_counts, self._stage_index) = snap
+        (
+            self.step,
+            self.consumed_samples,
+            self.positions,
+            self._segment_key,
+            self._segment_start,
+            self._scheduler,
+            self._pending_counts,
+            self._stage_index,
+        ) = snap
 
     def __next__(self) -> Batch:
         # A failed step (an unreadable shard, no samples left) leaves the state as it was: nothing is
@@ -360,17 +431,26 @@ class MixtureLoader(BatchSource):
         if self._last is None:
             return []
         start, src, epochs, ks, windows = self._last
-        return [SampleRef(start + r, self.names[i], e, k, w) for r, (i, e, k, w) in
-                enumerate(zip(src.tolist(), epochs.tolist(), ks.tolist(), windows.tolist()))]
+        return [
+            SampleRef(start + r, self.names[i], e, k, w)
+            for r, (i, e, k, w) in enumerate(zip(src.tolist(), epochs.tolist(), ks.tolist(), windows.tolist()))
+        ]
 
     def describe(self, ref: SampleRef) -> list[Piece]:
         """The document pieces of sample `ref`, in order (they add up to seq_len + 1 tokens)."""
         i = self.names.index(ref.source)
         source = self.sources[i]
         p = source.pieces(source.epoch(ref.epoch), np.array([ref.window]))
-        return [Piece(ref.source, d, source.prefixes[s], q, o, n) for d, s, q, o, n in
-                zip(p["doc"].tolist(), p["shard"].tolist(), p["shard_doc"].tolist(), p["offset"].tolist(),
-                    p["length"].tolist())]
+        return [
+            Piece(ref.source, d, source.prefixes[s], q, o, n)
+            for d, s, q, o, n in zip(
+                p["doc"].tolist(),
+                p["shard"].tolist(),
+                p["shard_doc"].tolist(),
+                p["offset"].tolist(),
+                p["length"].tolist(),
+            )
+        ]
 
     # ------------------------------------------------------------ state
 
@@ -379,34 +459,53 @@ class MixtureLoader(BatchSource):
         if counts is None and self._pending_counts is not None:
             counts = self._pending_counts
         return {
-            "kind": "mixture", "format": STATE_FORMAT, "step": self.step, "consumed_samples": self.consumed_samples,
-            "stage": self._stage_index, "fingerprint": dict(self._fingerprints), "config": self._config,
-            "segment": {"start": self._segment_start, "shares": self._segment_key,
-                        "counts": None if counts is None else dict(zip(self.names, counts))},
-            "sources": {n: {"position": p, "epoch": p // w, "exhausted": c is not None and p >= c,
-                            "data_fingerprint": s.data_fingerprint}
-                        for n, p, w, c, s in zip(self.names, self.positions, self.windows, self.caps, self.sources)},
+            "kind": "mixture",
+            "format": STATE_FORMAT,
+            "step": self.step,
+            "consumed_samples": self.consumed_samples,
+            "stage": self._stage_index,
+            "fingerprint": dict(self._fingerprints),
+            "config": self._config,
+            "segment": {
+                "start": self._segment_start,
+                "shares": self._segment_key,
+                "counts": None if counts is None else dict(zip(self.names, counts)),
+            },
+            "sources": {
+                n: {
+                    "position": p,
+                    "epoch": p // w,
+                    "exhausted": c is not None and p >= c,
+                    "data_fingerprint": s.data_fingerprint,
+                }
+                for n, p, w, c, s in zip(self.names, self.positions, self.windows, self.caps, self.sources)
+            },
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not isinstance(state, dict) or state.get("kind") != "mixture" or state.get("format") != STATE_FORMAT:
-            raise CptronError(f"data state was not saved by the mixture loader (format {STATE_FORMAT}): "
-                              f"kind={state.get('kind') if isinstance(state, dict) else state!r}")
+            raise CptronError(
+                f"data state was not saved by the mixture loader (format {STATE_FORMAT}): "
+                f"kind={state.get('kind') if isinstance(state, dict) else state!r}"
+            )
         try:
             self._load_state(state)
         except CptronError:
             raise
         except (KeyError, TypeError, ValueError) as e:
-            raise CptronError(f"data state is malformed ({type(e).__name__}: {e}): expected what "
-                              "MixtureLoader.state_dict() returns") from e
+            raise CptronError(
+                f"data state is malformed ({type(e).__name__}: {e}): expected what MixtureLoader.state_dict() returns"
+            ) from e
 
     def _load_state(self, state: dict[str, Any]) -> None:
         # Everything is checked before anything is assigned: a refused state leaves the loader as it was.
         old = state["config"]
         for key in ("seq_len", "seed"):
             if old[key] != self._config[key]:
-                raise CptronError(f"data: {key} changed since the checkpoint ({old[key]} -> {self._config[key]}): "
-                                  "every source's sample order depends on it, so the run cannot continue")
+                raise CptronError(
+                    f"data: {key} changed since the checkpoint ({old[key]} -> {self._config[key]}): "
+                    "every source's sample order depends on it, so the run cannot continue"
+                )
         saved = state["sources"]
         for n, s in zip(self.names, self.sources):
             if n in saved and saved[n]["data_fingerprint"] != s.data_fingerprint:
@@ -414,23 +513,36 @@ class MixtureLoader(BatchSource):
                     f"data.sources.{n}: its shards or held-out split changed since the checkpoint (data "
                     f"fingerprint {saved[n]['data_fingerprint']} -> {s.data_fingerprint}, shards {s.prefixes[:3]}"
                     f"{'...' if len(s.prefixes) > 3 else ''}): its sample order cannot continue; restore the "
-                    "data or rename the source to start it afresh")
+                    "data or rename the source to start it afresh"
+                )
         if old["mixture"] != self._config["mixture"]:
             diff = _differences(old["mixture"], self._config["mixture"])
             if not self.cfg.allow_mixture_change:
-                raise CptronError(f"data mixture changed since the checkpoint: {'; '.join(diff)}. Set "
-                                  "data.allow_mixture_change=true to continue every source from its position "
-                                  "with the new mixture")
-            log.warning("data mixture changed since the checkpoint (%s); continuing each source from its "
-                        "position (allow_mixture_change)", "; ".join(diff))
+                raise CptronError(
+                    f"data mixture changed since the checkpoint: {'; '.join(diff)}. Set "
+                    "data.allow_mixture_change=true to continue every source from its position "
+                    "with the new mixture"
+                )
+            log.warning(
+                "data mixture changed since the checkpoint (%s); continuing each source from its "
+                "position (allow_mixture_change)",
+                "; ".join(diff),
+            )
         if old["stages"] != self._config["stages"]:
-            log.info("data stages changed since the checkpoint; the new schedule applies from step %d",
-                     state["step"])
+            log.info("data stages changed since the checkpoint; the new schedule applies from step %d", state["step"])
         positions = [int(saved[n]["position"]) if n in saved else 0 for n in self.names]
         seg, counts = state["segment"], state["segment"]["counts"]
         pending = [int(counts[n]) for n in self.names] if counts is not None and list(counts) == self.names else None
-        values = (int(state["step"]), int(state["consumed_samples"]), positions,
-                  seg["shares"] if pending is not None else None, int(seg["start"]), None, pending, int(state["stage"]))
+        values = (
+            int(state["step"]),
+            int(state["consumed_samples"]),
+            positions,
+            seg["shares"] if pending is not None else None,
+            int(seg["start"]),
+            None,
+            pending,
+            int(state["stage"]),
+        )
         self._restore(values)
         self._last = None
 
@@ -452,8 +564,10 @@ def _differences(old: Any, new: Any, path: str = "") -> list[str]:
 
 # ---------------------------------------------------------------- validation sets
 
-def _validation_batches(source: SourceIndex, *, seq_len: int, global_batch_size: int, rows: tuple[int, int],
-                        num_batches: int) -> Iterator[Batch]:
+
+def _validation_batches(
+    source: SourceIndex, *, seq_len: int, global_batch_size: int, rows: tuple[int, int], num_batches: int
+) -> Iterator[Batch]:
     """This rank's rows of the source's held-out windows, in global batches; the last one is padded with
     rows whose labels are all IGNORE_INDEX so every rank gets the same number of rows."""
     index = source.validation()
@@ -469,7 +583,7 @@ def _validation_batches(source: SourceIndex, *, seq_len: int, global_batch_size:
         if len(real):
             source.read(index, real, tokens, doc_ids, np.arange(len(real)))
         batch = batch_from_windows(tokens, doc_ids)
-        batch.labels[len(real):] = IGNORE_INDEX
+        batch.labels[len(real) :] = IGNORE_INDEX
         yield batch
 
 
@@ -517,8 +631,9 @@ def open_sources(cfg: DataConfig, *, seq_len: int, seed: int, cache_dir: Optiona
             prefixes += [p for p in found if p not in prefixes]
         fraction = src.held_out_fraction if src.held_out_fraction is not None else cfg.validation.held_out_fraction
         try:
-            out[name] = SourceIndex(name, prefixes, seq_len=seq_len, seed=seed, held_out_fraction=exact(fraction),
-                                    cache_dir=cache_dir)
+            out[name] = SourceIndex(
+                name, prefixes, seq_len=seq_len, seed=seed, held_out_fraction=exact(fraction), cache_dir=cache_dir
+            )
         except ConfigError:
             raise
         except CptronError as e:
@@ -526,9 +641,18 @@ def open_sources(cfg: DataConfig, *, seq_len: int, seed: int, cache_dir: Optiona
     return out
 
 
-def build_data_loaders(cfg: DataConfig, *, seq_len: int, global_batch_size: int, dp_rank: int, dp_size: int,
-                       vocab_size: int, seed: int, total_steps: Optional[int] = None, cache_dir=None,
-                       ) -> tuple[MixtureLoader, dict[str, Callable[[], Iterable[Batch]]]]:
+def build_data_loaders(
+    cfg: DataConfig,
+    *,
+    seq_len: int,
+    global_batch_size: int,
+    dp_rank: int,
+    dp_size: int,
+    vocab_size: int,
+    seed: int,
+    total_steps: Optional[int] = None,
+    cache_dir=None,
+) -> tuple[MixtureLoader, dict[str, Callable[[], Iterable[Batch]]]]:
     """The training loader and one validation set per source with held-out documents.
 
     Every rank of the default process group must call this together: rank 0 checks
@@ -550,8 +674,16 @@ def build_data_loaders(cfg: DataConfig, *, seq_len: int, global_batch_size: int,
     sources = open_sources(cfg, seq_len=seq_len, seed=data_seed, cache_dir=None if cache is None else str(cache))
 
     def make_loader() -> MixtureLoader:
-        return MixtureLoader(cfg, sources, seq_len=seq_len, global_batch_size=global_batch_size, dp_rank=dp_rank,
-                             dp_size=dp_size, seed=data_seed, total_steps=total_steps)
+        return MixtureLoader(
+            cfg,
+            sources,
+            seq_len=seq_len,
+            global_batch_size=global_batch_size,
+            dp_rank=dp_rank,
+            dp_size=dp_size,
+            seed=data_seed,
+            total_steps=total_steps,
+        )
 
     def check_and_prepare(name: str, source: SourceIndex) -> None:
         source.prepare_meta()
@@ -586,9 +718,15 @@ def build_data_loaders(cfg: DataConfig, *, seq_len: int, global_batch_size: int,
             raise ConfigError(
                 f"data.sources.{name}: its {meta['validation_documents']} held-out documents hold "
                 f"{meta['validation_tokens']} tokens, fewer than one window of seq_len + 1 = {seq_len + 1}: "
-                "expected a larger held_out_fraction (or 0)")
-        validation[name] = _ValidationSet(source, seq_len=seq_len, global_batch_size=global_batch_size, rows=rows,
-                                          num_batches=cfg.validation.num_batches)
+                "expected a larger held_out_fraction (or 0)"
+            )
+        validation[name] = _ValidationSet(
+            source,
+            seq_len=seq_len,
+            global_batch_size=global_batch_size,
+            rows=rows,
+            num_batches=cfg.validation.num_batches,
+        )
     return loader, validation
 
 

@@ -11,6 +11,7 @@ upper quota ceil(w * (n + 1)). It is house-monotone (a prefix of the sequence is
 the apportionment of the prefix) and satisfies quota, so after every n samples
 each source's count c satisfies floor(w * n) <= c <= ceil(w * n).
 """
+
 from __future__ import annotations
 
 import bisect
@@ -106,8 +107,14 @@ def stage_weights(base: Mapping[str, Fraction], stage) -> dict[str, Fraction]:
     return out
 
 
-def shares(weights: Mapping[str, Fraction], replay_fraction: Optional[Fraction], replay_sources,
-           active=None, where: str = "data", strict: bool = False) -> dict[str, Fraction]:
+def shares(
+    weights: Mapping[str, Fraction],
+    replay_fraction: Optional[Fraction],
+    replay_sources,
+    active=None,
+    where: str = "data",
+    strict: bool = False,
+) -> dict[str, Fraction]:
     """Each source's share of samples (summing to 1), given relative weights and the replay split.
 
     Sources not in `active` (exhausted caps) get 0 and the others share their part;
@@ -134,8 +141,10 @@ def shares(weights: Mapping[str, Fraction], replay_fraction: Optional[Fraction],
         if part == 0:
             continue
         if total == 0:
-            raise CptronError(f"{where}: the source weights sum to zero: expected at least one source "
-                              f"with weight > 0 and samples left among {group}")
+            raise CptronError(
+                f"{where}: the source weights sum to zero: expected at least one source "
+                f"with weight > 0 and samples left among {group}"
+            )
         for n in group:
             out[n] = part * live[n] / total
     return out
@@ -152,8 +161,11 @@ def resolve_stages(cfg, natural: Mapping[str, int], total_steps: Optional[int]) 
             start = int(st.start_step)
         else:
             if total_steps is None:
-                raise invalid(f"{where}.start_fraction", st.start_fraction,
-                              "start_step, since the total number of steps is not known")
+                raise invalid(
+                    f"{where}.start_fraction",
+                    st.start_fraction,
+                    "start_step, since the total number of steps is not known",
+                )
             start = math.floor(exact(st.start_fraction) * int(total_steps))
         rf = replay if st.replay_fraction is None else exact(st.replay_fraction)
         stages.append(Stage(i + 1, start, stage_weights(base, st), rf))
@@ -190,26 +202,52 @@ def check_mixture_config(cfg) -> None:
         if rf is not None:
             new = [n for n in weights if n not in replay_sources]
             if rf < 1 and not new:
-                raise ConfigError(f"{where}: replay fraction {float(rf)} leaves {float(1 - rf)} of the samples "
-                                  "to new sources, but every source is in data.replay.sources: expected "
-                                  "at least one new source (or replay fraction 1)")
+                raise ConfigError(
+                    f"{where}: replay fraction {float(rf)} leaves {float(1 - rf)} of the samples "
+                    "to new sources, but every source is in data.replay.sources: expected "
+                    "at least one new source (or replay fraction 1)"
+                )
         try:
             shares(weights, rf, replay_sources, where=where, strict=True)
         except CptronError as e:
-            raise ConfigError(f"{e} (weights {({n: float(w) for n, w in weights.items()})})") from None
+            raise ConfigError(f"{e} (weights { ({n: float(w) for n, w in weights.items()}) })") from None
 
 
 def mixture_description(cfg) -> dict:
     """What decides the mixture (not the data order): compared on resume."""
-    return {"sources": {n: {"weight": s.weight, "epochs": s.epochs, "max_samples": s.max_samples}
-                        for n, s in sorted(cfg.sources.items())},
-            "replay": {"fraction": cfg.replay.fraction, "sources": sorted(cfg.replay.sources)}}
+    return {
+        "sources": {
+            n: {"weight": s.weight, "epochs": s.epochs, "max_samples": s.max_samples}
+            for n, s in sorted(cfg.sources.items())
+        },
+        "replay": {"fraction": cfg.replay.fraction, "sources": sorted(cfg.replay.sources)},
+    }
 
 
 def stages_description(cfg) -> list:
-    return [{"start_step": s.start_step, "start_fraction": s.start_fraction, "weights": dict(sorted(s.weights.items())),
-             "scale": dict(sorted(s.scale.items())), "replay_fraction": s.replay_fraction} for s in cfg.stages]
+    return [
+        {
+            "start_step": s.start_step,
+            "start_fraction": s.start_fraction,
+            "weights": dict(sorted(s.weights.items())),
+            "scale": dict(sorted(s.scale.items())),
+            "replay_fraction": s.replay_fraction,
+        }
+        for s in cfg.stages
+    ]
 
 
-__all__ = ["QuotaScheduler", "Stage", "exact", "shares", "resolve_stages", "stage_at", "base_weights",
-           "stage_weights", "check_mixture_config", "format_shares", "mixture_description", "stages_description"]
+__all__ = [
+    "QuotaScheduler",
+    "Stage",
+    "exact",
+    "shares",
+    "resolve_stages",
+    "stage_at",
+    "base_weights",
+    "stage_weights",
+    "check_mixture_config",
+    "format_shares",
+    "mixture_description",
+    "stages_description",
+]

@@ -29,6 +29,7 @@ the document order, the D + 1 int64 document offsets and the window order
 under a temporary name and renamed, and the first process to need a missing
 file builds it under an O_EXCL lock while the others wait and then map it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -119,13 +120,15 @@ class PackedIndex:
         d, w, id_bytes, perm_bytes = (int(v) for v in raw[:at].view(np.int64)) if len(raw) >= at else (-1,) * 4
         ok = d >= 0 and w >= 0 and id_bytes in (4, 8) and perm_bytes in (0, 4, 8)
         if not ok or len(raw) != at + _pad8(d * id_bytes) + 8 * (d + 1) + _pad8(w * perm_bytes):
-            raise CptronError(f"sample index {path} is corrupt: {len(raw)} bytes do not match its header "
-                              f"({d} documents, {w} windows, {id_bytes}/{perm_bytes}-byte ids)")
-        order = raw[at:at + d * id_bytes].view(_int_of(id_bytes))
+            raise CptronError(
+                f"sample index {path} is corrupt: {len(raw)} bytes do not match its header "
+                f"({d} documents, {w} windows, {id_bytes}/{perm_bytes}-byte ids)"
+            )
+        order = raw[at : at + d * id_bytes].view(_int_of(id_bytes))
         at += _pad8(d * id_bytes)
-        offsets = raw[at:at + 8 * (d + 1)].view(np.int64)
+        offsets = raw[at : at + 8 * (d + 1)].view(np.int64)
         at += 8 * (d + 1)
-        perm = raw[at:at + w * perm_bytes].view(_int_of(perm_bytes)) if perm_bytes else None
+        perm = raw[at : at + w * perm_bytes].view(_int_of(perm_bytes)) if perm_bytes else None
         return PackedIndex(order, offsets, w, perm)
 
 
@@ -137,8 +140,13 @@ def _int_of(width: int) -> type:
     return np.int32 if width == 4 else np.int64
 
 
-def pack(doc_ids: Optional[np.ndarray], lengths: np.ndarray, seq_len: int, doc_seed: np.ndarray,
-         window_seed: Optional[np.ndarray]) -> np.ndarray:
+def pack(
+    doc_ids: Optional[np.ndarray],
+    lengths: np.ndarray,
+    seq_len: int,
+    doc_seed: np.ndarray,
+    window_seed: Optional[np.ndarray],
+) -> np.ndarray:
     """Documents `doc_ids` (with `lengths`; None: all of range(len(lengths))) in an order shuffled under
     `doc_seed`, and (with `window_seed`) an order of their windows, as the bytes (uint8) of: an int64
     header [D, W, id bytes, window-id bytes], the ids, the D + 1 int64 offsets, the window order;
@@ -152,12 +160,12 @@ def pack(doc_ids: Optional[np.ndarray], lengths: np.ndarray, seq_len: int, doc_s
     out = np.zeros(at + _pad8(d * id_bytes) + 8 * (d + 1) + _pad8(windows * perm_bytes), dtype=np.uint8)
     out[:at].view(np.int64)[:] = [d, windows, id_bytes, perm_bytes]
     pos = permutation(d, doc_seed)
-    out[at:at + d * id_bytes].view(_int_of(id_bytes))[:] = pos if doc_ids is None else doc_ids[pos]
+    out[at : at + d * id_bytes].view(_int_of(id_bytes))[:] = pos if doc_ids is None else doc_ids[pos]
     at += _pad8(d * id_bytes)
-    np.cumsum(np.take(lengths, pos), dtype=np.int64, out=out[at + 8:at + 8 * (d + 1)].view(np.int64))
+    np.cumsum(np.take(lengths, pos), dtype=np.int64, out=out[at + 8 : at + 8 * (d + 1)].view(np.int64))
     at += 8 * (d + 1)
     if perm_bytes:
-        out[at:at + windows * perm_bytes].view(_int_of(perm_bytes))[:] = permutation(windows, window_seed)
+        out[at : at + windows * perm_bytes].view(_int_of(perm_bytes))[:] = permutation(windows, window_seed)
     return out
 
 
@@ -261,9 +269,11 @@ def document_spans(shard: IndexedDataset) -> tuple[np.ndarray, np.ndarray]:
     if len(gaps):
         i = int(gaps[0])
         doc = int(np.searchsorted(bounds, i, side="right") - 1)
-        raise CptronError(f"{shard.path_prefix}: document {doc} is not stored contiguously (its sequence {i + 1} "
-                          f"starts at token {int(starts[i + 1])}, not right after sequence {i} at "
-                          f"{int(starts[i] + lengths[i])}); rewrite the shard, e.g. with cptron data tokenize")
+        raise CptronError(
+            f"{shard.path_prefix}: document {doc} is not stored contiguously (its sequence {i + 1} "
+            f"starts at token {int(starts[i + 1])}, not right after sequence {i} at "
+            f"{int(starts[i] + lengths[i])}); rewrite the shard, e.g. with cptron data tokenize"
+        )
     cumulative = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(lengths, out=cumulative[1:])
     doc_lengths = cumulative[bounds[1:]] - cumulative[bounds[:-1]]
@@ -276,8 +286,16 @@ def document_spans(shard: IndexedDataset) -> tuple[np.ndarray, np.ndarray]:
 class SourceIndex:
     """The shards of one source, its fingerprint, and its cached per-epoch and validation indices."""
 
-    def __init__(self, name: str, prefixes: list[str], *, seq_len: int, seed: int, held_out_fraction: Fraction,
-                 cache_dir: Optional[str]):
+    def __init__(
+        self,
+        name: str,
+        prefixes: list[str],
+        *,
+        seq_len: int,
+        seed: int,
+        held_out_fraction: Fraction,
+        cache_dir: Optional[str],
+    ):
         self.name, self.prefixes, self.seq_len, self.seed = name, prefixes, int(seq_len), int(seed)
         self.held_out_fraction = Fraction(held_out_fraction)
         self.shards = [IndexedDataset(p) for p in prefixes]
@@ -292,8 +310,11 @@ class SourceIndex:
         self.shard_starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.num_documents = int(self.shard_starts[-1])
         self.data_fingerprint = self._fingerprint()
-        root = cache_dir if cache_dir is not None else os.path.join(os.path.dirname(os.path.abspath(prefixes[0])),
-                                                                     ".cptron-index")
+        root = (
+            cache_dir
+            if cache_dir is not None
+            else os.path.join(os.path.dirname(os.path.abspath(prefixes[0])), ".cptron-index")
+        )
         self.dir = os.path.join(root, f"{name}-{self.data_fingerprint[:16]}")
         self.meta: Optional[dict] = None
         self._split_memo: Optional[tuple[np.ndarray, np.ndarray, np.ndarray]] = None
@@ -330,8 +351,10 @@ class SourceIndex:
             load_or_build(path, build)
             spans = np.load(path, mmap_mode="r").view(np.ndarray)
             if spans.shape != (2, self.shards[k].num_documents):
-                raise CptronError(f"document index {path} has shape {spans.shape}, expected "
-                                  f"(2, {self.shards[k].num_documents}); delete {self.dir} to rebuild")
+                raise CptronError(
+                    f"document index {path} has shape {spans.shape}, expected "
+                    f"(2, {self.shards[k].num_documents}); delete {self.dir} to rebuild"
+                )
             self._documents[k] = spans
         return spans
 
@@ -375,25 +398,41 @@ class SourceIndex:
         lengths, train, val = self._split()
         train_tokens = int((lengths if len(train) == len(lengths) else lengths[train]).sum(dtype=np.int64))
         val_tokens = int(lengths[val].sum(dtype=np.int64))
-        meta = {"format": INDEX_FORMAT, "source": self.name, "fingerprint": self.data_fingerprint,
-                "shards": [os.path.basename(p) for p in self.prefixes], "seq_len": self.seq_len,
-                "train_documents": int(len(train)), "train_tokens": train_tokens,
-                "windows": max(train_tokens - 1, 0) // self.seq_len,
-                "validation_documents": int(len(val)), "validation_tokens": val_tokens,
-                "validation_windows": max(val_tokens - 1, 0) // self.seq_len,
-                "max_token_id": max(s.max_token_id() for s in self.shards)}
+        meta = {
+            "format": INDEX_FORMAT,
+            "source": self.name,
+            "fingerprint": self.data_fingerprint,
+            "shards": [os.path.basename(p) for p in self.prefixes],
+            "seq_len": self.seq_len,
+            "train_documents": int(len(train)),
+            "train_tokens": train_tokens,
+            "windows": max(train_tokens - 1, 0) // self.seq_len,
+            "validation_documents": int(len(val)),
+            "validation_tokens": val_tokens,
+            "validation_windows": max(val_tokens - 1, 0) // self.seq_len,
+            "max_token_id": max(s.max_token_id() for s in self.shards),
+        }
         _atomic_write_json(self._path("source.json"), meta)
 
     def _build_epoch(self, epoch: int) -> None:
         t0 = time.perf_counter()
         lengths, train, _ = self._split()
         everything = len(train) == len(lengths)  # nothing held out or empty: skip two gathers
-        raw = pack(None if everything else train, lengths if everything else lengths[train], self.seq_len,
-                   seed_words("documents", self.seed, self.name, epoch),
-                   seed_words("windows", self.seed, self.name, epoch))
+        raw = pack(
+            None if everything else train,
+            lengths if everything else lengths[train],
+            self.seq_len,
+            seed_words("documents", self.seed, self.name, epoch),
+            seed_words("windows", self.seed, self.name, epoch),
+        )
         _atomic_save(self._path(f"epoch-{epoch:05d}.npy"), raw)
-        log.info("built sample index of source %s epoch %d (%d documents) in %.2f s", self.name, epoch,
-                 len(train), time.perf_counter() - t0)
+        log.info(
+            "built sample index of source %s epoch %d (%d documents) in %.2f s",
+            self.name,
+            epoch,
+            len(train),
+            time.perf_counter() - t0,
+        )
 
     def _build_validation(self) -> None:
         lengths, _, val = self._split()
@@ -404,8 +443,10 @@ class SourceIndex:
         try:
             os.makedirs(self.dir, exist_ok=True)
         except OSError as e:
-            raise CptronError(f"cannot create the sample-index cache {self.dir} for source {self.name}: "
-                              f"{e.strerror or e}; set data.cache_dir to a writable directory") from e
+            raise CptronError(
+                f"cannot create the sample-index cache {self.dir} for source {self.name}: "
+                f"{e.strerror or e}; set data.cache_dir to a writable directory"
+            ) from e
 
     def prepare_meta(self) -> None:
         """Build what is missing of the sizes (source.json) and the validation index."""
@@ -470,7 +511,8 @@ class SourceIndex:
                 f"data.sources.{self.name} is empty: its training documents hold {meta['train_tokens']} tokens "
                 f"in {meta['train_documents']} documents ({self.num_documents} in {len(self.prefixes)} shards "
                 f"{self.prefixes[:3]}{'...' if len(self.prefixes) > 3 else ''}), fewer than one window of "
-                f"seq_len + 1 = {self.seq_len + 1} tokens")
+                f"seq_len + 1 = {self.seq_len + 1} tokens"
+            )
 
     @property
     def windows_per_epoch(self) -> int:
@@ -483,8 +525,10 @@ class SourceIndex:
             path = self._path(f"epoch-{epoch:05d}.npy")
             index = self._open_packed(path, lambda: self._build_epoch(epoch))
             if index.windows != self.windows_per_epoch:
-                raise CptronError(f"sample index {path} has {index.windows} windows, expected "
-                                  f"{self.windows_per_epoch}; delete {self.dir} to rebuild")
+                raise CptronError(
+                    f"sample index {path} has {index.windows} windows, expected "
+                    f"{self.windows_per_epoch}; delete {self.dir} to rebuild"
+                )
             if len(self._epochs) >= 2:  # keep the current epoch and the one before
                 self._epochs.pop(min(self._epochs))
             self._epochs[epoch] = index
@@ -501,8 +545,11 @@ class SourceIndex:
                 path = bin_path(shard.path_prefix)
                 n = os.path.getsize(path) // shard.dtype.itemsize
                 # a plain ndarray view: slicing an np.memmap costs microseconds of Python per slice
-                views.append(np.memmap(path, dtype=shard.dtype, mode="r", shape=(n,)).view(np.ndarray) if n
-                             else np.empty(0, dtype=shard.dtype))
+                views.append(
+                    np.memmap(path, dtype=shard.dtype, mode="r", shape=(n,)).view(np.ndarray)
+                    if n
+                    else np.empty(0, dtype=shard.dtype)
+                )
             self._views = views
         return self._views
 
@@ -528,11 +575,24 @@ class SourceIndex:
         hi = np.minimum(doc_end, starts[row] + span)
         doc = index.order[j]
         shard, shard_doc = self.locate(doc)
-        return {"row": row, "doc": doc, "shard": shard, "shard_doc": shard_doc, "offset": lo - doc_start,
-                "length": hi - lo, "k": k}
+        return {
+            "row": row,
+            "doc": doc,
+            "shard": shard,
+            "shard_doc": shard_doc,
+            "offset": lo - doc_start,
+            "length": hi - lo,
+            "k": k,
+        }
 
-    def read(self, index: PackedIndex, windows: np.ndarray, tokens_out: np.ndarray, doc_ids_out: np.ndarray,
-             rows: Optional[np.ndarray] = None) -> None:
+    def read(
+        self,
+        index: PackedIndex,
+        windows: np.ndarray,
+        tokens_out: np.ndarray,
+        doc_ids_out: np.ndarray,
+        rows: Optional[np.ndarray] = None,
+    ) -> None:
         """Write `windows` (window ids of `index`) into rows `rows` (default: all, in order) of `tokens_out`
         ([batch, seq_len + 1]) and their per-token document numbers (0 at the row's first document, +1 at each
         boundary) into the same rows of `doc_ids_out`, which holds the first doc_ids_out.shape[1] positions."""
@@ -540,24 +600,25 @@ class SourceIndex:
         p = self.pieces(index, windows)
         lengths = p["length"]
         if int(lengths.sum()) != len(windows) * span:
-            raise CptronError(f"source {self.name}: windows hold {int(lengths.sum())} tokens, expected "
-                              f"{len(windows) * span} (a corrupt sample index?)")
+            raise CptronError(
+                f"source {self.name}: windows hold {int(lengths.sum())} tokens, expected "
+                f"{len(windows) * span} (a corrupt sample index?)"
+            )
         # Source element offsets, vectorized per shard, and destination offsets in the flat batch,
         # so that the loop below only copies: one slice assignment per piece.
         shard = p["shard"]
         starts = np.empty(len(shard), dtype=np.int64)
-        for k in (np.unique(shard) if len(self.shards) > 1 else (0,)):
+        for k in np.unique(shard) if len(self.shards) > 1 else (0,):
             sel = shard == k if len(self.shards) > 1 else slice(None)
             spans, docs = self._spans(k), p["shard_doc"][sel]
-            first = (self.shards[k].sequence_pointers[docs] // self._itemsize[k] if spans is None
-                     else spans[1][docs])
+            first = self.shards[k].sequence_pointers[docs] // self._itemsize[k] if spans is None else spans[1][docs]
             starts[sel] = first + p["offset"][sel]
         row_of_piece = p["row"] if rows is None else np.asarray(rows, dtype=np.int64)[p["row"]]
         within = np.cumsum(lengths) - lengths - (p["row"] * span)
         dest = row_of_piece * span + within
         views, flat = self._token_views(), tokens_out.reshape(-1)
         for k, start, at, n in zip(shard.tolist(), starts.tolist(), dest.tolist(), lengths.tolist()):
-            flat[at:at + n] = views[k][start:start + n]
+            flat[at : at + n] = views[k][start : start + n]
         width = doc_ids_out.shape[1]
         numbers = np.repeat(p["k"], lengths).reshape(len(windows), span)[:, :width]
         if rows is None:
@@ -566,5 +627,16 @@ class SourceIndex:
             doc_ids_out[rows] = numbers
 
 
-__all__ = ["SourceIndex", "PackedIndex", "document_spans", "pack", "mix64", "key64", "held_out_mask", "permutation", "seed_words",
-           "load_or_build", "INDEX_FORMAT"]
+__all__ = [
+    "SourceIndex",
+    "PackedIndex",
+    "document_spans",
+    "pack",
+    "mix64",
+    "key64",
+    "held_out_mask",
+    "permutation",
+    "seed_words",
+    "load_or_build",
+    "INDEX_FORMAT",
+]

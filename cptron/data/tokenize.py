@@ -6,6 +6,7 @@ bytes depend on the inputs, the tokenizer and the config, never on the number of
 workers. One document is one sequence, optionally with BOS prepended and
 (by default) EOS appended. A document never spans two shards.
 """
+
 from __future__ import annotations
 
 import glob as globlib
@@ -80,17 +81,26 @@ class TokenizeConfig:
     def validate(self) -> None:
         require(bool(self.inputs), "inputs", self.inputs, "at least one input file or glob")
         require(all(bool(p) for p in self.inputs), "inputs", self.inputs, "no empty paths")
-        require(bool(self.tokenizer), "tokenizer", self.tokenizer,
-                "a tokenizer.json, a SentencePiece .model or a directory holding one")
+        require(
+            bool(self.tokenizer),
+            "tokenizer",
+            self.tokenizer,
+            "a tokenizer.json, a SentencePiece .model or a directory holding one",
+        )
         require(bool(self.text_field), "text_field", self.text_field, "a non-empty field name")
-        require(bool(self.output_prefix) and not self.output_prefix.endswith(("/", os.sep)), "output_prefix",
-                self.output_prefix, "a path prefix such as out/corpus (shards become out/corpus_00000.bin, ...)")
+        require(
+            bool(self.output_prefix) and not self.output_prefix.endswith(("/", os.sep)),
+            "output_prefix",
+            self.output_prefix,
+            "a path prefix such as out/corpus (shards become out/corpus_00000.bin, ...)",
+        )
         require(self.shard_size_tokens >= 1, "shard_size_tokens", self.shard_size_tokens, "an integer >= 1")
         require(self.workers >= 0, "workers", self.workers, "an integer >= 0 (0: one per CPU core)")
         require(self.chunk_docs >= 1, "chunk_docs", self.chunk_docs, "an integer >= 1")
 
 
 # ------------------------------------------------------------------ tokenizers
+
 
 def tokenizer_fingerprint(path: str | os.PathLike) -> str:
     """sha256 (hex) of the tokenizer file's bytes: equal fingerprints mean the same tokenizer file."""
@@ -110,8 +120,9 @@ def resolve_tokenizer_file(path: str | os.PathLike) -> tuple[Path, str]:
                 return p / name, kind
         raise CptronError(f"tokenizer directory {p} holds neither tokenizer.json nor tokenizer.model")
     if not p.is_file():
-        raise CptronError(f"tokenizer {p} not found: expected a tokenizer.json, a SentencePiece .model "
-                          "or a directory holding one")
+        raise CptronError(
+            f"tokenizer {p} not found: expected a tokenizer.json, a SentencePiece .model or a directory holding one"
+        )
     if p.suffix == ".json":
         return p, "hf"
     if p.suffix == ".model":
@@ -165,8 +176,7 @@ class DocumentEncoder:
         tokens gets length 0 and no BOS/EOS, so the caller can count it as empty."""
         ids = self.encode(texts)
         content = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-        tokens = np.fromiter(chain.from_iterable(ids), dtype=best_dtype(self.spec.vocab_size),
-                             count=int(content.sum()))
+        tokens = np.fromiter(chain.from_iterable(ids), dtype=best_dtype(self.spec.vocab_size), count=int(content.sum()))
         n_bos, n_eos = int(self.spec.bos_id is not None), int(self.spec.eos_id is not None)
         if not n_bos + n_eos:
             return tokens, content
@@ -183,6 +193,7 @@ class DocumentEncoder:
         if n_eos:
             out[ends[nonempty] - 1] = self.spec.eos_id
         return out, lengths
+
 
 def _special_from_hf_configs(tokenizer_file: Path, key: str) -> Optional[str]:
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
@@ -210,15 +221,18 @@ def _hf_special_id(tok, file: Path, what: str, given: Optional[str], candidates:
     if configured is not None:
         tid = tok.token_to_id(configured)
         if tid is None:
-            raise CptronError(f"{file.parent}'s tokenizer config names {what}_token={configured!r}, which is not "
-                              f"a token of {file}")
+            raise CptronError(
+                f"{file.parent}'s tokenizer config names {what}_token={configured!r}, which is not a token of {file}"
+            )
         return tid
     for name in candidates:
         tid = tok.token_to_id(name)
         if tid is not None:
             return tid
-    raise CptronError(f"cannot tell the {what.upper()} token of {file} (no tokenizer_config.json beside it and "
-                      f"none of {list(candidates)} in its vocabulary): set --{what}_token")
+    raise CptronError(
+        f"cannot tell the {what.upper()} token of {file} (no tokenizer_config.json beside it and "
+        f"none of {list(candidates)} in its vocabulary): set --{what}_token"
+    )
 
 
 def _sp_special_id(sp, file: Path, what: str, given: Optional[str]) -> int:
@@ -342,12 +356,15 @@ def _read_jsonl(path: str, text_field: str) -> Iterator[Document]:
                 if not isinstance(record, dict):
                     raise CptronError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
                 if text_field not in record:
-                    raise CptronError(f"{path}:{line_no}: missing text field {text_field!r} (the record has "
-                                      f"{sorted(record)[:10]}); set --text_field")
+                    raise CptronError(
+                        f"{path}:{line_no}: missing text field {text_field!r} (the record has "
+                        f"{sorted(record)[:10]}); set --text_field"
+                    )
                 value = record[text_field]
                 if value is not None and not isinstance(value, str):
-                    raise CptronError(f"{path}:{line_no}: field {text_field!r} holds {type(value).__name__}: "
-                                      "expected a string")
+                    raise CptronError(
+                        f"{path}:{line_no}: field {text_field!r} holds {type(value).__name__}: expected a string"
+                    )
                 yield line_no, value, consumed
         except (OSError, EOFError) as e:  # a corrupt or cut-off .gz
             raise CptronError(f"{path}: cannot read ({e})") from e
@@ -404,8 +421,9 @@ def _result_of(future):
     try:
         return future.result()
     except BrokenProcessPool as e:
-        raise CptronError(f"a tokenizer worker process died ({e}); out of memory? try fewer --workers or a "
-                          "smaller --chunk_docs") from e
+        raise CptronError(
+            f"a tokenizer worker process died ({e}); out of memory? try fewer --workers or a smaller --chunk_docs"
+        ) from e
 
 
 class _ShardSink:
@@ -419,8 +437,9 @@ class _ShardSink:
 
     def _open(self) -> IndexedDatasetWriter:
         name = f"{self.prefix}_{len(self.shards):05d}"
-        self.writer = IndexedDatasetWriter(name, vocab_size=self.spec.vocab_size,
-                                           tokenizer_fingerprint=self.spec.fingerprint, overwrite=self.overwrite)
+        self.writer = IndexedDatasetWriter(
+            name, vocab_size=self.spec.vocab_size, tokenizer_fingerprint=self.spec.fingerprint, overwrite=self.overwrite
+        )
         self.shards.append(name)
         return self.writer
 
@@ -435,7 +454,7 @@ class _ShardSink:
                 fit = 1  # a document longer than a shard gets a shard of its own
             if fit:
                 n_tokens = int(cum[fit - 1])
-                w.add_documents(flat[pos: pos + n_tokens], lengths[doc: doc + fit])
+                w.add_documents(flat[pos : pos + n_tokens], lengths[doc : doc + fit])
                 doc, pos = doc + fit, pos + n_tokens
                 self.documents += fit
                 self.tokens += n_tokens
@@ -462,6 +481,7 @@ def existing_shard_files(prefix: str) -> list[str]:
 
 # ------------------------------------------------------------------ the command
 
+
 def run_tokenize(cfg: TokenizeConfig) -> dict:
     """Tokenize `cfg.inputs` into shards; returns a summary (counts, shards, throughput)."""
     cfg.validate()
@@ -471,13 +491,22 @@ def run_tokenize(cfg: TokenizeConfig) -> dict:
     spec = load_tokenizer_spec(cfg)
     old = existing_shard_files(cfg.output_prefix)
     if old and not cfg.overwrite:
-        raise CptronError(f"output {cfg.output_prefix} has shards already ({old[0]}, ... {len(old)} files); "
-                          "pass --overwrite true to replace them")
+        raise CptronError(
+            f"output {cfg.output_prefix} has shards already ({old[0]}, ... {len(old)} files); "
+            "pass --overwrite true to replace them"
+        )
     for f in old:  # stale higher-numbered shards would otherwise be read with the new ones
         os.remove(f)
     workers = cfg.workers or os.cpu_count() or 1
-    log.info("tokenizing %d file(s) with %s tokenizer %s (vocab %d, %s) using %d worker(s)", len(files), spec.kind,
-             spec.path, spec.vocab_size, best_dtype(spec.vocab_size).name, workers)
+    log.info(
+        "tokenizing %d file(s) with %s tokenizer %s (vocab %d, %s) using %d worker(s)",
+        len(files),
+        spec.kind,
+        spec.path,
+        spec.vocab_size,
+        best_dtype(spec.vocab_size).name,
+        workers,
+    )
 
     start = time.perf_counter()
     pool = None
@@ -537,8 +566,10 @@ def run_tokenize(cfg: TokenizeConfig) -> dict:
             pending.append((submit(texts), where))
         drain(0)
         if sink.documents == 0:
-            raise CptronError(f"no non-empty document in {len(files)} input file(s) ({empty} empty): nothing to "
-                              "write; check --text_field and --input_format")
+            raise CptronError(
+                f"no non-empty document in {len(files)} input file(s) ({empty} empty): nothing to "
+                "write; check --text_field and --input_format"
+            )
         sink.close()
     except BaseException:
         sink.abort()
@@ -551,19 +582,45 @@ def run_tokenize(cfg: TokenizeConfig) -> dict:
     if empty:
         log.warning("skipped %d empty document(s), e.g. %s", empty, ", ".join(empty_examples))
     summary = {
-        "output_prefix": cfg.output_prefix, "shards": sink.shards, "documents": sink.documents,
-        "tokens": sink.tokens, "empty_documents": empty, "empty_examples": empty_examples,
-        "input_files": files, "input_bytes": total_bytes, "tokenizer": spec.path, "tokenizer_kind": spec.kind,
-        "tokenizer_fingerprint": spec.fingerprint, "vocab_size": spec.vocab_size,
-        "dtype": best_dtype(spec.vocab_size).name, "eos_id": spec.eos_id, "bos_id": spec.bos_id,
-        "workers": workers, "seconds": round(seconds, 3),
+        "output_prefix": cfg.output_prefix,
+        "shards": sink.shards,
+        "documents": sink.documents,
+        "tokens": sink.tokens,
+        "empty_documents": empty,
+        "empty_examples": empty_examples,
+        "input_files": files,
+        "input_bytes": total_bytes,
+        "tokenizer": spec.path,
+        "tokenizer_kind": spec.kind,
+        "tokenizer_fingerprint": spec.fingerprint,
+        "vocab_size": spec.vocab_size,
+        "dtype": best_dtype(spec.vocab_size).name,
+        "eos_id": spec.eos_id,
+        "bos_id": spec.bos_id,
+        "workers": workers,
+        "seconds": round(seconds, 3),
         "tokens_per_second": round(sink.tokens / seconds, 1) if seconds > 0 else None,
     }
-    log.info("wrote %d documents, %d tokens in %d shard(s) %s_*; %d empty document(s) skipped; %.0f tokens/s",
-             sink.documents, sink.tokens, len(sink.shards), cfg.output_prefix, empty,
-             summary["tokens_per_second"] or 0)
+    log.info(
+        "wrote %d documents, %d tokens in %d shard(s) %s_*; %d empty document(s) skipped; %.0f tokens/s",
+        sink.documents,
+        sink.tokens,
+        len(sink.shards),
+        cfg.output_prefix,
+        empty,
+        summary["tokens_per_second"] or 0,
+    )
     return summary
 
 
-__all__ = ["TokenizeConfig", "run_tokenize", "tokenizer_fingerprint", "load_tokenizer_spec", "DocumentEncoder",
-           "TokenizerSpec", "expand_inputs", "read_documents", "existing_shard_files"]
+__all__ = [
+    "TokenizeConfig",
+    "run_tokenize",
+    "tokenizer_fingerprint",
+    "load_tokenizer_spec",
+    "DocumentEncoder",
+    "TokenizerSpec",
+    "expand_inputs",
+    "read_documents",
+    "existing_shard_files",
+]

@@ -3,6 +3,7 @@
 One flat dataclass describes Llama 2/3/3.1/3.2, Mistral and Qwen2-style models.
 Each field carries a one-line docstring (read by `cptron <cmd> --help`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -100,60 +101,169 @@ class ModelConfig:
             allowed = typing.get_args(typing.get_type_hints(ModelConfig)[name])
             value = getattr(self, name)
             require(value in allowed, f"model.{name}", value, f"one of {', '.join(allowed)}")
-        for name in ("dim", "n_layers", "n_heads", "ffn_hidden_dim", "vocab_size",
-                     "pad_vocab_to_multiple_of", "max_seq_len", "rope_original_max_position_embeddings"):
+        for name in (
+            "dim",
+            "n_layers",
+            "n_heads",
+            "ffn_hidden_dim",
+            "vocab_size",
+            "pad_vocab_to_multiple_of",
+            "max_seq_len",
+            "rope_original_max_position_embeddings",
+        ):
             require(getattr(self, name) >= 1, f"model.{name}", getattr(self, name), "an integer >= 1")
         require(self.n_kv_heads is None or self.n_kv_heads >= 1, "model.n_kv_heads", self.n_kv_heads, "None or >= 1")
-        require(self.n_heads % self.kv_heads == 0, "model.n_kv_heads", self.n_kv_heads,
-                f"a divisor of model.n_heads={self.n_heads}")
-        require(self.head_dim is None or (self.head_dim >= 2 and self.head_dim % 2 == 0), "model.head_dim",
-                self.head_dim, "None or an even integer >= 2")
-        require(self.head_dim is not None or self.dim % self.n_heads == 0, "model.dim", self.dim,
-                f"a multiple of model.n_heads={self.n_heads} (or set model.head_dim)")
+        require(
+            self.n_heads % self.kv_heads == 0,
+            "model.n_kv_heads",
+            self.n_kv_heads,
+            f"a divisor of model.n_heads={self.n_heads}",
+        )
+        require(
+            self.head_dim is None or (self.head_dim >= 2 and self.head_dim % 2 == 0),
+            "model.head_dim",
+            self.head_dim,
+            "None or an even integer >= 2",
+        )
+        require(
+            self.head_dim is not None or self.dim % self.n_heads == 0,
+            "model.dim",
+            self.dim,
+            f"a multiple of model.n_heads={self.n_heads} (or set model.head_dim)",
+        )
         require(self.head_size % 2 == 0, "model.head_dim", self.head_size, "an even per-head size (RoPE rotates pairs)")
         require(self.norm_eps > 0, "model.norm_eps", self.norm_eps, "a float > 0")
         require(self.rope_theta > 0, "model.rope_theta", self.rope_theta, "a float > 0")
         require(self.rope_factor > 0, "model.rope_factor", self.rope_factor, "a float > 0")
         if self.rope_type == "llama3":
-            require(self.rope_high_freq_factor > self.rope_low_freq_factor > 0, "model.rope_high_freq_factor",
-                    self.rope_high_freq_factor, f"a float > model.rope_low_freq_factor={self.rope_low_freq_factor} > 0")
-        require(self.sliding_window is None or self.sliding_window >= 1, "model.sliding_window",
-                self.sliding_window, "None or an integer >= 1")
+            require(
+                self.rope_high_freq_factor > self.rope_low_freq_factor > 0,
+                "model.rope_high_freq_factor",
+                self.rope_high_freq_factor,
+                f"a float > model.rope_low_freq_factor={self.rope_low_freq_factor} > 0",
+            )
+        require(
+            self.sliding_window is None or self.sliding_window >= 1,
+            "model.sliding_window",
+            self.sliding_window,
+            "None or an integer >= 1",
+        )
         # Only Mistral's HF architecture has a uniform sliding window; elsewhere the
         # export would silently become full attention.
-        require(self.sliding_window is None or self.family == "mistral", "model.sliding_window", self.sliding_window,
-                f"None for model.family={self.family!r} (sliding windows need family 'mistral')")
+        require(
+            self.sliding_window is None or self.family == "mistral",
+            "model.sliding_window",
+            self.sliding_window,
+            f"None for model.family={self.family!r} (sliding windows need family 'mistral')",
+        )
         require(self.init_std > 0, "model.init_std", self.init_std, "a float > 0")
 
 
 def _llama3_rope(factor: float) -> dict:
-    return dict(rope_type="llama3", rope_factor=factor, rope_low_freq_factor=1.0,
-                rope_high_freq_factor=4.0, rope_original_max_position_embeddings=8192)
+    return dict(
+        rope_type="llama3",
+        rope_factor=factor,
+        rope_low_freq_factor=1.0,
+        rope_high_freq_factor=4.0,
+        rope_original_max_position_embeddings=8192,
+    )
 
 
 # Published architectures as dataclasses. Values follow each model's released config.json.
-PRESETS: dict[str, ModelConfig] = {name: ModelConfig(preset=name, **fields) for name, fields in {
-    "tiny": dict(family="llama", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden_dim=176,
-                 vocab_size=2048, max_seq_len=256, rope_theta=10000.0),
-    "llama2-7b": dict(family="llama", dim=4096, n_layers=32, n_heads=32, n_kv_heads=32,
-                      ffn_hidden_dim=11008, vocab_size=32000, norm_eps=1e-5, rope_theta=10000.0,
-                      max_seq_len=4096),
-    "llama3-8b": dict(family="llama", dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
-                      ffn_hidden_dim=14336, vocab_size=128256, norm_eps=1e-5, rope_theta=500000.0,
-                      max_seq_len=8192),
-    "llama3.1-8b": dict(family="llama", dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
-                        ffn_hidden_dim=14336, vocab_size=128256, norm_eps=1e-5, rope_theta=500000.0,
-                        max_seq_len=131072, **_llama3_rope(8.0)),
-    "llama3.2-1b": dict(family="llama", dim=2048, n_layers=16, n_heads=32, n_kv_heads=8,
-                        ffn_hidden_dim=8192, vocab_size=128256, norm_eps=1e-5, rope_theta=500000.0,
-                        max_seq_len=131072, tie_embeddings=True, **_llama3_rope(32.0)),
-    "mistral-7b": dict(family="mistral", dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
-                       ffn_hidden_dim=14336, vocab_size=32000, norm_eps=1e-5, rope_theta=10000.0,
-                       max_seq_len=32768, sliding_window=4096),
-    "qwen2.5-0.5b": dict(family="qwen2", dim=896, n_layers=24, n_heads=14, n_kv_heads=2,
-                         ffn_hidden_dim=4864, vocab_size=151936, norm_eps=1e-6, rope_theta=1000000.0,
-                         max_seq_len=32768, tie_embeddings=True, qkv_bias=True),
-}.items()}
+PRESETS: dict[str, ModelConfig] = {
+    name: ModelConfig(preset=name, **fields)
+    for name, fields in {
+        "tiny": dict(
+            family="llama",
+            dim=64,
+            n_layers=2,
+            n_heads=4,
+            n_kv_heads=2,
+            ffn_hidden_dim=176,
+            vocab_size=2048,
+            max_seq_len=256,
+            rope_theta=10000.0,
+        ),
+        "llama2-7b": dict(
+            family="llama",
+            dim=4096,
+            n_layers=32,
+            n_heads=32,
+            n_kv_heads=32,
+            ffn_hidden_dim=11008,
+            vocab_size=32000,
+            norm_eps=1e-5,
+            rope_theta=10000.0,
+            max_seq_len=4096,
+        ),
+        "llama3-8b": dict(
+            family="llama",
+            dim=4096,
+            n_layers=32,
+            n_heads=32,
+            n_kv_heads=8,
+            ffn_hidden_dim=14336,
+            vocab_size=128256,
+            norm_eps=1e-5,
+            rope_theta=500000.0,
+            max_seq_len=8192,
+        ),
+        "llama3.1-8b": dict(
+            family="llama",
+            dim=4096,
+            n_layers=32,
+            n_heads=32,
+            n_kv_heads=8,
+            ffn_hidden_dim=14336,
+            vocab_size=128256,
+            norm_eps=1e-5,
+            rope_theta=500000.0,
+            max_seq_len=131072,
+            **_llama3_rope(8.0),
+        ),
+        "llama3.2-1b": dict(
+            family="llama",
+            dim=2048,
+            n_layers=16,
+            n_heads=32,
+            n_kv_heads=8,
+            ffn_hidden_dim=8192,
+            vocab_size=128256,
+            norm_eps=1e-5,
+            rope_theta=500000.0,
+            max_seq_len=131072,
+            tie_embeddings=True,
+            **_llama3_rope(32.0),
+        ),
+        "mistral-7b": dict(
+            family="mistral",
+            dim=4096,
+            n_layers=32,
+            n_heads=32,
+            n_kv_heads=8,
+            ffn_hidden_dim=14336,
+            vocab_size=32000,
+            norm_eps=1e-5,
+            rope_theta=10000.0,
+            max_seq_len=32768,
+            sliding_window=4096,
+        ),
+        "qwen2.5-0.5b": dict(
+            family="qwen2",
+            dim=896,
+            n_layers=24,
+            n_heads=14,
+            n_kv_heads=2,
+            ffn_hidden_dim=4864,
+            vocab_size=151936,
+            norm_eps=1e-6,
+            rope_theta=1000000.0,
+            max_seq_len=32768,
+            tie_embeddings=True,
+            qkv_bias=True,
+        ),
+    }.items()
+}
 
 
 def model_config_from_preset(name: str, **overrides) -> ModelConfig:

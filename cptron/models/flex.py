@@ -27,6 +27,7 @@ Where the kernel comes from, per device:
   SDPA mask path (about 9x for a training step at T=1024 on a 2-core machine);
   compiled blocks (`parallel.compile`) cannot use it and are refused at start-up.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -72,8 +73,13 @@ def _ordered(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return counts.contiguous(), indices.contiguous()
 
 
-def block_tile_flags(T: int, device, segments: Optional[torch.Tensor] = None,
-                     sliding_window: Optional[int] = None, block_size: int = DEFAULT_BLOCK_SIZE):
+def block_tile_flags(
+    T: int,
+    device,
+    segments: Optional[torch.Tensor] = None,
+    sliding_window: Optional[int] = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+):
     """(partial, full) flags [B or 1, 1, nq, nk] of the query x key tiles.
 
     `full` tiles are exactly those whose every pair is allowed and which lie
@@ -100,16 +106,22 @@ def block_tile_flags(T: int, device, segments: Optional[torch.Tensor] = None,
         seg_first, seg_last = segments[:, starts], segments[:, lasts]  # [B, n]
         # Monotone segments: the tiles share a segment iff their ranges overlap,
         # and every pair is in one segment iff both tiles are inside one segment.
-        overlap = torch.maximum(seg_first[:, :, None], seg_first[:, None, :]) <= \
-            torch.minimum(seg_last[:, :, None], seg_last[:, None, :])
+        overlap = torch.maximum(seg_first[:, :, None], seg_first[:, None, :]) <= torch.minimum(
+            seg_last[:, :, None], seg_last[:, None, :]
+        )
         one_segment = seg_first[:, None, :] == seg_last[:, :, None]
         candidate = candidate & overlap
         full = full & one_segment
     return (candidate & ~full)[:, None], full[:, None]
 
 
-def build_block_mask(T: int, device, segments: Optional[torch.Tensor] = None,
-                     sliding_window: Optional[int] = None, block_size: int = DEFAULT_BLOCK_SIZE):
+def build_block_mask(
+    T: int,
+    device,
+    segments: Optional[torch.Tensor] = None,
+    sliding_window: Optional[int] = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+):
     """The BlockMask of causal attention restricted to segments and/or a sliding
     window, for a batch of B = segments.shape[0] rows (1, broadcast, without
     segments) and any number of heads. One mask serves every layer of a forward."""
@@ -118,8 +130,15 @@ def build_block_mask(T: int, device, segments: Optional[torch.Tensor] = None,
     partial, full = block_tile_flags(T, device, segments, sliding_window, block_size)
     kv_num, kv_idx = _ordered(partial)
     full_num, full_idx = _ordered(full)
-    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block_size,
-                                    mask_mod=document_mask_mod(segments, sliding_window), seq_lengths=(T, T))
+    return BlockMask.from_kv_blocks(
+        kv_num,
+        kv_idx,
+        full_num,
+        full_idx,
+        BLOCK_SIZE=block_size,
+        mask_mod=document_mask_mod(segments, sliding_window),
+        seq_lengths=(T, T),
+    )
 
 
 def flex_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> torch.Tensor:
@@ -157,29 +176,37 @@ def check_attention_support(attention: str, device: torch.device, compiled: bool
     heads on `device` and compares it with SDPA, so a platform where FlexAttention
     is missing or broken fails here, naming the option, rather than in step 1."""
     if attention not in ATTENTION_IMPLEMENTATIONS:
-        raise ConfigError(f"training.attention={attention!r} is invalid: expected one of "
-                          f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
+        raise ConfigError(
+            f"training.attention={attention!r} is invalid: expected one of {', '.join(ATTENTION_IMPLEMENTATIONS)}"
+        )
     if attention != "flex":
         return
     prefix = f"training.attention='flex' is invalid on {device.type}"
     if device.type == "cpu" and compiled:
-        raise ConfigError(f"{prefix} with parallel.compile=true: torch {torch.__version__} cannot compile "
-                          "flex_attention's backward on CPU; set parallel.compile=false or training.attention=sdpa")
+        raise ConfigError(
+            f"{prefix} with parallel.compile=true: torch {torch.__version__} cannot compile "
+            "flex_attention's backward on CPU; set parallel.compile=false or training.attention=sdpa"
+        )
     try:
         importlib.import_module("torch.nn.attention.flex_attention")
     except ImportError as e:
-        raise ConfigError(f"{prefix}: torch {torch.__version__} has no torch.nn.attention.flex_attention "
-                          f"({e}); use training.attention=sdpa") from e
+        raise ConfigError(
+            f"{prefix}: torch {torch.__version__} has no torch.nn.attention.flex_attention "
+            f"({e}); use training.attention=sdpa"
+        ) from e
     try:
         error = _probe(device)
     except Exception as e:  # any failure of the kernel or its compilation
-        raise ConfigError(f"{prefix}: a test call of flex_attention failed with {type(e).__name__}: {e}; "
-                          "use training.attention=sdpa") from e
+        raise ConfigError(
+            f"{prefix}: a test call of flex_attention failed with {type(e).__name__}: {e}; use training.attention=sdpa"
+        ) from e
     # Loose enough for TF32/reduced-precision matmuls on GPUs, tight enough to
     # catch a wrong mask (those differ by O(1)).
     if error > 1e-2:
-        raise ConfigError(f"{prefix}: a test call of flex_attention differs from SDPA by {error:.3g} "
-                          "(relative); use training.attention=sdpa")
+        raise ConfigError(
+            f"{prefix}: a test call of flex_attention differs from SDPA by {error:.3g} "
+            "(relative); use training.attention=sdpa"
+        )
 
 
 def _probe(device: torch.device) -> float:
@@ -198,5 +225,7 @@ def _probe(device: torch.device) -> float:
     mask = mask[None, None] & (segments[:, None, :, None] == segments[:, None, None, :])
     ref = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=mask)
     ref_grads = torch.autograd.grad(ref.sum(), (q, k, v))
-    return max(float((a - b).detach().abs().max() / b.detach().abs().max().clamp_min(1.0))
-               for a, b in zip((out, *grads), (ref, *ref_grads)))
+    return max(
+        float((a - b).detach().abs().max() / b.detach().abs().max().clamp_min(1.0))
+        for a, b in zip((out, *grads), (ref, *ref_grads))
+    )

@@ -24,6 +24,7 @@ Conventions that other modules rely on:
   probabilities over tokens (eval, generation, export checks) uses
   `logits[..., :cfg.vocab_size]`, as Megatron-LM does.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -39,11 +40,12 @@ from cptron.models.config import ModelConfig
 
 # ----------------------------------------------------------------------------- RoPE
 
+
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     """Inverse frequencies (float32, length head_dim/2) including rope scaling."""
     dim = cfg.head_size
     exponent = torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim
-    inv_freq = 1.0 / (cfg.rope_theta ** exponent)
+    inv_freq = 1.0 / (cfg.rope_theta**exponent)
     if cfg.rope_type == "linear":
         inv_freq = inv_freq / cfg.rope_factor
     elif cfg.rope_type == "llama3":
@@ -81,6 +83,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 # ----------------------------------------------------------------- packed sequences
 
+
 def positions_and_segments(doc_ids: torch.Tensor):
     """Positions that restart at each document, and a segment index per token.
 
@@ -96,8 +99,9 @@ def positions_and_segments(doc_ids: torch.Tensor):
     return idx - start_idx, segment
 
 
-def build_attention_mask(T: int, device, segments: Optional[torch.Tensor] = None,
-                         sliding_window: Optional[int] = None) -> Optional[torch.Tensor]:
+def build_attention_mask(
+    T: int, device, segments: Optional[torch.Tensor] = None, sliding_window: Optional[int] = None
+) -> Optional[torch.Tensor]:
     """Boolean mask [B or 1, 1, T, T] (True = attend), or None for plain causal attention.
 
     Causal, restricted to the same segment (block-diagonal) when `segments` is
@@ -116,8 +120,9 @@ def build_attention_mask(T: int, device, segments: Optional[torch.Tensor] = None
     return mask
 
 
-def attention_mask_for(impl: str, T: int, device, segments: Optional[torch.Tensor] = None,
-                       sliding_window: Optional[int] = None):
+def attention_mask_for(
+    impl: str, T: int, device, segments: Optional[torch.Tensor] = None, sliding_window: Optional[int] = None
+):
     """The mask every layer of one forward shares: None for plain causal attention
     (SDPA's is_causal kernel, whatever `impl`), else a boolean mask for `impl`
     "sdpa" or a FlexAttention BlockMask for "flex" (`cptron.models.flex`)."""
@@ -134,6 +139,7 @@ def attention_mask_for(impl: str, T: int, device, segments: Optional[torch.Tenso
 
 
 # ------------------------------------------------------------------------- modules
+
 
 class RMSNorm(nn.Module):
     """RMSNorm computed in fp32 and cast back before the gain, as the Llama reference does."""
@@ -234,8 +240,9 @@ class Transformer(ConversionHookModule):
         # so not in checkpoints or HF exports): the trainer sets it on every part.
         self.attention_impl = "sdpa"
 
-    def forward(self, tokens: torch.Tensor, doc_ids: Optional[torch.Tensor] = None,
-                positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, doc_ids: Optional[torch.Tensor] = None, positions: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """`tokens`: token ids [B, T] (or hidden states [B, T, dim] on a stage without
         embeddings). `doc_ids` [B, T]: document of each token in a packed sequence;
         positions then restart per document and attention is block-diagonal causal.
@@ -245,8 +252,11 @@ class Transformer(ConversionHookModule):
         # The sequence length comes from the token ids, or on a later pipeline stage
         # from doc_ids/positions: under sequence parallelism the hidden states this
         # rank holds cover only its slice of the sequence.
-        ref = tokens if self.tok_embeddings is not None else (
-            doc_ids if doc_ids is not None else positions if positions is not None else h)
+        ref = (
+            tokens
+            if self.tok_embeddings is not None
+            else (doc_ids if doc_ids is not None else positions if positions is not None else h)
+        )
         B, T = ref.shape[0], ref.shape[1]
         segments = None
         if doc_ids is not None:
@@ -301,7 +311,7 @@ class Transformer(ConversionHookModule):
             def draw(shape, gen=gen, std=std, padded=name in ("tok_embeddings.weight", "output.weight")):
                 full = torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
                 if padded:
-                    full[self.cfg.vocab_size:] = 0.0  # padded rows are not tokens
+                    full[self.cfg.vocab_size :] = 0.0  # padded rows are not tokens
                 return full
 
             _fill_param(p, draw)
@@ -328,8 +338,9 @@ def _param_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def build_model(cfg: ModelConfig, seed: Optional[int] = 0, device="cpu",
-                dtype: torch.dtype = torch.float32) -> Transformer:
+def build_model(
+    cfg: ModelConfig, seed: Optional[int] = 0, device="cpu", dtype: torch.dtype = torch.float32
+) -> Transformer:
     """A model on `device`; initialized from `seed`, or left uninitialized when seed is None."""
     with torch.device("meta"):
         model = Transformer(cfg)

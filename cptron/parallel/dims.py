@@ -7,6 +7,7 @@ crosses nodes. Two flattened dimensions are added: `dp` (dp_replicate x
 dp_shard: the ranks that see different data) and, when FSDP runs, `fsdp`
 (the same ranks, used to shard parameters; HSDP when dp_replicate > 1).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,8 +21,9 @@ from cptron.models.config import ModelConfig
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 
-PipelineScheduleName = Literal["gpipe", "1f1b", "interleaved_1f1b", "looped_bfs", "interleaved_zero_bubble",
-                               "zbv_zero_bubble"]
+PipelineScheduleName = Literal[
+    "gpipe", "1f1b", "interleaved_1f1b", "looped_bfs", "interleaved_zero_bubble", "zbv_zero_bubble"
+]
 
 
 @dataclass
@@ -63,18 +65,34 @@ class ParallelConfig:
         for name in ("pp", "dp_replicate", "tp", "pp_stages_per_rank", "ac_every"):
             require(getattr(self, name) >= 1, f"parallel.{name}", getattr(self, name), "an integer >= 1")
         require(self.dp_shard == -1 or self.dp_shard >= 1, "parallel.dp_shard", self.dp_shard, "-1 or an integer >= 1")
-        require(self.pp_microbatches is None or self.pp_microbatches >= 1, "parallel.pp_microbatches",
-                self.pp_microbatches, "None or an integer >= 1")
+        require(
+            self.pp_microbatches is None or self.pp_microbatches >= 1,
+            "parallel.pp_microbatches",
+            self.pp_microbatches,
+            "None or an integer >= 1",
+        )
         multi = self.pp_schedule in ("interleaved_1f1b", "looped_bfs", "interleaved_zero_bubble", "zbv_zero_bubble")
         if self.pp > 1 and multi:
-            require(self.pp_stages_per_rank >= 2, "parallel.pp_stages_per_rank", self.pp_stages_per_rank,
-                    f">= 2 for pp_schedule={self.pp_schedule}")
+            require(
+                self.pp_stages_per_rank >= 2,
+                "parallel.pp_stages_per_rank",
+                self.pp_stages_per_rank,
+                f">= 2 for pp_schedule={self.pp_schedule}",
+            )
         if self.pp > 1 and not multi:
-            require(self.pp_stages_per_rank == 1, "parallel.pp_stages_per_rank", self.pp_stages_per_rank,
-                    f"1 for the single-stage schedule {self.pp_schedule} (use interleaved_1f1b for virtual stages)")
+            require(
+                self.pp_stages_per_rank == 1,
+                "parallel.pp_stages_per_rank",
+                self.pp_stages_per_rank,
+                f"1 for the single-stage schedule {self.pp_schedule} (use interleaved_1f1b for virtual stages)",
+            )
         if self.pp_schedule == "zbv_zero_bubble" and self.pp > 1:
-            require(self.pp_stages_per_rank == 2, "parallel.pp_stages_per_rank", self.pp_stages_per_rank,
-                    "2 for zbv_zero_bubble (a V-shaped two-stage-per-rank schedule)")
+            require(
+                self.pp_stages_per_rank == 2,
+                "parallel.pp_stages_per_rank",
+                self.pp_stages_per_rank,
+                "2 for zbv_zero_bubble (a V-shaped two-stage-per-rank schedule)",
+            )
 
 
 @dataclass(frozen=True)
@@ -108,44 +126,63 @@ def resolve_parallel_dims(cfg: ParallelConfig, world_size: int, model: ModelConf
     other = cfg.pp * cfg.dp_replicate * cfg.tp
     if cfg.dp_shard == -1:
         if world_size % other:
-            raise ConfigError(f"parallel: world size {world_size} is not divisible by pp x dp_replicate x tp = "
-                              f"{cfg.pp} x {cfg.dp_replicate} x {cfg.tp} = {other}, so dp_shard=-1 cannot fill it")
+            raise ConfigError(
+                f"parallel: world size {world_size} is not divisible by pp x dp_replicate x tp = "
+                f"{cfg.pp} x {cfg.dp_replicate} x {cfg.tp} = {other}, so dp_shard=-1 cannot fill it"
+            )
         dp_shard = world_size // other
     else:
         dp_shard = cfg.dp_shard
     dims = ParallelDims(cfg.pp, cfg.dp_replicate, dp_shard, cfg.tp)
     if dims.world_size != world_size:
-        raise ConfigError(f"parallel: {dims.describe()} = {dims.world_size} ranks, but the world size is "
-                          f"{world_size}: the product must equal the number of processes")
+        raise ConfigError(
+            f"parallel: {dims.describe()} = {dims.world_size} ranks, but the world size is "
+            f"{world_size}: the product must equal the number of processes"
+        )
     if cfg.tp > 1:
         require(model.n_heads % cfg.tp == 0, "parallel.tp", cfg.tp, f"a divisor of model.n_heads={model.n_heads}")
         require(model.kv_heads % cfg.tp == 0, "parallel.tp", cfg.tp, f"a divisor of model.n_kv_heads={model.kv_heads}")
-        require(model.ffn_hidden_dim % cfg.tp == 0, "parallel.tp", cfg.tp,
-                f"a divisor of model.ffn_hidden_dim={model.ffn_hidden_dim}")
+        require(
+            model.ffn_hidden_dim % cfg.tp == 0,
+            "parallel.tp",
+            cfg.tp,
+            f"a divisor of model.ffn_hidden_dim={model.ffn_hidden_dim}",
+        )
         if model.padded_vocab_size % cfg.tp:
             raise ConfigError(
                 f"parallel.tp={cfg.tp} is invalid: the padded vocabulary ({model.padded_vocab_size} rows) is not "
-                f"divisible by it; set model.pad_vocab_to_multiple_of to a multiple of {cfg.tp} (e.g. {cfg.tp * 64})")
+                f"divisible by it; set model.pad_vocab_to_multiple_of to a multiple of {cfg.tp} (e.g. {cfg.tp * 64})"
+            )
     if cfg.pp > 1:
         n_stages = cfg.pp * cfg.pp_stages_per_rank
-        require(n_stages <= model.n_layers, "parallel.pp", cfg.pp,
-                f"pp x pp_stages_per_rank = {n_stages} stages <= model.n_layers={model.n_layers}")
+        require(
+            n_stages <= model.n_layers,
+            "parallel.pp",
+            cfg.pp,
+            f"pp x pp_stages_per_rank = {n_stages} stages <= model.n_layers={model.n_layers}",
+        )
         if cfg.pp_layers_per_stage is not None:
             lps = cfg.pp_layers_per_stage
-            require(len(lps) == n_stages and all(n >= 1 for n in lps) and sum(lps) == model.n_layers,
-                    "parallel.pp_layers_per_stage", lps,
-                    f"{n_stages} positive layer counts summing to model.n_layers={model.n_layers}")
+            require(
+                len(lps) == n_stages and all(n >= 1 for n in lps) and sum(lps) == model.n_layers,
+                "parallel.pp_layers_per_stage",
+                lps,
+                f"{n_stages} positive layer counts summing to model.n_layers={model.n_layers}",
+            )
     elif cfg.pp_layers_per_stage is not None:
-        require(cfg.pp_layers_per_stage == [model.n_layers], "parallel.pp_layers_per_stage", cfg.pp_layers_per_stage,
-                "None when pp=1")
+        require(
+            cfg.pp_layers_per_stage == [model.n_layers],
+            "parallel.pp_layers_per_stage",
+            cfg.pp_layers_per_stage,
+            "None when pp=1",
+        )
     return dims
 
 
 def build_mesh(dims: ParallelDims, device_type: str) -> tuple[DeviceMesh, DeviceMesh]:
     """The 4-D mesh, and the flattened `dp` mesh (the ranks that see different data).
     Needs the default process group."""
-    mesh = init_device_mesh(device_type, (dims.pp, dims.dp_replicate, dims.dp_shard, dims.tp),
-                            mesh_dim_names=MESH_DIMS)
+    mesh = init_device_mesh(device_type, (dims.pp, dims.dp_replicate, dims.dp_shard, dims.tp), mesh_dim_names=MESH_DIMS)
     dp_mesh = mesh["dp_replicate", "dp_shard"]._flatten("dp")
     return mesh, dp_mesh
 

@@ -13,6 +13,7 @@ one model part (the whole model, or a pipeline stage), from outside the model.
   4. FSDP2 last, per block then the root, so each block's parameters are
      all-gathered just in time and freed after use.
 """
+
 from __future__ import annotations
 
 import logging
@@ -36,22 +37,29 @@ from cptron.parallel.dims import ParallelConfig, ParallelDims
 log = logging.getLogger("cptron.parallel")
 
 
-def parallelize_llama(model: nn.Module, mesh: DeviceMesh, dims: ParallelDims, cfg: ParallelConfig,
-                      param_dtype: torch.dtype = torch.float32) -> nn.Module:
+def parallelize_llama(
+    model: nn.Module,
+    mesh: DeviceMesh,
+    dims: ParallelDims,
+    cfg: ParallelConfig,
+    param_dtype: torch.dtype = torch.float32,
+) -> nn.Module:
     """Parallelize one Transformer (or pipeline-stage) part in place and return it.
 
     The part may still be on the meta device; materialize it afterwards with
     `to_empty(device=...)` and `init_weights(seed)` (or load weights)."""
     if dims.tp > 1:
-        apply_tensor_parallel(model, mesh["tp"], sequence_parallel=cfg.sequence_parallel,
-                              loss_parallel=cfg.loss_parallel)
+        apply_tensor_parallel(
+            model, mesh["tp"], sequence_parallel=cfg.sequence_parallel, loss_parallel=cfg.loss_parallel
+        )
     if cfg.activation_checkpoint != "none":
         apply_activation_checkpointing(model, cfg.activation_checkpoint, cfg.ac_every)
     if cfg.compile:
         apply_compile(model)
     if dims.dp > 1 or param_dtype != torch.float32:
-        apply_fsdp(model, fsdp_mesh(mesh, dims), param_dtype=param_dtype,
-                   reshard_after_forward=cfg.fsdp_reshard_after_forward)
+        apply_fsdp(
+            model, fsdp_mesh(mesh, dims), param_dtype=param_dtype, reshard_after_forward=cfg.fsdp_reshard_after_forward
+        )
     return model
 
 
@@ -62,8 +70,9 @@ def fsdp_mesh(mesh: DeviceMesh, dims: ParallelDims) -> DeviceMesh:
     return mesh["dp_shard"]
 
 
-def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_parallel: bool,
-                          loss_parallel: bool) -> None:
+def apply_tensor_parallel(
+    model: nn.Module, tp_mesh: DeviceMesh, *, sequence_parallel: bool, loss_parallel: bool
+) -> None:
     """Megatron-style TP: q/k/v and w1/w3 split by output columns (heads, hidden units),
     wo and w2 by input rows, so each block needs one reduction per sublayer. With
     sequence parallelism the residual stream and the norms are split along the
@@ -93,8 +102,9 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_par
         plan: dict[str, object] = {
             # Attention/MLP want the full sequence; their other inputs (cos, sin,
             # mask) are plain tensors every rank already holds.
-            "attention": PrepareModuleInput(input_layouts=(seq, None, None, None),
-                                            desired_input_layouts=(Replicate(), None, None, None)),
+            "attention": PrepareModuleInput(
+                input_layouts=(seq, None, None, None), desired_input_layouts=(Replicate(), None, None, None)
+            ),
             "attention.wq": ColwiseParallel(),
             "attention.wk": ColwiseParallel(),
             "attention.wv": ColwiseParallel(),
@@ -125,8 +135,7 @@ def apply_compile(model: nn.Module) -> None:
         model.layers[name] = torch.compile(block, fullgraph=True)
 
 
-def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype,
-               reshard_after_forward: bool) -> None:
+def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype, reshard_after_forward: bool) -> None:
     """FSDP2 per block, then the root (embedding, final norm, output).
 
     Gradients are reduced in fp32 whatever the compute dtype. The gradient
@@ -139,12 +148,13 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype,
     for i, block in enumerate(blocks):
         # The last block's parameters are needed again first in backward:
         # keeping them gathered saves one all-gather per step.
-        fully_shard(block, mesh=mesh, mp_policy=mp,
-                    reshard_after_forward=reshard_after_forward and i < len(blocks) - 1)
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward and i < len(blocks) - 1)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     if not hasattr(model, "set_force_sum_reduction_for_comms"):
-        raise ConfigError(f"torch {torch.__version__} is too old for sharded data parallelism: cptron needs "
-                          "FSDP2's set_gradient_divide_factor and set_force_sum_reduction_for_comms (torch >= 2.8)")
+        raise ConfigError(
+            f"torch {torch.__version__} is too old for sharded data parallelism: cptron needs "
+            "FSDP2's set_gradient_divide_factor and set_force_sum_reduction_for_comms (torch >= 2.8)"
+        )
     for m in [model, *blocks]:
         m.set_gradient_divide_factor(1.0)
         # A plain SUM reduction: gloo has no pre-multiplied sum, and with a
@@ -152,14 +162,18 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype,
         m.set_force_sum_reduction_for_comms(True)
 
 
-def describe_parallelism(dims: ParallelDims, cfg: ParallelConfig, param_dtype: torch.dtype,
-                         device: torch.device) -> str:
+def describe_parallelism(
+    dims: ParallelDims, cfg: ParallelConfig, param_dtype: torch.dtype, device: torch.device
+) -> str:
     parts = [dims.describe(), f"device={device.type}", f"compute dtype={str(param_dtype).removeprefix('torch.')}"]
     if dims.tp > 1:
         parts.append(f"sequence_parallel={cfg.sequence_parallel} loss_parallel={cfg.loss_parallel}")
     if dims.dp > 1 or param_dtype != torch.float32:
-        parts.append("FSDP2 " + ("ZeRO-3" if cfg.fsdp_reshard_after_forward else "ZeRO-2-like")
-                     + (" (HSDP)" if dims.dp_replicate > 1 else ""))
+        parts.append(
+            "FSDP2 "
+            + ("ZeRO-3" if cfg.fsdp_reshard_after_forward else "ZeRO-2-like")
+            + (" (HSDP)" if dims.dp_replicate > 1 else "")
+        )
     if dims.pp > 1:
         parts.append(f"pipeline {cfg.pp_schedule} x {cfg.pp_stages_per_rank} stage(s)/rank")
     parts.append(f"activation_checkpoint={cfg.activation_checkpoint} compile={cfg.compile}")
@@ -168,4 +182,3 @@ def describe_parallelism(dims: ParallelDims, cfg: ParallelConfig, param_dtype: t
 
 def model_parts_params(parts: list[nn.Module]) -> list[nn.Parameter]:
     return [p for part in parts for p in part.parameters()]
-

@@ -32,6 +32,7 @@ sums: the runtime never divides gradients by the number of microbatches
 (`scale_grads=False`); the trainer's loss function already divides by the
 global token count.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -58,9 +59,18 @@ from cptron.models.config import ModelConfig
 from cptron.models.llama import Transformer
 
 __all__ = [
-    "SCHEDULES", "PipelineRuntime", "StageTransformer", "build_pipeline_schedule", "build_stage_modules",
-    "check_pipeline_schedule", "pipeline_eval_step", "pipeline_train_step", "split_layers",
-    "stage_ids_for_rank", "TiedEmbeddingSync", "tied_stage_ranks",
+    "SCHEDULES",
+    "PipelineRuntime",
+    "StageTransformer",
+    "build_pipeline_schedule",
+    "build_stage_modules",
+    "check_pipeline_schedule",
+    "pipeline_eval_step",
+    "pipeline_train_step",
+    "split_layers",
+    "stage_ids_for_rank",
+    "TiedEmbeddingSync",
+    "tied_stage_ranks",
 ]
 
 # One stage per rank.
@@ -80,6 +90,7 @@ SPLIT_BACKWARD_SCHEDULES = ("interleaved_zero_bubble", "zbv_zero_bubble")
 
 # ----------------------------------------------------------------------------- layout
 
+
 def split_layers(n_layers: int, n_stages: int, layers_per_stage: list[int] | None = None) -> list[range]:
     """The global block indices of each stage, in stage order.
 
@@ -93,14 +104,23 @@ def split_layers(n_layers: int, n_stages: int, layers_per_stage: list[int] | Non
         raise invalid("parallel.pp", n_stages, "a number of pipeline stages >= 1")
     if layers_per_stage is None:
         if n_stages > n_layers:
-            raise invalid("parallel.pp", n_stages, f"at most model.n_layers={n_layers} pipeline stages "
-                                                   "(every stage holds at least one block)")
+            raise invalid(
+                "parallel.pp",
+                n_stages,
+                f"at most model.n_layers={n_layers} pipeline stages (every stage holds at least one block)",
+            )
         base, extra = divmod(n_layers, n_stages)
         layers_per_stage = [base + (1 if s < extra else 0) for s in range(n_stages)]
-    elif (len(layers_per_stage) != n_stages or any(int(n) != n or n < 1 for n in layers_per_stage)
-          or sum(layers_per_stage) != n_layers):
-        raise invalid("parallel.pp_layers_per_stage", layers_per_stage,
-                      f"{n_stages} positive layer counts (one per stage) summing to model.n_layers={n_layers}")
+    elif (
+        len(layers_per_stage) != n_stages
+        or any(int(n) != n or n < 1 for n in layers_per_stage)
+        or sum(layers_per_stage) != n_layers
+    ):
+        raise invalid(
+            "parallel.pp_layers_per_stage",
+            layers_per_stage,
+            f"{n_stages} positive layer counts (one per stage) summing to model.n_layers={n_layers}",
+        )
     ranges, start = [], 0
     for count in layers_per_stage:
         ranges.append(range(start, start + count))
@@ -129,14 +149,21 @@ def stage_ids_for_rank(pp_rank: int, pp_size: int, stages_per_rank: int, schedul
         raise invalid("parallel.pp_stages_per_rank", stages_per_rank, f"1 for the single-stage schedule {schedule}")
     if schedule == "zbv_zero_bubble":
         if stages_per_rank != 2:
-            raise invalid("parallel.pp_stages_per_rank", stages_per_rank,
-                          "2 for zbv_zero_bubble (a V of two stages per rank)")
+            raise invalid(
+                "parallel.pp_stages_per_rank", stages_per_rank, "2 for zbv_zero_bubble (a V of two stages per rank)"
+            )
         return [pp_rank, 2 * pp_size - 1 - pp_rank]
     return [pp_rank + k * pp_size for k in range(stages_per_rank)]
 
 
-def check_pipeline_schedule(schedule: str, pp_size: int, stages_per_rank: int, n_microbatches: int,
-                            compiled: bool = False, fsdp_reshard_after_forward: bool = False) -> None:
+def check_pipeline_schedule(
+    schedule: str,
+    pp_size: int,
+    stages_per_rank: int,
+    n_microbatches: int,
+    compiled: bool = False,
+    fsdp_reshard_after_forward: bool = False,
+) -> None:
     """Refuse, at start-up, a schedule torch 2.13's runtime cannot run with these numbers.
 
     The constraints come from the schedule classes themselves: 1F1B needs at
@@ -160,21 +187,29 @@ def check_pipeline_schedule(schedule: str, pp_size: int, stages_per_rank: int, n
     if schedule in ("interleaved_1f1b", "interleaved_zero_bubble"):
         rounds = max(1, n_microbatches // pp_size)
         if n_microbatches % rounds:
-            raise invalid("parallel.pp_microbatches", n_microbatches,
-                          f"a multiple of max(1, pp_microbatches // pp) = {rounds} for {schedule} "
-                          f"(e.g. {rounds * pp_size}), or fewer than pp={pp_size}")
+            raise invalid(
+                "parallel.pp_microbatches",
+                n_microbatches,
+                f"a multiple of max(1, pp_microbatches // pp) = {rounds} for {schedule} "
+                f"(e.g. {rounds * pp_size}), or fewer than pp={pp_size}",
+            )
     if compiled and schedule in SPLIT_BACKWARD_SCHEDULES:
-        raise ConfigError(f"parallel.pp_schedule={schedule!r} is invalid with parallel.compile=true: "
-                          "torch 2.13 splits the backward of zero-bubble schedules by walking the autograd "
-                          "graph, which compiled blocks hide; use interleaved_1f1b or set compile=false")
+        raise ConfigError(
+            f"parallel.pp_schedule={schedule!r} is invalid with parallel.compile=true: "
+            "torch 2.13 splits the backward of zero-bubble schedules by walking the autograd "
+            "graph, which compiled blocks hide; use interleaved_1f1b or set compile=false"
+        )
     if fsdp_reshard_after_forward and schedule in SPLIT_BACKWARD_SCHEDULES:
-        raise ConfigError(f"parallel.pp_schedule={schedule!r} is invalid with parallel.fsdp_reshard_after_forward="
-                          "true: torch 2.13's split backward then computes no weight gradients for resharded "
-                          "parameters; set fsdp_reshard_after_forward=false (also avoids one all-gather per "
-                          "microbatch) or use interleaved_1f1b")
+        raise ConfigError(
+            f"parallel.pp_schedule={schedule!r} is invalid with parallel.fsdp_reshard_after_forward="
+            "true: torch 2.13's split backward then computes no weight gradients for resharded "
+            "parameters; set fsdp_reshard_after_forward=false (also avoids one all-gather per "
+            "microbatch) or use interleaved_1f1b"
+        )
 
 
 # ------------------------------------------------------------------------------ stages
+
 
 class StageTransformer(Transformer):
     """One pipeline stage of the decoder, with the full model's parameter names.
@@ -185,13 +220,14 @@ class StageTransformer(Transformer):
     non-last stage and logits over the padded vocabulary on the last.
     """
 
-    def __init__(self, cfg: ModelConfig, stage_index: int, n_stages: int, layer_ids: range,
-                 ids_are_doc_ids: bool):
+    def __init__(self, cfg: ModelConfig, stage_index: int, n_stages: int, layer_ids: range, ids_are_doc_ids: bool):
         if not 0 <= stage_index < n_stages:
             raise ValueError(f"stage_index={stage_index} is out of range for {n_stages} stages")
         if len(layer_ids) == 0 or layer_ids[0] < 0 or layer_ids[-1] >= cfg.n_layers:
-            raise ValueError(f"layer_ids={layer_ids} is invalid: expected a non-empty range of block "
-                             f"indices within model.n_layers={cfg.n_layers}")
+            raise ValueError(
+                f"layer_ids={layer_ids} is invalid: expected a non-empty range of block "
+                f"indices within model.n_layers={cfg.n_layers}"
+            )
         # The full model is built and trimmed, so names and module types are the
         # full model's by construction; build stages on the meta device, where
         # the blocks that are dropped cost nothing.
@@ -225,12 +261,20 @@ class StageTransformer(Transformer):
         return out if self.is_last else (out, ids)
 
     def extra_repr(self) -> str:
-        return (f"stage={self.stage_index}/{self.n_stages}, layers={self.layer_ids.start}..{self.layer_ids.stop - 1}, "
-                f"ids={'doc_ids' if self.ids_are_doc_ids else 'positions'}")
+        return (
+            f"stage={self.stage_index}/{self.n_stages}, layers={self.layer_ids.start}..{self.layer_ids.stop - 1}, "
+            f"ids={'doc_ids' if self.ids_are_doc_ids else 'positions'}"
+        )
 
 
-def build_stage_modules(model_cfg: ModelConfig, stage_ids: list[int], n_stages: int, layer_ranges: list[range],
-                        ids_are_doc_ids: bool, device="meta") -> list[StageTransformer]:
+def build_stage_modules(
+    model_cfg: ModelConfig,
+    stage_ids: list[int],
+    n_stages: int,
+    layer_ranges: list[range],
+    ids_are_doc_ids: bool,
+    device="meta",
+) -> list[StageTransformer]:
     """The stages `stage_ids` (this rank's), built on `device` (meta by default, uninitialized).
 
     Materialize with `to_empty(device=...)` and `init_weights(seed)`: each
@@ -247,6 +291,7 @@ def build_stage_modules(model_cfg: ModelConfig, stage_ids: list[int], n_stages: 
 
 
 # ------------------------------------------------------------------------------ tied embeddings
+
 
 def _local(t: Tensor) -> Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
@@ -279,8 +324,11 @@ class TiedEmbeddingSync:
 
     def __init__(self, parts: list[nn.Module], mesh, pp_rank_of_first: int, pp_rank_of_last: int):
         embedding = [p.tok_embeddings.weight for p in parts if getattr(p, "tok_embeddings", None) is not None]
-        self.duplicates = [p.output.weight for p in parts
-                           if getattr(p, "output", None) is not None and getattr(p, "tok_embeddings", None) is None]
+        self.duplicates = [
+            p.output.weight
+            for p in parts
+            if getattr(p, "output", None) is not None and getattr(p, "tok_embeddings", None) is None
+        ]
         self.params = embedding + self.duplicates
         self.group = None
         if pp_rank_of_first != pp_rank_of_last:
@@ -336,6 +384,7 @@ class TiedEmbeddingSync:
 
 # ------------------------------------------------------------------------------ runtime
 
+
 @dataclass
 class PipelineRuntime:
     """This rank's stages and the torch schedule that drives them.
@@ -366,9 +415,16 @@ class PipelineRuntime:
         return self.n_stages - 1 in self.stage_ids
 
 
-def build_pipeline_schedule(stage_modules: list[nn.Module], stage_ids: list[int], n_stages: int, pp_group,
-                            device: torch.device, n_microbatches: int,
-                            loss_fn: Callable[[Tensor, Tensor], Tensor], schedule: str) -> PipelineRuntime:
+def build_pipeline_schedule(
+    stage_modules: list[nn.Module],
+    stage_ids: list[int],
+    n_stages: int,
+    pp_group,
+    device: torch.device,
+    n_microbatches: int,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    schedule: str,
+) -> PipelineRuntime:
     """Wrap this rank's (parallelized, materialized) stage modules and build the schedule.
 
     `stage_modules` are in `stage_ids` order; `pp_group` is the pipeline process
@@ -385,23 +441,29 @@ def build_pipeline_schedule(stage_modules: list[nn.Module], stage_ids: list[int]
     if n_stages % pp_size:
         raise ValueError(f"{n_stages} pipeline stages do not divide over {pp_size} pipeline ranks")
     stages_per_rank = n_stages // pp_size
-    check_pipeline_schedule(schedule, pp_size, stages_per_rank, n_microbatches,
-                            compiled=any(is_compiled_module(m) for m in stage_modules))
+    check_pipeline_schedule(
+        schedule, pp_size, stages_per_rank, n_microbatches, compiled=any(is_compiled_module(m) for m in stage_modules)
+    )
     pp_rank = dist.get_rank(pp_group)
     expected = stage_ids_for_rank(pp_rank, pp_size, stages_per_rank, schedule)
     if list(stage_ids) != expected:
-        raise ValueError(f"stage_ids={stage_ids} do not match the {schedule} placement for pipeline rank "
-                         f"{pp_rank}: expected {expected} (see stage_ids_for_rank)")
+        raise ValueError(
+            f"stage_ids={stage_ids} do not match the {schedule} placement for pipeline rank "
+            f"{pp_rank}: expected {expected} (see stage_ids_for_rank)"
+        )
     # EvalSafePipelineStage: torch's PipelineStage, fixed for eval() of V-shaped schedules.
-    stages = [EvalSafePipelineStage(module, stage_id, n_stages, device, group=pp_group)
-              for module, stage_id in zip(stage_modules, stage_ids, strict=True)]
+    stages = [
+        EvalSafePipelineStage(module, stage_id, n_stages, device, group=pp_group)
+        for module, stage_id in zip(stage_modules, stage_ids, strict=True)
+    ]
     cls = SCHEDULES[schedule]
     if schedule in SINGLE_STAGE_SCHEDULES:
         torch_schedule = cls(stages[0], n_microbatches, loss_fn=loss_fn, scale_grads=False)
     else:
         torch_schedule = cls(stages, n_microbatches, loss_fn=loss_fn, scale_grads=False)
-    return PipelineRuntime(torch_schedule, stages, list(stage_modules), list(stage_ids), n_stages,
-                           n_microbatches, schedule)
+    return PipelineRuntime(
+        torch_schedule, stages, list(stage_modules), list(stage_ids), n_stages, n_microbatches, schedule
+    )
 
 
 def _step_inputs(runtime: PipelineRuntime, mode: str, tokens, ids, labels):
@@ -420,19 +482,24 @@ def _step_inputs(runtime: PipelineRuntime, mode: str, tokens, ids, labels):
         given.update(labels=labels)
     for name, t in given.items():
         if t.dim() < 1 or t.shape[0] % runtime.n_microbatches:
-            raise ValueError(f"{name} has shape {tuple(t.shape)}: its batch dimension must be a multiple of "
-                             f"parallel.pp_microbatches={runtime.n_microbatches}")
+            raise ValueError(
+                f"{name} has shape {tuple(t.shape)}: its batch dimension must be a multiple of "
+                f"parallel.pp_microbatches={runtime.n_microbatches}"
+            )
     shapes = {name: tuple(t.shape) for name, t in given.items()}
     before = runtime.batch_shapes.setdefault(mode, shapes)
     if before != shapes:
-        raise ValueError(f"pipeline {mode} batch shapes changed from {before} to {shapes}: torch's pipeline "
-                         "runtime keeps the receive buffers sized by the first batch, so every batch of a mode "
-                         "must have the same shape (pad the last one)")
+        raise ValueError(
+            f"pipeline {mode} batch shapes changed from {before} to {shapes}: torch's pipeline "
+            "runtime keeps the receive buffers sized by the first batch, so every batch of a mode "
+            "must have the same shape (pad the last one)"
+        )
     return args, target
 
 
-def pipeline_train_step(runtime: PipelineRuntime, tokens: Tensor | None, ids: Tensor | None,
-                        labels: Tensor | None) -> Tensor | None:
+def pipeline_train_step(
+    runtime: PipelineRuntime, tokens: Tensor | None, ids: Tensor | None, labels: Tensor | None
+) -> Tensor | None:
     """Forward and backward of every microbatch of the batch; gradients accumulate into .grad.
 
     tokens/ids [B, T] are needed on the rank holding the first stage, labels on
@@ -444,18 +511,19 @@ def pipeline_train_step(runtime: PipelineRuntime, tokens: Tensor | None, ids: Te
     losses: list[Tensor] = []
     # return_outputs=False: the last stage would otherwise keep every microbatch's logits.
     runtime.schedule.step(*args, target=target, losses=losses, return_outputs=False)
-    missing = [name for m in runtime.modules for name, p in m.named_parameters()
-               if p.requires_grad and p.grad is None]
+    missing = [name for m in runtime.modules for name, p in m.named_parameters() if p.requires_grad and p.grad is None]
     if missing:
         raise RuntimeError(
             f"pipeline schedule {runtime.schedule_name} left {len(missing)} parameters without a gradient "
             f"({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}). With the zero-bubble schedules this "
-            "happens when FSDP reshards parameters after forward: set parallel.fsdp_reshard_after_forward=false")
+            "happens when FSDP reshards parameters after forward: set parallel.fsdp_reshard_after_forward=false"
+        )
     return _summed(runtime, losses)
 
 
-def pipeline_eval_step(runtime: PipelineRuntime, tokens: Tensor | None, ids: Tensor | None,
-                       labels: Tensor | None) -> Tensor | None:
+def pipeline_eval_step(
+    runtime: PipelineRuntime, tokens: Tensor | None, ids: Tensor | None, labels: Tensor | None
+) -> Tensor | None:
     """Forward only (no autograd graph, no gradients), summing the microbatch losses as in training.
 
     Uses the schedule's own eval(). Switching between training and eval makes
@@ -473,6 +541,5 @@ def _summed(runtime: PipelineRuntime, losses: list[Tensor]) -> Tensor | None:
     if not runtime.has_last_stage:
         return None
     if len(losses) != runtime.n_microbatches:
-        raise RuntimeError(f"the pipeline returned {len(losses)} microbatch losses, "
-                           f"expected {runtime.n_microbatches}")
+        raise RuntimeError(f"the pipeline returned {len(losses)} microbatch losses, expected {runtime.n_microbatches}")
     return torch.stack([loss.detach() for loss in losses]).sum()

@@ -166,8 +166,19 @@ def run_distributed(
                 process = context.Process(
                     target=_worker_main,
                     name=f"cptron-rank{rank}",
-                    args=(rank, world_size, backend, timeout, child_conn, inherited,
-                          stack_path, os.getpid(), fn, args, kwargs),
+                    args=(
+                        rank,
+                        world_size,
+                        backend,
+                        timeout,
+                        child_conn,
+                        inherited,
+                        stack_path,
+                        os.getpid(),
+                        fn,
+                        args,
+                        kwargs,
+                    ),
                 )
                 process.start()
                 child_conn.close()
@@ -178,8 +189,12 @@ def run_distributed(
         # other process can race us to it. Created after the fork so no child
         # inherits the store's server thread.
         store = dist.TCPStore(
-            MASTER_ADDR, 0, None, True,
-            timeout=datetime.timedelta(seconds=timeout), wait_for_workers=False,
+            MASTER_ADDR,
+            0,
+            None,
+            True,
+            timeout=datetime.timedelta(seconds=timeout),
+            wait_for_workers=False,
         )
         for worker in workers:
             try:
@@ -266,9 +281,7 @@ def _worker_main(
             torch.cuda.set_device(rank % torch.cuda.device_count())
         pg_timeout = datetime.timedelta(seconds=timeout)
         store = dist.TCPStore(MASTER_ADDR, port, world_size, False, timeout=pg_timeout)
-        dist.init_process_group(
-            backend, store=store, rank=rank, world_size=world_size, timeout=pg_timeout
-        )
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=pg_timeout)
         try:
             result = fn(rank, world_size, *args, **kwargs)
             # Plain pickle, not the ForkingPickler behind Connection.send: torch
@@ -278,8 +291,7 @@ def _worker_main(
                 payload = pickle.dumps(("ok", result, time.monotonic()))
             except Exception as error:
                 raise TypeError(
-                    f"rank {rank} returned a {type(result).__name__} that cannot be pickled "
-                    "back to the parent"
+                    f"rank {rank} returned a {type(result).__name__} that cannot be pickled back to the parent"
                 ) from error
             exit_code = 0
         except BaseException:  # SystemExit and KeyboardInterrupt fail this rank too
@@ -370,9 +382,7 @@ def _wait_for_workers(workers: list[_Worker], deadline: float) -> bool:
         if now >= limit:
             return limit == deadline
         listening = [w.conn for w in workers if w.message is None and not w.conn_closed]
-        multiprocessing.connection.wait(
-            listening + [w.process.sentinel for w in alive], timeout=limit - now
-        )
+        multiprocessing.connection.wait(listening + [w.process.sentinel for w in alive], timeout=limit - now)
 
 
 def _receive(worker: _Worker) -> None:
@@ -381,8 +391,11 @@ def _receive(worker: _Worker) -> None:
     except (EOFError, OSError):
         worker.conn_closed = True
     except Exception:
-        worker.message = ("error", "the parent could not unpickle this rank's result:\n"
-                          + traceback.format_exc(), time.monotonic())
+        worker.message = (
+            "error",
+            "the parent could not unpickle this rank's result:\n" + traceback.format_exc(),
+            time.monotonic(),
+        )
 
 
 def _kill(worker: _Worker) -> None:
@@ -440,17 +453,20 @@ def _describe_failure(
             _receive(worker)
 
     exitcodes = {w.rank: w.process.exitcode for w in workers}
-    errors = {w.rank: w.message[1]
-              for w in sorted(workers, key=lambda w: w.message[2] if w.message else 0.0)
-              if w.message and w.message[0] == "error"}
+    errors = {
+        w.rank: w.message[1]
+        for w in sorted(workers, key=lambda w: w.message[2] if w.message else 0.0)
+        if w.message and w.message[0] == "error"
+    }
     missing = [w.rank for w in workers if w.message is None]
-    bad_exit = [w.rank for w in workers
-                if w.message and w.message[0] == "ok" and w.process.exitcode != 0]
+    bad_exit = [w.rank for w in workers if w.message and w.message[0] == "ok" and w.process.exitcode != 0]
     if not errors and not missing and not bad_exit:
         return None
 
-    lines = [f"{_ranks(sorted(set(errors) | set(missing) | set(bad_exit)))} of {world_size} "
-             f"failed (backend {backend}, world size {world_size})."]
+    lines = [
+        f"{_ranks(sorted(set(errors) | set(missing) | set(bad_exit)))} of {world_size} "
+        f"failed (backend {backend}, world size {world_size})."
+    ]
     for position, (rank, text) in enumerate(errors.items()):
         first = " first" if position == 0 and len(errors) > 1 else ""
         lines += [f"\n--- rank {rank} raised{first} ---", text.rstrip()]
@@ -462,8 +478,7 @@ def _describe_failure(
         if worker.killed and timed_out:
             why = f"had not finished after the timeout of {timeout:g} s and was killed"
         elif worker.killed:
-            why = (f"was still running {FAILURE_GRACE_S:g} s after another rank failed "
-                   "and was killed")
+            why = f"was still running {FAILURE_GRACE_S:g} s after another rank failed and was killed"
         else:
             why = f"exited with {_exit_text(worker.process.exitcode)} without reporting a result"
         lines.append(f"\n--- rank {worker.rank} {why} ---")
@@ -471,8 +486,7 @@ def _describe_failure(
             lines.append(worker.stack_dump or "(no stack dump was written)")
         elif _read_stack(worker):  # a crash faulthandler caught, e.g. a segfault
             lines.append(worker.stack_dump)
-    lines.append("\nexit codes: " + ", ".join(
-        f"rank {rank}: {_exit_text(code)}" for rank, code in exitcodes.items()))
+    lines.append("\nexit codes: " + ", ".join(f"rank {rank}: {_exit_text(code)}" for rank, code in exitcodes.items()))
     return DistributedTestError("\n".join(lines), errors, missing, exitcodes, timed_out)
 
 

@@ -10,6 +10,7 @@ SentencePiece model is the Apache-2.0 Mistral-7B v1 model that the
 * :func:`train_bpe_tokenizer` -- needs ``tokenizers`` and ``transformers``.
 * :func:`mistral_sentencepiece_path` -- needs ``mistral-common`` installed.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -56,8 +57,7 @@ def _read_lines(name: str, n: int | None) -> list[str]:
     path = bible_dir() / name
     if not path.is_file():
         raise FileNotFoundError(
-            f"Bible test corpus file not found at {path}; regenerate it with "
-            "data/bible/make_bible_text.py."
+            f"Bible test corpus file not found at {path}; regenerate it with data/bible/make_bible_text.py."
         )
     lines = path.read_text(encoding="utf-8").splitlines()
     return lines if n is None else lines[:n]
@@ -73,9 +73,7 @@ def bible_text(lang: str = "en", n: int | None = None) -> list[str]:
     try:
         name = BIBLE_FILES[lang]
     except KeyError:
-        raise ValueError(
-            f"unknown language {lang!r}; expected one of {sorted(BIBLE_FILES)}"
-        ) from None
+        raise ValueError(f"unknown language {lang!r}; expected one of {sorted(BIBLE_FILES)}") from None
     return _read_lines(name, n)
 
 

@@ -1,4 +1,5 @@
 """Small, deterministic training set-ups shared by the trainer's tests and benchmarks."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -38,7 +39,7 @@ class PackedSource(BatchSource):
         eos = (w == EOS).long()
         docs = torch.cumsum(eos, dim=1) - eos  # EOS is the last token of its document
         self.step += 1
-        return Batch.from_windows(w[self.rows[0]:self.rows[1]], docs[self.rows[0]:self.rows[1]])
+        return Batch.from_windows(w[self.rows[0] : self.rows[1]], docs[self.rows[0] : self.rows[1]])
 
     def state_dict(self):
         return {"step": self.step}
@@ -50,16 +51,18 @@ class PackedSource(BatchSource):
 def make_train_config(run_dir, parallel: Optional[ParallelConfig] = None, **training) -> JobConfig:
     """A 4-layer tiny model on 8 x 16-token sequences per step, micro batch 1 (gradient
     accumulation), clipping active, no checkpoints or metrics files unless overridden."""
-    model = model_config_from_preset("tiny", n_layers=4, vocab_size=VOCAB, pad_vocab_to_multiple_of=64,
-                                     max_seq_len=64)
-    t = dict(run_dir=str(run_dir), steps=3, global_batch_size=8, micro_batch_size=1, seq_len=16, seed=0,
-             device="cpu")
+    model = model_config_from_preset("tiny", n_layers=4, vocab_size=VOCAB, pad_vocab_to_multiple_of=64, max_seq_len=64)
+    t = dict(run_dir=str(run_dir), steps=3, global_batch_size=8, micro_batch_size=1, seq_len=16, seed=0, device="cpu")
     t.update(training)
-    return JobConfig(model=model, training=TrainingConfig(**t), parallel=parallel or ParallelConfig(),
-                       optim=OptimizerConfig(lr=3e-3, grad_clip=0.05, weight_decay=0.1),
-                       lr=LRConfig(schedule="cosine", warmup_steps=1),
-                       checkpoint=CheckpointConfig(interval=0, save_final=False, resume=False),
-                       metrics=MetricsConfig(log_every=1, jsonl=False, progress_bar="off"))
+    return JobConfig(
+        model=model,
+        training=TrainingConfig(**t),
+        parallel=parallel or ParallelConfig(),
+        optim=OptimizerConfig(lr=3e-3, grad_clip=0.05, weight_decay=0.1),
+        lr=LRConfig(schedule="cosine", warmup_steps=1),
+        checkpoint=CheckpointConfig(interval=0, save_final=False, resume=False),
+        metrics=MetricsConfig(log_every=1, jsonl=False, progress_bar="off"),
+    )
 
 
 def full_grads(parts) -> dict[str, torch.Tensor]:

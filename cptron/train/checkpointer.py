@@ -26,6 +26,7 @@ background thread over a gloo group of its own; rank 0 adds the COMPLETE marker 
 soon as DCP reports every rank's files durable. Until then the checkpoint is the
 hidden `.step-N.incomplete` directory, which `latest()` never returns.
 """
+
 from __future__ import annotations
 
 import json
@@ -98,14 +99,25 @@ class CheckpointConfig:
         require(self.interval >= 0, "checkpoint.interval", self.interval, "an integer >= 0")
         require(self.keep_last >= 0, "checkpoint.keep_last", self.keep_last, "an integer >= 0")
         require(self.load_step >= -1, "checkpoint.load_step", self.load_step, "-1 (newest) or a step >= 0")
-        require(self.load_step == -1 or self.resume, "checkpoint.load_step", self.load_step,
-                "-1 when checkpoint.resume=false")
+        require(
+            self.load_step == -1 or self.resume,
+            "checkpoint.load_step",
+            self.load_step,
+            "-1 when checkpoint.resume=false",
+        )
         require(bool(self.folder), "checkpoint.folder", self.folder, "a directory path")
-        require(self.init_from is None or Path(self.init_from).is_dir(), "checkpoint.init_from", self.init_from,
-                "an existing HF model directory or cptron checkpoint")
-        require(all(isinstance(n, str) and signal_number(n) is not None for n in self.save_on_signals),
-                "checkpoint.save_on_signals", self.save_on_signals,
-                "a list of signal names such as SIGTERM or SIGUSR1 (not SIGKILL or SIGSTOP)")
+        require(
+            self.init_from is None or Path(self.init_from).is_dir(),
+            "checkpoint.init_from",
+            self.init_from,
+            "an existing HF model directory or cptron checkpoint",
+        )
+        require(
+            all(isinstance(n, str) and signal_number(n) is not None for n in self.save_on_signals),
+            "checkpoint.save_on_signals",
+            self.save_on_signals,
+            "a list of signal names such as SIGTERM or SIGUSR1 (not SIGKILL or SIGSTOP)",
+        )
 
 
 def signal_number(name: str) -> Optional[int]:
@@ -121,8 +133,15 @@ class TrainCheckpointer:
     """Saves and restores training state under `<run_dir>/<cfg.folder>`; every method that
     touches checkpoints is collective (all ranks call it, in the same order)."""
 
-    def __init__(self, cfg: CheckpointConfig, run_dir: str | os.PathLike, *, model_cfg: ModelConfig,
-                 tokenizer_dir: Optional[str] = None, hf_meta: Optional[dict] = None):
+    def __init__(
+        self,
+        cfg: CheckpointConfig,
+        run_dir: str | os.PathLike,
+        *,
+        model_cfg: ModelConfig,
+        tokenizer_dir: Optional[str] = None,
+        hf_meta: Optional[dict] = None,
+    ):
         """`tokenizer_dir`: tokenizer files copied into every checkpoint; None: those of the
         checkpoint resumed from. `hf_meta`: {"hf_config": config.json dict, "hf_generation_config":
         dict or None} kept for export; None: taken from init_from, or the checkpoint resumed from."""
@@ -135,14 +154,17 @@ class TrainCheckpointer:
         if tokenizer_dir is not None:
             self._tokenizer_files = tokenizer_files(Path(tokenizer_dir))
             if not self._tokenizer_files:
-                raise CheckpointError(f"tokenizer directory {tokenizer_dir} holds no tokenizer files "
-                                      "(tokenizer.json, tokenizer.model, ...)")
+                raise CheckpointError(
+                    f"tokenizer directory {tokenizer_dir} holds no tokenizer files "
+                    "(tokenizer.json, tokenizer.model, ...)"
+                )
         unknown = sorted(set(hf_meta or {}) - {"hf_config", "hf_generation_config", "source"})
         if unknown:
             raise ValueError(f"hf_meta keys {unknown} are not known: expected hf_config, hf_generation_config, source")
         self._source_explicit = hf_meta is not None
-        self._source = dict(hf_meta) if hf_meta is not None else (
-            init_source_meta(cfg.init_from) if cfg.init_from else {})
+        self._source = (
+            dict(hf_meta) if hf_meta is not None else (init_source_meta(cfg.init_from) if cfg.init_from else {})
+        )
         self._pending: Optional[ckpt.PendingCheckpointWrite] = None
         self._async_group = None
         self.last_save_blocking_s = 0.0
@@ -166,20 +188,28 @@ class TrainCheckpointer:
         if self.cfg.load_step >= 0:
             path = self.folder / ckpt.step_dir_name(self.cfg.load_step)
             _, error = local_errors(lambda: ckpt.read_meta(path))
-            raise_on_every_rank(error and f"checkpoint.load_step={self.cfg.load_step}: {error}",
-                                error_type=CheckpointError)
+            raise_on_every_rank(
+                error and f"checkpoint.load_step={self.cfg.load_step}: {error}", error_type=CheckpointError
+            )
             return path
         latest = self.latest()
         if latest is not None and not self.cfg.resume:
-            raise CheckpointError(f"checkpoint.resume=false, but {self.folder} already holds checkpoints (newest "
-                                  f"{latest.name}) that this run would overwrite and prune: use a new run_dir or "
-                                  "checkpoint.folder, delete them, or set checkpoint.resume=true")
+            raise CheckpointError(
+                f"checkpoint.resume=false, but {self.folder} already holds checkpoints (newest "
+                f"{latest.name}) that this run would overwrite and prune: use a new run_dir or "
+                "checkpoint.folder, delete them, or set checkpoint.resume=true"
+            )
         return latest
 
     # -------------------------------------------------------------- when to save
 
-    def track(self, model_parts: list[nn.Module], optimizers: list[torch.optim.Optimizer],
-              train_state: Callable[[], dict], total_steps: int) -> None:
+    def track(
+        self,
+        model_parts: list[nn.Module],
+        optimizers: list[torch.optim.Optimizer],
+        train_state: Callable[[], dict],
+        total_steps: int,
+    ) -> None:
         """What `maybe_save` saves: a run's model parts and optimizers, its train state, and its length."""
         self._run = (model_parts, optimizers, train_state, total_steps)
 
@@ -204,8 +234,9 @@ class TrainCheckpointer:
 
     # -------------------------------------------------------------- saving
 
-    def save(self, step: int, model_parts: list[nn.Module], optimizers: list[torch.optim.Optimizer],
-             train_state: dict) -> Path:
+    def save(
+        self, step: int, model_parts: list[nn.Module], optimizers: list[torch.optim.Optimizer], train_state: dict
+    ) -> Path:
         """Collective: checkpoint `step`. `train_state` (JSON, the same on every rank) goes to
         cptron.json. Returns the checkpoint path; with async_save it becomes complete in the
         background (`wait()` makes sure)."""
@@ -216,15 +247,26 @@ class TrainCheckpointer:
         self._check_train_state(train_state)
         path = self.folder / ckpt.step_dir_name(step)
         state = self._collect(model_parts, optimizers if self.cfg.save_optimizer else None)
-        meta = {"model": config_to_dict(self.model_cfg), "step": step, "train_state": train_state,
-                "optimizer_saved": self.cfg.save_optimizer, "saved_by": "cptron train",
-                "world_size": get_world_size(),
-                **self._source}
+        meta = {
+            "model": config_to_dict(self.model_cfg),
+            "step": step,
+            "train_state": train_state,
+            "optimizer_saved": self.cfg.save_optimizer,
+            "saved_by": "cptron train",
+            "world_size": get_world_size(),
+            **self._source,
+        }
         tok = list(self._tokenizer_files) or None
         if self.cfg.async_save:
-            self._pending = ckpt.write_checkpoint_async(path, state, meta, tokenizer_files=tok, overwrite=True,
-                                                        process_group=self._async_process_group(),
-                                                        on_complete=self._prune)
+            self._pending = ckpt.write_checkpoint_async(
+                path,
+                state,
+                meta,
+                tokenizer_files=tok,
+                overwrite=True,
+                process_group=self._async_process_group(),
+                on_complete=self._prune,
+            )
         else:
             ckpt.write_checkpoint(path, state, meta, tokenizer_files=tok, overwrite=True)
             if get_rank() == 0:
@@ -232,8 +274,12 @@ class TrainCheckpointer:
             self._completed(path)
         self.last_save_blocking_s = time.perf_counter() - start
         self.last_saved_step = step
-        log.info("checkpoint %s %s in %.2f s", path, "staged" if self.cfg.async_save else "written",
-                 self.last_save_blocking_s)
+        log.info(
+            "checkpoint %s %s in %.2f s",
+            path,
+            "staged" if self.cfg.async_save else "written",
+            self.last_save_blocking_s,
+        )
         return path
 
     def wait(self) -> None:
@@ -258,8 +304,10 @@ class TrainCheckpointer:
             error = f"train_state is not JSON-serializable: {e}"
         raise_on_every_rank(error, error_type=CheckpointError)
         if text != broadcast_from_rank0(text):
-            error = ("train_state differs from rank 0's; it must be identical on every rank "
-                     "(per-rank state such as a data position belongs in a rank-independent form)")
+            error = (
+                "train_state differs from rank 0's; it must be identical on every rank "
+                "(per-rank state such as a data position belongs in a rank-independent form)"
+            )
         raise_on_every_rank(error, error_type=CheckpointError)
 
     def _collect(self, parts: list[nn.Module], optimizers) -> dict[str, dict]:
@@ -285,18 +333,25 @@ class TrainCheckpointer:
 
     def _prune_unsafe(self, newest: Path) -> None:
         newest_step = int(ckpt.STEP_DIR_RE.match(newest.name).group(1))
-        complete = sorted((int(m.group(1)), d) for d in self.folder.iterdir()
-                          if (m := ckpt.STEP_DIR_RE.match(d.name)) and ckpt.is_complete(d))
+        complete = sorted(
+            (int(m.group(1)), d)
+            for d in self.folder.iterdir()
+            if (m := ckpt.STEP_DIR_RE.match(d.name)) and ckpt.is_complete(d)
+        )
         newer = [d for s, d in complete if s > newest_step]
         if newer:
-            log.warning("%s holds %s, newer than the checkpoint just written (%s); a resume picks the newest",
-                        self.folder, newer[-1].name, newest.name)
+            log.warning(
+                "%s holds %s, newer than the checkpoint just written (%s); a resume picks the newest",
+                self.folder,
+                newer[-1].name,
+                newest.name,
+            )
         doomed = []
         if self.cfg.keep_last > 0:
             older = [d for s, d in complete if s < newest_step]
-            doomed = older[:max(0, len(older) - (self.cfg.keep_last - 1))]
+            doomed = older[: max(0, len(older) - (self.cfg.keep_last - 1))]
         for hidden in self.folder.glob(".step-*.incomplete"):  # writes of killed runs; never readable
-            m = ckpt.STEP_DIR_RE.match(hidden.name[1:-len(".incomplete")])
+            m = ckpt.STEP_DIR_RE.match(hidden.name[1 : -len(".incomplete")])
             if m and int(m.group(1)) < newest_step:
                 doomed.append(hidden)
         for d in doomed:
@@ -305,13 +360,17 @@ class TrainCheckpointer:
             log.info("removed old checkpoint %s (keep_last=%d)", d, self.cfg.keep_last)
         trash = list(self.folder.glob(".*.deleting"))
         if trash:
-            threading.Thread(target=lambda: [shutil.rmtree(t, ignore_errors=True) for t in trash],
-                             name="prune-checkpoints", daemon=True).start()
+            threading.Thread(
+                target=lambda: [shutil.rmtree(t, ignore_errors=True) for t in trash],
+                name="prune-checkpoints",
+                daemon=True,
+            ).start()
 
     # -------------------------------------------------------------- loading
 
-    def load(self, path: str | os.PathLike, model_parts: list[nn.Module],
-             optimizers: list[torch.optim.Optimizer]) -> dict:
+    def load(
+        self, path: str | os.PathLike, model_parts: list[nn.Module], optimizers: list[torch.optim.Optimizer]
+    ) -> dict:
         """Collective: restore model parts (and optimizers unless load_optimizer=false) from the
         training checkpoint `path`, resharding to the current layout; returns its train_state."""
         self.wait()
@@ -320,8 +379,10 @@ class TrainCheckpointer:
             raise ValueError(f"{len(model_parts)} model parts but {len(optimizers)} optimizers: expected one each")
         meta, error = local_errors(lambda: ckpt.read_meta(path))
         if error is None and "train_state" not in meta:
-            error = (f"checkpoint {path} has no train_state: it was not written by the trainer; start from its "
-                     "weights with checkpoint.init_from instead")
+            error = (
+                f"checkpoint {path} has no train_state: it was not written by the trainer; start from its "
+                "weights with checkpoint.init_from instead"
+            )
         raise_on_every_rank(error, error_type=CheckpointError)
         state = ModelPartsState(model_parts, self.model_cfg.tie_embeddings)
         copies: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -338,8 +399,12 @@ class TrainCheckpointer:
         barrier()  # nobody prunes or overwrites what a slower rank still reads
         self.last_saved_step = meta.get("step")
         self._adopt_sources(path, meta)
-        log.info("loaded %s (step %s%s)", path, meta.get("step"),
-                 "" if self.cfg.load_optimizer else ", optimizer state not restored")
+        log.info(
+            "loaded %s (step %s%s)",
+            path,
+            meta.get("step"),
+            "" if self.cfg.load_optimizer else ", optimizer state not restored",
+        )
         return meta["train_state"]
 
     def _adopt_sources(self, path: Path, meta: dict) -> None:
@@ -349,20 +414,20 @@ class TrainCheckpointer:
             self._source = {k: meta[k] for k in ("hf_config", "hf_generation_config", "source") if k in meta}
 
 
-def _missing_or_misshaped(want: dict[str, Any], stored: dict[str, Optional[torch.Size]],
-                          path: Path) -> Optional[str]:
+def _missing_or_misshaped(want: dict[str, Any], stored: dict[str, Optional[torch.Size]], path: Path) -> Optional[str]:
     missing = [k for k in want if k not in stored]
     optim = [k for k in missing if k.startswith(OPTIMIZER_PREFIX)]
     if optim:
-        return (f"checkpoint {path} has no optimizer state for {optim[0]} ({len(optim)} entries missing): it was "
-                "saved without it (save_optimizer=false) or for other parameters; set "
-                "checkpoint.load_optimizer=false to start the optimizer fresh")
+        return (
+            f"checkpoint {path} has no optimizer state for {optim[0]} ({len(optim)} entries missing): it was "
+            "saved without it (save_optimizer=false) or for other parameters; set "
+            "checkpoint.load_optimizer=false to start the optimizer fresh"
+        )
     if missing:
         return f"checkpoint {path} lacks {missing[0]} ({len(missing)} entries missing): it holds another model"
     for key, value in want.items():
         if isinstance(value, torch.Tensor) and stored[key] is not None and tuple(value.shape) != tuple(stored[key]):
-            return (f"checkpoint {path}: {key} has shape {list(stored[key])}, the model expects "
-                    f"{list(value.shape)}")
+            return f"checkpoint {path}: {key} has shape {list(stored[key])}, the model expects {list(value.shape)}"
     return None
 
 

@@ -1,4 +1,5 @@
 """The `cptron train` config: one section per component, each its own dataclass."""
+
 from __future__ import annotations
 
 import math
@@ -59,8 +60,12 @@ class TrainingConfig:
         require(self.eval_every >= 0, "training.eval_every", self.eval_every, "an integer >= 0")
         require(self.eval_batches >= 0, "training.eval_batches", self.eval_batches, "an integer >= 0")
         require(self.max_skipped_steps >= 0, "training.max_skipped_steps", self.max_skipped_steps, "an integer >= 0")
-        require(self.time_limit_minutes >= 0 and self.time_limit_minutes != float("inf"),
-                "training.time_limit_minutes", self.time_limit_minutes, "a number of minutes >= 0 (0: no limit)")
+        require(
+            self.time_limit_minutes >= 0 and self.time_limit_minutes != float("inf"),
+            "training.time_limit_minutes",
+            self.time_limit_minutes,
+            "a number of minutes >= 0 (0: no limit)",
+        )
 
 
 @dataclass
@@ -87,6 +92,10 @@ class JobConfig:
     def validate(self) -> None:
         t = self.training
         # global_batch_size is an int (the config parser makes it one), so its repr is the str this message showed
-        require(t.global_batch_size % t.micro_batch_size == 0, "training.global_batch_size", t.global_batch_size,
-                f"a multiple of training.micro_batch_size={t.micro_batch_size}")
+        require(
+            t.global_batch_size % t.micro_batch_size == 0,
+            "training.global_batch_size",
+            t.global_batch_size,
+            f"a multiple of training.micro_batch_size={t.micro_batch_size}",
+        )
         require(math.isfinite(self.optim.lr), "optim.lr", self.optim.lr, "a finite number")

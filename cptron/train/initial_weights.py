@@ -6,6 +6,7 @@ from safetensors each rank reads only its own region of each of its parameters (
 no rank ever holds a whole tensor it does not own), from a cptron checkpoint through DCP,
 resharded, with a vocabulary padded to another multiple re-gridded.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -37,11 +38,29 @@ from cptron.train.model_state import PADDED, ModelPartsState, copy_duplicates
 log = logging.getLogger(__name__)
 
 # Fields that change parameter shapes or names: a mismatch makes the weights unusable.
-_STRUCTURAL = ("dim", "n_layers", "n_heads", "kv_heads", "head_size", "ffn_hidden_dim", "vocab_size",
-               "tie_embeddings", "qkv_bias")
+_STRUCTURAL = (
+    "dim",
+    "n_layers",
+    "n_heads",
+    "kv_heads",
+    "head_size",
+    "ffn_hidden_dim",
+    "vocab_size",
+    "tie_embeddings",
+    "qkv_bias",
+)
 # Fields that change the function but not the shapes (context extension changes rope on purpose).
-_BEHAVIOURAL = ("family", "norm_eps", "rope_theta", "rope_type", "rope_factor", "rope_low_freq_factor",
-                "rope_high_freq_factor", "rope_original_max_position_embeddings", "sliding_window")
+_BEHAVIOURAL = (
+    "family",
+    "norm_eps",
+    "rope_theta",
+    "rope_type",
+    "rope_factor",
+    "rope_low_freq_factor",
+    "rope_high_freq_factor",
+    "rope_original_max_position_embeddings",
+    "sliding_window",
+)
 
 
 def load_initial_weights(path: str | os.PathLike, model_parts: list[nn.Module], model_cfg: ModelConfig) -> None:
@@ -53,8 +72,10 @@ def load_initial_weights(path: str | os.PathLike, model_parts: list[nn.Module], 
     elif (path / "config.json").is_file():
         _load_hf_weights(path, model_parts, model_cfg)
     else:
-        raise CheckpointError(f"initial weights {path}: neither a cptron checkpoint ({ckpt.META_FILE}) nor "
-                              "an HF model directory (config.json)")
+        raise CheckpointError(
+            f"initial weights {path}: neither a cptron checkpoint ({ckpt.META_FILE}) nor "
+            "an HF model directory (config.json)"
+        )
     barrier()
     log.info("initial weights loaded from %s", path)
 
@@ -79,14 +100,18 @@ def model_config_for_init(path: str | os.PathLike, pad_vocab_to_multiple_of: int
     checkpoint's cptron.json, with the run's vocabulary padding."""
     path = Path(path)
     if is_cptron_checkpoint(path):
-        return ckpt.model_config_from_meta(ckpt.read_meta(path), path, pad_vocab_to_multiple_of=pad_vocab_to_multiple_of)
+        return ckpt.model_config_from_meta(
+            ckpt.read_meta(path), path, pad_vocab_to_multiple_of=pad_vocab_to_multiple_of
+        )
     if (path / "config.json").is_file():
         try:
             return model_config_from_hf(json.loads((path / "config.json").read_text()), pad_vocab_to_multiple_of)
         except (CptronError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{path / 'config.json'}: {e}") from e
-    raise CheckpointError(f"initial weights {path}: neither a cptron checkpoint ({ckpt.META_FILE}) nor an HF "
-                          "model directory (config.json)")
+    raise CheckpointError(
+        f"initial weights {path}: neither a cptron checkpoint ({ckpt.META_FILE}) nor an HF "
+        "model directory (config.json)"
+    )
 
 
 def init_source_meta(path: str | os.PathLike) -> dict:
@@ -110,17 +135,21 @@ def check_compatible(source: ModelConfig, model: ModelConfig, where: str) -> Non
     """Raise CheckpointError if the weights described by `source` cannot fill `model`
     (shapes differ); warn about differences that only change the function (rope, eps)."""
     if source.vocab_size != model.vocab_size:
-        raise CheckpointError(f"vocabulary mismatch: {where} has vocab_size={source.vocab_size}, the model has "
-                              f"vocab_size={model.vocab_size} (extend the vocabulary first, or use the source's)")
+        raise CheckpointError(
+            f"vocabulary mismatch: {where} has vocab_size={source.vocab_size}, the model has "
+            f"vocab_size={model.vocab_size} (extend the vocabulary first, or use the source's)"
+        )
     for name in _STRUCTURAL:
         a, b = getattr(source, name), getattr(model, name)
         if a != b:
             raise CheckpointError(f"{where} has {name}={a!r}, the model has {name}={b!r}: the weights do not fit")
-    differ = [f"{n}: {getattr(source, n)!r} -> {getattr(model, n)!r}" for n in _BEHAVIOURAL
-              if getattr(source, n) != getattr(model, n)]
+    differ = [
+        f"{n}: {getattr(source, n)!r} -> {getattr(model, n)!r}"
+        for n in _BEHAVIOURAL
+        if getattr(source, n) != getattr(model, n)
+    ]
     if differ:
-        log.warning("the model differs from %s in %s (intended for e.g. context extension?)", where,
-                    "; ".join(differ))
+        log.warning("the model differs from %s in %s (intended for e.g. context extension?)", where, "; ".join(differ))
 
 
 @torch.no_grad()
@@ -149,8 +178,9 @@ def _load_hf_weights(hf_dir: Path, parts: list[nn.Module], model_cfg: ModelConfi
     tied = model_cfg.tie_embeddings
 
     def read_all() -> ModelPartsState:
-        check_compatible(model_config_for_init(hf_dir, model_cfg.pad_vocab_to_multiple_of), model_cfg,
-                         str(hf_dir / "config.json"))
+        check_compatible(
+            model_config_for_init(hf_dir, model_cfg.pad_vocab_to_multiple_of), model_cfg, str(hf_dir / "config.json")
+        )
         try:
             files = hf_weight_map(hf_dir)
         except CptronError as e:
@@ -181,8 +211,9 @@ def _load_hf_weights(hf_dir: Path, parts: list[nn.Module], model_cfg: ModelConfi
                     padded = fqn in PADDED
                     want = (model_cfg.vocab_size, *target.shape[1:]) if padded else tuple(target.shape)
                     if shape != want:
-                        raise CheckpointError(f"tensor {hf_name!r} in {file} has shape {list(shape)}, the model "
-                                              f"expects {list(want)}")
+                        raise CheckpointError(
+                            f"tensor {hf_name!r} in {file} has shape {list(shape)}, the model expects {list(want)}"
+                        )
                     _fill(target, lambda region, s=source: s[region], model_cfg.vocab_size if padded else None)
         return state
 
@@ -209,13 +240,17 @@ def _load_cptron_weights(path: Path, parts: list[nn.Module], model_cfg: ModelCon
             shape, dtype = tuple(stored[key][0]), stored[key][1]
             if shape == tuple(target.shape):
                 direct[key] = target
-            elif key[len(ckpt.MODEL_PREFIX):] in PADDED and shape[1:] == tuple(target.shape[1:]) \
-                    and shape[0] >= model_cfg.vocab_size:
+            elif (
+                key[len(ckpt.MODEL_PREFIX) :] in PADDED
+                and shape[1:] == tuple(target.shape[1:])
+                and shape[0] >= model_cfg.vocab_size
+            ):
                 direct[key] = buffer = torch.empty(shape, dtype=dtype)
                 regrid.append((target, buffer))
             else:
-                raise CheckpointError(f"checkpoint {path}: {key} has shape {list(shape)}, the model expects "
-                                      f"{list(target.shape)}")
+                raise CheckpointError(
+                    f"checkpoint {path}: {key} has shape {list(shape)}, the model expects {list(target.shape)}"
+                )
         return state, direct, regrid, copies
 
     planned, error = local_errors(plan)

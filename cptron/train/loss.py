@@ -6,6 +6,7 @@ the unpadded model's (and from transformers'). Full logits are sliced; sharded
 logits (loss parallelism) get the padded columns of this rank's shard filled
 with the dtype's lowest value, which is what slicing means for a softmax.
 """
+
 from __future__ import annotations
 
 import torch
@@ -28,8 +29,9 @@ def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, vocab_size: in
     return _cross_entropy(logits, labels, vocab_size, "none").sum()
 
 
-def cross_entropy_sum_and_rows(logits: torch.Tensor, labels: torch.Tensor,
-                               vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def cross_entropy_sum_and_rows(
+    logits: torch.Tensor, labels: torch.Tensor, vocab_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`cross_entropy_sum` and, detached, each row's part of it ([B] fp32 plain tensor), from one
     cross-entropy (for per-source losses)."""
     per_token = _cross_entropy(logits, labels, vocab_size, "none")
@@ -42,10 +44,10 @@ def cross_entropy_sum_and_rows(logits: torch.Tensor, labels: torch.Tensor,
 def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int, reduction: str) -> torch.Tensor:
     if isinstance(logits, DTensor):
         logits = _mask_padded_columns(logits.float(), vocab_size)
-        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction=reduction,
-                               ignore_index=IGNORE_INDEX)
-    return F.cross_entropy(logits[..., :vocab_size].flatten(0, 1).float(), labels.flatten(),
-                           reduction=reduction, ignore_index=IGNORE_INDEX)
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction=reduction, ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(
+        logits[..., :vocab_size].flatten(0, 1).float(), labels.flatten(), reduction=reduction, ignore_index=IGNORE_INDEX
+    )
 
 
 def _mask_padded_columns(logits: DTensor, vocab_size: int) -> DTensor:
@@ -54,8 +56,9 @@ def _mask_padded_columns(logits: DTensor, vocab_size: int) -> DTensor:
     local, region = local_shard_region(logits)
     cols = torch.arange(region[-1].start, region[-1].stop, device=local.device)
     local = local.masked_fill(cols >= vocab_size, torch.finfo(local.dtype).min)
-    return DTensor.from_local(local, logits.device_mesh, logits.placements, run_check=False,
-                              shape=logits.shape, stride=logits.stride())
+    return DTensor.from_local(
+        local, logits.device_mesh, logits.placements, run_check=False, shape=logits.shape, stride=logits.stride()
+    )
 
 
 def loss_parallel_context(enabled: bool):

@@ -17,6 +17,7 @@ next phase moves on from there. So with warmup the first update never has LR 0,
 the last warmup step has exactly the peak, and the last decay step has exactly
 the floor. Steps after the last phase keep its end value.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,6 +30,7 @@ import torch
 from cptron.errors import require
 
 # ---------------------------------------------------------------- shapes
+
 
 def _inverse_sqrt_fraction(t: float, length: int, timescale: float) -> float:
     # 1/sqrt(1 + x/timescale) decays from 1 at x=0; rescaled so the phase ends exactly at its end value.
@@ -68,10 +70,18 @@ class Phase:
         for name in ("start_factor", "end_factor"):
             value = getattr(self, name)
             require(math.isfinite(value) and value >= 0, f"{where}: {name}", value, "a finite float >= 0")
-        require(self.shape != "constant" or self.start_factor == self.end_factor, f"{where}: end_factor",
-                self.end_factor, f"start_factor={self.start_factor} for a constant phase")
-        require(self.shape != "inverse_sqrt" or (self.timescale is not None and self.timescale > 0),
-                f"{where}: timescale", self.timescale, "a float > 0 for the inverse_sqrt shape")
+        require(
+            self.shape != "constant" or self.start_factor == self.end_factor,
+            f"{where}: end_factor",
+            self.end_factor,
+            f"start_factor={self.start_factor} for a constant phase",
+        )
+        require(
+            self.shape != "inverse_sqrt" or (self.timescale is not None and self.timescale > 0),
+            f"{where}: timescale",
+            self.timescale,
+            "a float > 0 for the inverse_sqrt shape",
+        )
 
     @property
     def end(self) -> int:
@@ -100,8 +110,12 @@ class PhasedSchedule:
     def __post_init__(self) -> None:
         expected_start = 0
         for phase in self.phases:
-            require(phase.start == expected_start, "lr phase start", phase.start,
-                    f"{expected_start} (phases must be contiguous from step 0)")
+            require(
+                phase.start == expected_start,
+                "lr phase start",
+                phase.start,
+                f"{expected_start} (phases must be contiguous from step 0)",
+            )
             expected_start = phase.end
 
     def factor(self, step: int) -> float:
@@ -131,6 +145,7 @@ def chain(start_factor: float, specs: Sequence[tuple]) -> PhasedSchedule:
 
 # ---------------------------------------------------------------- config
 
+
 @dataclass
 class LRConfig:
     """Learning-rate schedule: a multiplier of the optimizer's peak LR as a function of the step."""
@@ -154,22 +169,35 @@ class LRConfig:
         """Raise ConfigError naming the first impossible field (build_lr_schedule checks those needing total_steps)."""
         require(self.schedule in SCHEDULES, "lr.schedule", self.schedule, f"one of {sorted(SCHEDULES)}")
         require(self.warmup_steps >= 0, "lr.warmup_steps", self.warmup_steps, "an integer >= 0")
-        require(self.decay_steps is None or self.decay_steps >= 1, "lr.decay_steps", self.decay_steps,
-                "None or an integer >= 1")
-        require(self.schedule != "constant" or self.decay_steps is None, "lr.decay_steps", self.decay_steps,
-                "None for lr.schedule='constant' (it never decays)")
+        require(
+            self.decay_steps is None or self.decay_steps >= 1,
+            "lr.decay_steps",
+            self.decay_steps,
+            "None or an integer >= 1",
+        )
+        require(
+            self.schedule != "constant" or self.decay_steps is None,
+            "lr.decay_steps",
+            self.decay_steps,
+            "None for lr.schedule='constant' (it never decays)",
+        )
         for name in ("min_lr_ratio", "warmup_start_ratio"):
             value = getattr(self, name)
             require(0.0 <= value <= 1.0, f"lr.{name}", value, "a float in [0, 1]")
         require(0.0 < self.decay_fraction <= 1.0, "lr.decay_fraction", self.decay_fraction, "a float in (0, 1]")
-        require(self.decay_shape in _WSD_DECAY_SHAPES, "lr.decay_shape", self.decay_shape,
-                f"one of {sorted(_WSD_DECAY_SHAPES)}")
+        require(
+            self.decay_shape in _WSD_DECAY_SHAPES,
+            "lr.decay_shape",
+            self.decay_shape,
+            f"one of {sorted(_WSD_DECAY_SHAPES)}",
+        )
 
 
 _WSD_DECAY_SHAPES = {"linear": "linear", "cosine": "cosine", "1-sqrt": "sqrt"}
 
 
 # ---------------------------------------------------------------- schedules
+
 
 def _warmup(cfg: LRConfig) -> tuple:
     return (cfg.warmup_steps, 1.0, "linear")
@@ -178,8 +206,12 @@ def _warmup(cfg: LRConfig) -> tuple:
 def _warmup_then_decay(cfg: LRConfig, total_steps: int, shape: str) -> PhasedSchedule:
     decay = cfg.decay_steps if cfg.decay_steps is not None else total_steps - cfg.warmup_steps
     if cfg.decay_steps is not None:
-        require(cfg.warmup_steps + decay <= total_steps, "lr.warmup_steps + lr.decay_steps",
-                f"{cfg.warmup_steps} + {decay}", f"at most the total_steps={total_steps} of training")
+        require(
+            cfg.warmup_steps + decay <= total_steps,
+            "lr.warmup_steps + lr.decay_steps",
+            f"{cfg.warmup_steps} + {decay}",
+            f"at most the total_steps={total_steps} of training",
+        )
     return chain(cfg.warmup_start_ratio, [_warmup(cfg), (decay, cfg.min_lr_ratio, shape)])
 
 
@@ -207,10 +239,16 @@ def wsd_schedule(cfg: LRConfig, total_steps: int) -> PhasedSchedule:
     decay = cfg.decay_steps if cfg.decay_steps is not None else max(1, round(cfg.decay_fraction * total_steps))
     stable = total_steps - cfg.warmup_steps - decay
     decay_field = "lr.decay_steps" if cfg.decay_steps is not None else "round(lr.decay_fraction * total_steps)"
-    require(stable >= 0, f"lr.warmup_steps + {decay_field}", f"{cfg.warmup_steps} + {decay}",
-            f"at most the total_steps={total_steps} of training")
-    return chain(cfg.warmup_start_ratio, [_warmup(cfg), (stable, 1.0, "constant"),
-                                          (decay, cfg.min_lr_ratio, _WSD_DECAY_SHAPES[cfg.decay_shape])])
+    require(
+        stable >= 0,
+        f"lr.warmup_steps + {decay_field}",
+        f"{cfg.warmup_steps} + {decay}",
+        f"at most the total_steps={total_steps} of training",
+    )
+    return chain(
+        cfg.warmup_start_ratio,
+        [_warmup(cfg), (stable, 1.0, "constant"), (decay, cfg.min_lr_ratio, _WSD_DECAY_SHAPES[cfg.decay_shape])],
+    )
 
 
 # schedule name -> builder(cfg, total_steps); a new schedule is one more entry (and its config fields).
@@ -226,8 +264,12 @@ def build_lr_schedule(cfg: LRConfig, total_steps: int) -> LRSchedule:
     """The schedule `cfg` describes for a run of `total_steps` optimizer steps (ConfigError if it does not fit)."""
     require(isinstance(total_steps, int) and total_steps >= 1, "total_steps", total_steps, "an integer >= 1")
     cfg.validate()
-    require(cfg.warmup_steps <= total_steps, "lr.warmup_steps", cfg.warmup_steps,
-            f"at most the total_steps={total_steps} of training")
+    require(
+        cfg.warmup_steps <= total_steps,
+        "lr.warmup_steps",
+        cfg.warmup_steps,
+        f"at most the total_steps={total_steps} of training",
+    )
     return SCHEDULES[cfg.schedule](cfg, total_steps)
 
 

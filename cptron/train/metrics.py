@@ -12,6 +12,7 @@ a training token costs 6·N FLOPs for the weight matmuls (forward 2·N, backward
 T×T score matrix: no halving for the causal mask, no recomputation counted).
 MFU = achieved FLOP/s per device / the device's dense peak FLOP/s.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -36,8 +37,10 @@ log = logging.getLogger("cptron.metrics")
 
 GiB = float(1 << 30)
 
-FLOP_CONVENTION = ("FLOPs/token = 6·N (N = parameters except the input embedding) + 12·L·H·Dh·T attention, "
-                   "no causal halving (torchtitan's convention)")
+FLOP_CONVENTION = (
+    "FLOPs/token = 6·N (N = parameters except the input embedding) + 12·L·H·Dh·T attention, "
+    "no causal halving (torchtitan's convention)"
+)
 
 
 @dataclass
@@ -68,16 +71,36 @@ class MetricsConfig:
     def validate(self) -> None:
         """Raise ConfigError naming the first impossible field."""
         require(self.log_every >= 1, "metrics.log_every", self.log_every, "an integer >= 1")
-        require(self.wandb_mode in ("offline", "online", "disabled"), "metrics.wandb_mode", self.wandb_mode,
-                "one of offline, online, disabled")
-        require(self.progress_bar in ("auto", "on", "off"), "metrics.progress_bar", self.progress_bar,
-                "one of auto, on, off")
-        require(not self.wandb or bool(self.wandb_project), "metrics.wandb_project", self.wandb_project,
-                "a non-empty project name when metrics.wandb is true")
-        require(self.peak_tflops is None or (math.isfinite(self.peak_tflops) and self.peak_tflops > 0),
-                "metrics.peak_tflops", self.peak_tflops, "None or a float > 0")
-        require(all(isinstance(s, int) and s >= 1 for s in self.profile_steps), "metrics.profile_steps",
-                self.profile_steps, "a list of optimizer steps >= 1")
+        require(
+            self.wandb_mode in ("offline", "online", "disabled"),
+            "metrics.wandb_mode",
+            self.wandb_mode,
+            "one of offline, online, disabled",
+        )
+        require(
+            self.progress_bar in ("auto", "on", "off"),
+            "metrics.progress_bar",
+            self.progress_bar,
+            "one of auto, on, off",
+        )
+        require(
+            not self.wandb or bool(self.wandb_project),
+            "metrics.wandb_project",
+            self.wandb_project,
+            "a non-empty project name when metrics.wandb is true",
+        )
+        require(
+            self.peak_tflops is None or (math.isfinite(self.peak_tflops) and self.peak_tflops > 0),
+            "metrics.peak_tflops",
+            self.peak_tflops,
+            "None or a float > 0",
+        )
+        require(
+            all(isinstance(s, int) and s >= 1 for s in self.profile_steps),
+            "metrics.profile_steps",
+            self.profile_steps,
+            "a list of optimizer steps >= 1",
+        )
 
 
 class StepProfiler:
@@ -106,11 +129,16 @@ class StepProfiler:
         prof.export_chrome_trace(path)
         if self.rank == 0:
             key = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
-            log.info("profile of step %d written to %s (one file per rank); top operators:\n%s", step, path,
-                     prof.key_averages().table(sort_by=key, row_limit=12))
+            log.info(
+                "profile of step %d written to %s (one file per rank); top operators:\n%s",
+                step,
+                path,
+                prof.key_averages().table(sort_by=key, row_limit=12),
+            )
 
 
 # ---------------------------------------------------------------- FLOPs, peaks, memory
+
 
 def flops_per_token(model_cfg, seq_len: int) -> float:
     """Training FLOPs per token of a `ModelConfig` at sequence length `seq_len` (see the module docstring).
@@ -162,8 +190,9 @@ def peak_tflops_for_name(device_name: str, dtype: torch.dtype) -> tuple[Optional
     return None, f"{device_name}: not in the peak table"
 
 
-def device_peak_flops(device: torch.device, dtype: torch.dtype, *,
-                      override_tflops: Optional[float] = None) -> tuple[Optional[float], str]:
+def device_peak_flops(
+    device: torch.device, dtype: torch.dtype, *, override_tflops: Optional[float] = None
+) -> tuple[Optional[float], str]:
     """(peak FLOP/s of one device or None, a description naming the peak and FLOP convention for the log).
 
     `override_tflops` (metrics.peak_tflops) wins over the table; without it, CPUs and devices
@@ -171,8 +200,9 @@ def device_peak_flops(device: torch.device, dtype: torch.dtype, *,
     """
     device = torch.device(device)
     if override_tflops is not None:
-        return override_tflops * 1e12, (f"MFU against {override_tflops:g} TFLOP/s per device "
-                                        f"(metrics.peak_tflops); {FLOP_CONVENTION}")
+        return override_tflops * 1e12, (
+            f"MFU against {override_tflops:g} TFLOP/s per device (metrics.peak_tflops); {FLOP_CONVENTION}"
+        )
     if device.type != "cuda":
         return None, f"no peak FLOP/s known for {device.type}: MFU not reported (set metrics.peak_tflops to get it)"
     tflops, what = peak_tflops_for_name(torch.cuda.get_device_name(device), dtype)
@@ -190,8 +220,10 @@ def memory_stats(device: torch.device) -> dict[str, float]:
     """
     device = torch.device(device)
     if device.type == "cuda":
-        stats = {"mem_max_allocated_gib": torch.cuda.max_memory_allocated(device) / GiB,
-                 "mem_max_reserved_gib": torch.cuda.max_memory_reserved(device) / GiB}
+        stats = {
+            "mem_max_allocated_gib": torch.cuda.max_memory_allocated(device) / GiB,
+            "mem_max_reserved_gib": torch.cuda.max_memory_reserved(device) / GiB,
+        }
         torch.cuda.reset_peak_memory_stats(device)
         return stats
     import resource  # POSIX only, so imported where it is needed
@@ -204,8 +236,14 @@ def memory_stats(device: torch.device) -> dict[str, float]:
 class Throughput:
     """Tokens/s and MFU over the interval since the previous `update` (or `reset`)."""
 
-    def __init__(self, flops_per_token: float, peak_flops: Optional[float], world_size: int, *,
-                 clock: Callable[[], float] = time.perf_counter):
+    def __init__(
+        self,
+        flops_per_token: float,
+        peak_flops: Optional[float],
+        world_size: int,
+        *,
+        clock: Callable[[], float] = time.perf_counter,
+    ):
         require(flops_per_token > 0, "flops_per_token", flops_per_token, "a float > 0")
         require(peak_flops is None or peak_flops > 0, "peak_flops", peak_flops, "None or a float > 0")
         require(world_size >= 1, "world_size", world_size, "an integer >= 1")
@@ -230,14 +268,18 @@ class Throughput:
         tokens_per_s = tokens / elapsed
         per_device = tokens_per_s / self.world_size
         flops_per_device = per_device * self.flops_per_token
-        out = {"tokens_per_s": tokens_per_s, "tokens_per_s_per_device": per_device,
-               "tflops_per_device": flops_per_device / 1e12}
+        out = {
+            "tokens_per_s": tokens_per_s,
+            "tokens_per_s_per_device": per_device,
+            "tflops_per_device": flops_per_device / 1e12,
+        }
         if self.peak_flops is not None:
             out["mfu"] = flops_per_device / self.peak_flops
         return out
 
 
 # ---------------------------------------------------------------- the logger
+
 
 def _scalar(key: str, value: Any) -> float | int:
     if hasattr(value, "item"):  # torch and numpy scalars
@@ -251,9 +293,15 @@ def _format_line(step: int, total_steps: int, kind: str, values: dict[str, float
     parts = [f"{kind} step {step}/{total_steps}"]
     # Keys left off the line to keep it short (the other sinks have them) or formatted below.
     handled = {"tokens_per_s_per_device", "tflops_per_device", "mem_max_reserved_gib"}
-    formats = [("loss", "loss {:.4f}"), ("lr", "lr {:.3e}"), ("grad_norm", "grad_norm {:.3f}"),
-               ("tokens_per_s", "tokens/s {:,.0f}"), ("mfu", "mfu {:.1%}"),
-               ("mem_max_allocated_gib", "mem {:.2f} GiB"), ("mem_peak_rss_gib", "rss {:.2f} GiB")]
+    formats = [
+        ("loss", "loss {:.4f}"),
+        ("lr", "lr {:.3e}"),
+        ("grad_norm", "grad_norm {:.3f}"),
+        ("tokens_per_s", "tokens/s {:,.0f}"),
+        ("mfu", "mfu {:.1%}"),
+        ("mem_max_allocated_gib", "mem {:.2f} GiB"),
+        ("mem_peak_rss_gib", "rss {:.2f} GiB"),
+    ]
     for key, fmt in formats:
         if key in values:
             parts.append(fmt.format(values[key]))
@@ -273,8 +321,16 @@ class MetricsLogger:
     stored in run_dir/wandb_run_id.
     """
 
-    def __init__(self, cfg: MetricsConfig, run_dir: str | Path, *, rank: int, run_config: dict,
-                 total_steps: int, start_step: int = 0):
+    def __init__(
+        self,
+        cfg: MetricsConfig,
+        run_dir: str | Path,
+        *,
+        rank: int,
+        run_config: dict,
+        total_steps: int,
+        start_step: int = 0,
+    ):
         self.cfg, self.run_dir, self.rank = cfg, Path(run_dir), rank
         self.total_steps, self.start_step = total_steps, start_step
         self._jsonl = self._tensorboard = self._wandb_run = self._bar = None
@@ -282,8 +338,9 @@ class MetricsLogger:
         if rank != 0:
             return
         cfg.validate()
-        require(0 <= start_step <= total_steps, "start_step", start_step,
-                f"an integer in [0, total_steps={total_steps}]")
+        require(
+            0 <= start_step <= total_steps, "start_step", start_step, f"an integer in [0, total_steps={total_steps}]"
+        )
         self.run_dir.mkdir(parents=True, exist_ok=True)
         sinks = ["log"]
         try:
@@ -297,8 +354,14 @@ class MetricsLogger:
                 self._wandb_run = self._open_wandb(run_config)
                 sinks.append(f"wandb {cfg.wandb_mode} {self.run_dir / 'wandb'} (run id {self._wandb_run.id})")
             if cfg.progress_bar == "on" or (cfg.progress_bar == "auto" and sys.stderr.isatty()):
-                self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
-                                 dynamic_ncols=True, file=sys.stderr)
+                self._bar = tqdm(
+                    total=total_steps,
+                    initial=start_step,
+                    desc="train",
+                    unit="step",
+                    dynamic_ncols=True,
+                    file=sys.stderr,
+                )
         except BaseException:
             self.close()
             raise
@@ -324,37 +387,54 @@ class MetricsLogger:
                 tmp = path.with_name(path.name + ".tmp")
                 tmp.write_text("".join(keep), encoding="utf-8")
                 os.replace(tmp, path)
-                log.info("moved %d records for steps after start_step=%d (or unreadable) from %s to %s",
-                         len(stale), self.start_step, path, discarded)
+                log.info(
+                    "moved %d records for steps after start_step=%d (or unreadable) from %s to %s",
+                    len(stale),
+                    self.start_step,
+                    path,
+                    discarded,
+                )
         return open(path, "a", encoding="utf-8")
 
     def _open_tensorboard(self, run_config: dict):
         try:  # an optional dependency, imported only when metrics.tensorboard is on
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:
-            raise invalid("metrics.tensorboard", True, "the tensorboard package (pip install tensorboard, or "
-                          f"set metrics.tensorboard=false): {e}") from e
+            raise invalid(
+                "metrics.tensorboard",
+                True,
+                f"the tensorboard package (pip install tensorboard, or set metrics.tensorboard=false): {e}",
+            ) from e
         log_dir = self.run_dir / "tensorboard"
         # purge_step hides events an earlier run wrote after the checkpoint this run resumes from.
         writer = SummaryWriter(log_dir=str(log_dir), purge_step=self.start_step + 1 if log_dir.exists() else None)
-        writer.add_text("config", "```\n" + json.dumps(run_config, indent=2, default=str) + "\n```",
-                        global_step=self.start_step)
+        writer.add_text(
+            "config", "```\n" + json.dumps(run_config, indent=2, default=str) + "\n```", global_step=self.start_step
+        )
         return writer
 
     def _open_wandb(self, run_config: dict):
         try:  # an optional dependency, imported only when metrics.wandb is on
             import wandb
         except ImportError as e:
-            raise invalid("metrics.wandb", True, "the wandb package (pip install wandb, or set "
-                          f"metrics.wandb=false): {e}") from e
+            raise invalid(
+                "metrics.wandb", True, f"the wandb package (pip install wandb, or set metrics.wandb=false): {e}"
+            ) from e
         id_file = self.run_dir / "wandb_run_id"
         if self.start_step > 0 and id_file.exists():
             run_id = id_file.read_text(encoding="utf-8").strip()
         else:  # a fresh start is a new wandb run, even in a reused run_dir
             run_id = secrets.token_hex(4)
             id_file.write_text(run_id + "\n", encoding="utf-8")
-        return wandb.init(project=self.cfg.wandb_project, name=self.cfg.wandb_run_name, mode=self.cfg.wandb_mode,
-                          dir=str(self.run_dir), config=run_config, id=run_id, resume="allow")
+        return wandb.init(
+            project=self.cfg.wandb_project,
+            name=self.cfg.wandb_run_name,
+            mode=self.cfg.wandb_mode,
+            dir=str(self.run_dir),
+            config=run_config,
+            id=run_id,
+            resume="allow",
+        )
 
     # -------------------------------------------------------------- public
 
@@ -420,16 +500,31 @@ class MetricsLogger:
 
 # ---------------------------------------------------------------- one run's metrics
 
+
 class RunMetrics:
     """What a training run reports: each step's row (with throughput, MFU and, every log_every
     steps, memory), held-out losses, and the profiled steps; the trainer's one metrics component."""
 
-    def __init__(self, cfg: MetricsConfig, run_dir: str, *, rank: int, world_size: int, device: torch.device,
-                 dtype: torch.dtype, model_cfg, seq_len: int, global_batch_size: int, total_steps: int,
-                 start_step: int, run_config: dict):
+    def __init__(
+        self,
+        cfg: MetricsConfig,
+        run_dir: str,
+        *,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        model_cfg,
+        seq_len: int,
+        global_batch_size: int,
+        total_steps: int,
+        start_step: int,
+        run_config: dict,
+    ):
         self.cfg, self.device, self.total_steps = cfg, device, total_steps
-        self.logger = MetricsLogger(cfg, run_dir, rank=rank, run_config=run_config, total_steps=total_steps,
-                                    start_step=start_step)
+        self.logger = MetricsLogger(
+            cfg, run_dir, rank=rank, run_config=run_config, total_steps=total_steps, start_step=start_step
+        )
         peak, peak_desc = device_peak_flops(device, dtype, override_tflops=cfg.peak_tflops)
         fpt = flops_per_token(model_cfg, seq_len)
         if rank == 0:

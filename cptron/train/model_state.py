@@ -6,6 +6,7 @@ wrappers), a tied output weight stored once under `tok_embeddings.weight` (optim
 entries merged over the parts of a rank (a rank holding both the first and the last pipeline
 stage has the tied embedding twice), and putting loaded values back into the parts.
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -58,9 +59,14 @@ class ModelPartsState:
             merge_entries(out, {prefix + k: v for k, v in stored.items()}, copies)
         return out
 
-    def optimizer_entries(self, optimizers: list[torch.optim.Optimizer], *, state_only: bool = False,
-                          copies: Optional[list] = None,
-                          prefix: str = OPTIMIZER_PREFIX) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    def optimizer_entries(
+        self,
+        optimizers: list[torch.optim.Optimizer],
+        *,
+        state_only: bool = False,
+        copies: Optional[list] = None,
+        prefix: str = OPTIMIZER_PREFIX,
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """(the optimizers' entries under `prefix`ed keys, each part's flat optimizer state dict
         for `set_optimizer_state_dict`). `state_only`: moments and counts, not hyperparameters."""
         if len(self.parts) != len(optimizers):
@@ -70,22 +76,26 @@ class ModelPartsState:
         for part, opt in zip(self.parts, optimizers, strict=True):
             osd = _optimizer_state(part, opt)
             per_part.append(osd)
-            entries = {prefix + k: v for k, v in self._stored_optimizer_keys(part, osd).items()
-                       if not state_only or k.startswith("state.")}
+            entries = {
+                prefix + k: v
+                for k, v in self._stored_optimizer_keys(part, osd).items()
+                if not state_only or k.startswith("state.")
+            }
             merge_entries(out, entries, copies)
         return out, per_part
 
     def _stored_optimizer_keys(self, part: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
         """The optimizer entries under their checkpoint keys (same values): a last pipeline stage's copy
         of a tied output weight is stored as tok_embeddings.weight, as its weight is."""
-        if not (self.tied and getattr(part, "tok_embeddings", True) is None
-                and getattr(part, "output", None) is not None):
+        if not (
+            self.tied and getattr(part, "tok_embeddings", True) is None and getattr(part, "output", None) is not None
+        ):
             return state
         out = {}
         for key, value in state.items():
             kind, _, rest = key.partition(".")
             if rest.startswith(_TIED_ALIAS + "."):
-                key = f"{kind}.{_TIED_CANONICAL}{rest[len(_TIED_ALIAS):]}"
+                key = f"{kind}.{_TIED_CANONICAL}{rest[len(_TIED_ALIAS) :]}"
             out[key] = value
         return out
 
@@ -102,9 +112,10 @@ class ModelPartsState:
 def is_tied_key(key: str) -> bool:
     """True for the tied embedding's weight or optimizer entries, with or without the checkpoint prefix."""
     for prefix in (MODEL_PREFIX, OPTIMIZER_PREFIX):
-        key = key[len(prefix):] if key.startswith(prefix) else key
-    return key == _TIED_CANONICAL or any(key.startswith(f"{kind}.{_TIED_CANONICAL}.")
-                                         for kind in ("state", "param_groups"))
+        key = key[len(prefix) :] if key.startswith(prefix) else key
+    return key == _TIED_CANONICAL or any(
+        key.startswith(f"{kind}.{_TIED_CANONICAL}.") for kind in ("state", "param_groups")
+    )
 
 
 def merge_entries(target: dict[str, Any], entries: dict[str, Any], copies: Optional[list] = None) -> None:
@@ -146,8 +157,11 @@ def _optimizer_state(part: nn.Module, optimizer: torch.optim.Optimizer) -> dict[
         # That zero-lr step counted as a step (Adam's bias correction reads the count): reset
         # it, so the live and the saved state equal a fresh optimizer's (zero moments, step 0).
         live = [st["step"] for st in optimizer.state.values() if isinstance(st.get("step"), torch.Tensor)]
-        saved = [v for k, v in state.items() if k.startswith("state.") and k.endswith(".step")
-                 and isinstance(v, torch.Tensor)]
+        saved = [
+            v
+            for k, v in state.items()
+            if k.startswith("state.") and k.endswith(".step") and isinstance(v, torch.Tensor)
+        ]
         for count in live + saved:
             count.zero_()
     return state

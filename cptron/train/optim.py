@@ -4,6 +4,7 @@ One optimizer per model part (pipeline virtual stages give a rank several
 parts); they always step together. Weight decay applies to matrices only:
 norm gains and biases are not decayed (as in Megatron-LM and GPT-NeoX).
 """
+
 from __future__ import annotations
 
 import math
@@ -58,10 +59,12 @@ def build_optimizers(parts: list[nn.Module], cfg: OptimizerConfig, device: torch
         for p in part.parameters():
             if p.requires_grad:
                 (decay if p.ndim >= 2 else no_decay).append(p)
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
-        optimizers.append(torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr,
-                                            betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kwargs))
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizers.append(
+            torch.optim.AdamW(
+                [g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kwargs
+            )
+        )
     return optimizers
 
 
@@ -73,8 +76,9 @@ def resolve_adamw_implementation(cfg: OptimizerConfig, device: torch.device) -> 
     return "fused" if device.type in ("cuda", "cpu") else "foreach"
 
 
-def global_grad_norm(parts: list[nn.Module], pp_group: Optional[dist.ProcessGroup] = None,
-                     skip: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+def global_grad_norm(
+    parts: list[nn.Module], pp_group: Optional[dist.ProcessGroup] = None, skip: Sequence[torch.Tensor] = ()
+) -> torch.Tensor:
     """L2 norm of all gradients of the model, whatever the layout.
 
     DTensor gradients are grouped by their mesh and placements, so each group's

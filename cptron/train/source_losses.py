@@ -5,6 +5,7 @@ Owns the accumulator of one step ([loss sum, labelled tokens] per source, reduce
 and pipeline groups) and the label tags that carry a row's source and index to a pipeline's
 last stage, where torch's schedule calls the loss function with (logits, labels) only.
 """
+
 from __future__ import annotations
 
 import logging
@@ -53,8 +54,11 @@ class SourceLosses:
         """Whether the label tags can carry these sources and rows through a pipeline; warns if not."""
         if len(names) <= MAX_TAGGED_SOURCES and rows_per_rank < MAX_TAGGED_ROWS:
             return True
-        log.warning("per-source losses are off: under pipelining they handle up to %d sources and %d rows per "
-                    "rank and step", MAX_TAGGED_SOURCES, MAX_TAGGED_ROWS)
+        log.warning(
+            "per-source losses are off: under pipelining they handle up to %d sources and %d rows per rank and step",
+            MAX_TAGGED_SOURCES,
+            MAX_TAGGED_ROWS,
+        )
         return False
 
     def start(self) -> None:
@@ -74,8 +78,12 @@ class SourceLosses:
         first row. A count other than `expected` makes this step's values NaN (not an error raised
         here: only last-stage ranks see it, and the others would wait)."""
         if len(microbatches) != expected:
-            log.warning("per-source losses saw %d of %d microbatches of a pipeline step; this step's "
-                        "loss/<source> values are NaN", len(microbatches), expected)
+            log.warning(
+                "per-source losses saw %d of %d microbatches of a pipeline step; this step's "
+                "loss/<source> values are NaN",
+                len(microbatches),
+                expected,
+            )
             self._acc[0] = float("nan")
         for rows, labels, sources in microbatches.values():
             self.add(rows, labels, sources)

@@ -1,6 +1,7 @@
 """When a run stops early to save and resume later: a signal (SLURM's SIGTERM/SIGUSR1 before a
 preemption or the job's end) or `training.time_limit_minutes`, agreed by every rank after a step.
 """
+
 from __future__ import annotations
 
 import logging
@@ -55,8 +56,12 @@ class StopRequests:
             os.kill(os.getpid(), signum)
             return
         self.received, self._first_at = name, time.monotonic()
-        log.warning("received %s: finishing this step, then saving a checkpoint and stopping (send it again "
-                    "after %.0f s to stop at once)", name, self.repeat_grace_s)
+        log.warning(
+            "received %s: finishing this step, then saving a checkpoint and stopping (send it again "
+            "after %.0f s to stop at once)",
+            name,
+            self.repeat_grace_s,
+        )
 
     def restore(self) -> None:
         """Put back the handlers found at installation; one installed outside Python (which
@@ -70,8 +75,16 @@ class StopPolicy:
     """Decides after each step whether this invocation saves and stops; every rank gets the same
     answer (any rank's signal counts, rank 0's clock decides the time limit)."""
 
-    def __init__(self, signals: list[str], time_limit_minutes: float, started: float, *, rank: int,
-                 world_size: int, device: torch.device):
+    def __init__(
+        self,
+        signals: list[str],
+        time_limit_minutes: float,
+        started: float,
+        *,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+    ):
         """`started`: time.monotonic() at the trainer's start (the limit counts set-up, as a job's does)."""
         self.signals, self.limit_s, self.started = signals, time_limit_minutes * 60.0, started
         self.rank, self.world_size, self.device = rank, world_size, device

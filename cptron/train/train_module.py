@@ -12,6 +12,7 @@ number of target tokens in the whole global batch, and gradients are summed (not
 data-parallel ranks. So any split of the global batch over ranks, microbatches and pipeline
 chunks gives the same gradient as one process computing the token-mean loss of the whole batch.
 """
+
 from __future__ import annotations
 
 import abc
@@ -67,35 +68,60 @@ def plan_microbatches(cfg: JobConfig, dims: ParallelDims, param_dtype: torch.dty
     naming the field when it does not divide."""
     t, pcfg = cfg.training, cfg.parallel
     if t.global_batch_size % dims.dp:
-        raise ConfigError(f"training.global_batch_size={t.global_batch_size} is invalid: expected a multiple "
-                          f"of the data-parallel size dp_replicate x dp_shard = {dims.dp}")
+        raise ConfigError(
+            f"training.global_batch_size={t.global_batch_size} is invalid: expected a multiple "
+            f"of the data-parallel size dp_replicate x dp_shard = {dims.dp}"
+        )
     rows = t.global_batch_size // dims.dp
     if rows % t.micro_batch_size:
-        raise ConfigError(f"training.micro_batch_size={t.micro_batch_size} is invalid: each data-parallel rank "
-                          f"gets {rows} sequences per step, expected a divisor of that")
+        raise ConfigError(
+            f"training.micro_batch_size={t.micro_batch_size} is invalid: each data-parallel rank "
+            f"gets {rows} sequences per step, expected a divisor of that"
+        )
     n_micro = rows // t.micro_batch_size
     if dims.tp > 1 and pcfg.sequence_parallel and t.seq_len % dims.tp:
-        raise ConfigError(f"training.seq_len={t.seq_len} is invalid: expected a multiple of parallel.tp="
-                          f"{dims.tp} with sequence parallelism")
+        raise ConfigError(
+            f"training.seq_len={t.seq_len} is invalid: expected a multiple of parallel.tp="
+            f"{dims.tp} with sequence parallelism"
+        )
     if dims.pp == 1:
         return MicrobatchPlan(rows, n_micro, None)
     mb = pcfg.pp_microbatches or dims.pp * pcfg.pp_stages_per_rank
     mb = min(mb, n_micro) if pcfg.pp_microbatches is None else mb
     if n_micro % mb:
-        raise ConfigError(f"parallel.pp_microbatches={mb} is invalid: each rank has {n_micro} "
-                          f"microbatches of {t.micro_batch_size} sequences per step, expected a divisor")
+        raise ConfigError(
+            f"parallel.pp_microbatches={mb} is invalid: each rank has {n_micro} "
+            f"microbatches of {t.micro_batch_size} sequences per step, expected a divisor"
+        )
     fsdp_on = dims.dp > 1 or param_dtype != torch.float32
-    pl.check_pipeline_schedule(pcfg.pp_schedule, dims.pp, pcfg.pp_stages_per_rank, mb, compiled=pcfg.compile,
-                               fsdp_reshard_after_forward=fsdp_on and pcfg.fsdp_reshard_after_forward)
+    pl.check_pipeline_schedule(
+        pcfg.pp_schedule,
+        dims.pp,
+        pcfg.pp_stages_per_rank,
+        mb,
+        compiled=pcfg.compile,
+        fsdp_reshard_after_forward=fsdp_on and pcfg.fsdp_reshard_after_forward,
+    )
     return MicrobatchPlan(rows, n_micro, mb)
 
 
 class TrainModule(abc.ABC):
     """The model parts of this rank, their optimizers, and the step over them (see the module doc)."""
 
-    def __init__(self, parts: list[nn.Module], cfg: JobConfig, model_cfg: ModelConfig, dims: ParallelDims,
-                 mesh: DeviceMesh, dp_mesh: DeviceMesh, device: torch.device, plan: MicrobatchPlan, *,
-                 source_names: list[str], loss_hook: Optional[LossHook]):
+    def __init__(
+        self,
+        parts: list[nn.Module],
+        cfg: JobConfig,
+        model_cfg: ModelConfig,
+        dims: ParallelDims,
+        mesh: DeviceMesh,
+        dp_mesh: DeviceMesh,
+        device: torch.device,
+        plan: MicrobatchPlan,
+        *,
+        source_names: list[str],
+        loss_hook: Optional[LossHook],
+    ):
         self.parts = parts
         self.optimizers = build_optimizers(parts, cfg.optim, device)
         self.cfg, self.model_cfg, self.dims, self.device, self.plan = cfg, model_cfg, dims, device, plan
@@ -114,8 +140,9 @@ class TrainModule(abc.ABC):
         scale = 1.0 / self._global_tokens(batch).clamp_min(1.0)
         if self.sources is not None:
             if batch.sources is None:
-                raise CptronError(f"the data loader names sources {self.sources.names} but its batch has no "
-                                  "Batch.sources")
+                raise CptronError(
+                    f"the data loader names sources {self.sources.names} but its batch has no Batch.sources"
+                )
             self.sources.start()
         total = torch.zeros((), device=self.device)
         with loss_parallel_context(self.loss_parallel):
@@ -130,8 +157,14 @@ class TrainModule(abc.ABC):
         self.last_loss = float(total)
         return total
 
-    def microbatch_loss(self, logits: torch.Tensor, labels: torch.Tensor, scale: Optional[torch.Tensor] = None,
-                        step: int = 0, with_rows: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def microbatch_loss(
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        scale: Optional[torch.Tensor] = None,
+        step: int = 0,
+        with_rows: bool = False,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(loss, per-row loss sums when `with_rows`) of one microbatch: its token-summed cross-entropy,
         times `scale` and through the loss hook in training (scale given), plain in evaluation."""
         if with_rows:
@@ -245,22 +278,48 @@ class PipelineTrainModule(TrainModule):
     function with (logits, labels) only, on the last stage: a training step's scale and step ride in
     `_step_context`, each row's source and index in its labels (`tag_labels`)."""
 
-    def __init__(self, parts: list[nn.Module], cfg: JobConfig, model_cfg: ModelConfig, dims: ParallelDims,
-                 mesh: DeviceMesh, dp_mesh: DeviceMesh, device: torch.device, plan: MicrobatchPlan, *,
-                 stage_ids: list[int], n_stages: int, source_names: list[str], loss_hook: Optional[LossHook]):
+    def __init__(
+        self,
+        parts: list[nn.Module],
+        cfg: JobConfig,
+        model_cfg: ModelConfig,
+        dims: ParallelDims,
+        mesh: DeviceMesh,
+        dp_mesh: DeviceMesh,
+        device: torch.device,
+        plan: MicrobatchPlan,
+        *,
+        stage_ids: list[int],
+        n_stages: int,
+        source_names: list[str],
+        loss_hook: Optional[LossHook],
+    ):
         if source_names and not SourceLosses.fit_pipeline(source_names, plan.sequences_per_rank):
             source_names = []
-        super().__init__(parts, cfg, model_cfg, dims, mesh, dp_mesh, device, plan, source_names=source_names,
-                         loss_hook=loss_hook)
+        super().__init__(
+            parts, cfg, model_cfg, dims, mesh, dp_mesh, device, plan, source_names=source_names, loss_hook=loss_hook
+        )
         pcfg = cfg.parallel
-        self.pipeline = pl.build_pipeline_schedule(parts, stage_ids, n_stages, self.pp_group, device,
-                                                   plan.pipeline_microbatches, self._loss_fn, pcfg.pp_schedule)
+        self.pipeline = pl.build_pipeline_schedule(
+            parts,
+            stage_ids,
+            n_stages,
+            self.pp_group,
+            device,
+            plan.pipeline_microbatches,
+            self._loss_fn,
+            pcfg.pp_schedule,
+        )
         self.tied_sync = None
         if model_cfg.tie_embeddings:
             first, last = pl.tied_stage_ranks(dims.pp, pcfg.pp_stages_per_rank, pcfg.pp_schedule)
             self.tied_sync = pl.TiedEmbeddingSync(parts, mesh, first, last)
-            log.info("tied embeddings: pipeline ranks %d and %d hold the input and output copies; their "
-                     "gradients are summed every step", first, last)
+            log.info(
+                "tied embeddings: pipeline ranks %d and %d hold the input and output copies; their "
+                "gradients are summed every step",
+                first,
+                last,
+            )
         self._step_context: Optional[tuple[torch.Tensor, int]] = None
         self._microbatch_rows: dict[int, tuple] = {}
 
@@ -315,10 +374,20 @@ class PipelineTrainModule(TrainModule):
         return b.doc_ids if b.doc_ids is not None else torch.zeros_like(b.tokens)
 
 
-def build_train_module(cfg: JobConfig, model_cfg: ModelConfig, dims: ParallelDims, mesh: DeviceMesh,
-                       dp_mesh: DeviceMesh, device: torch.device, param_dtype: torch.dtype, plan: MicrobatchPlan, *,
-                       initialize: bool, source_names: list[str],
-                       loss_hook: Optional[LossHook] = None) -> TrainModule:
+def build_train_module(
+    cfg: JobConfig,
+    model_cfg: ModelConfig,
+    dims: ParallelDims,
+    mesh: DeviceMesh,
+    dp_mesh: DeviceMesh,
+    device: torch.device,
+    param_dtype: torch.dtype,
+    plan: MicrobatchPlan,
+    *,
+    initialize: bool,
+    source_names: list[str],
+    loss_hook: Optional[LossHook] = None,
+) -> TrainModule:
     """Build this rank's model parts on the meta device (the whole model, or its pipeline stages),
     parallelize each from outside, materialize them, initialize them by (seed, parameter name)
     unless a checkpoint will overwrite every weight (`initialize`), and wrap them in the train module
@@ -328,8 +397,9 @@ def build_train_module(cfg: JobConfig, model_cfg: ModelConfig, dims: ParallelDim
     if dims.pp > 1:
         n_stages = dims.pp * pcfg.pp_stages_per_rank
         ranges = pl.split_layers(model_cfg.n_layers, n_stages, pcfg.pp_layers_per_stage)
-        stage_ids = pl.stage_ids_for_rank(mesh["pp"].get_local_rank(), dims.pp, pcfg.pp_stages_per_rank,
-                                          pcfg.pp_schedule)
+        stage_ids = pl.stage_ids_for_rank(
+            mesh["pp"].get_local_rank(), dims.pp, pcfg.pp_stages_per_rank, pcfg.pp_schedule
+        )
         parts = pl.build_stage_modules(model_cfg, stage_ids, n_stages, ranges, ids_are_doc_ids=t.document_masking)
     else:
         with torch.device("meta"):
@@ -343,6 +413,7 @@ def build_train_module(cfg: JobConfig, model_cfg: ModelConfig, dims: ParallelDim
         part.train()
     common = dict(source_names=source_names, loss_hook=loss_hook)
     if dims.pp > 1:
-        return PipelineTrainModule(parts, cfg, model_cfg, dims, mesh, dp_mesh, device, plan, stage_ids=stage_ids,
-                                   n_stages=n_stages, **common)
+        return PipelineTrainModule(
+            parts, cfg, model_cfg, dims, mesh, dp_mesh, device, plan, stage_ids=stage_ids, n_stages=n_stages, **common
+        )
     return PlainTrainModule(parts, cfg, model_cfg, dims, mesh, dp_mesh, device, plan, **common)

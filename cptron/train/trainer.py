@@ -14,6 +14,7 @@ The loop only orders events; each component decides for itself: the train module
 the validator whether a step evaluates, the checkpointer whether it saves, the stop policy
 whether the run saves and stops early, and the metrics what they report.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -69,10 +70,14 @@ class TrainResult:
 class Trainer:
     """One training run (see the module docstring)."""
 
-    def __init__(self, cfg: JobConfig, *,
-                 data_factory: Optional[Callable[[int, int], tuple[BatchSource, dict[str, Callable]]]] = None,
-                 loss_hook: Optional[LossHook] = None,
-                 grad_hook: Optional[Callable[[int, list[nn.Module]], None]] = None):
+    def __init__(
+        self,
+        cfg: JobConfig,
+        *,
+        data_factory: Optional[Callable[[int, int], tuple[BatchSource, dict[str, Callable]]]] = None,
+        loss_hook: Optional[LossHook] = None,
+        grad_hook: Optional[Callable[[int, list[nn.Module]], None]] = None,
+    ):
         """`data_factory(dp_rank, dp_size) -> (train source, {name: validation batches factory})`
         replaces the `data:` section (tests, benchmarks). `loss_hook(step, loss)` may
         transform each microbatch loss before backward (fault injection);
@@ -94,22 +99,40 @@ class Trainer:
         self.param_dtype = mixed_precision_dtype(cfg.parallel, self.device)
         self.plan = plan_microbatches(cfg, self.dims, self.param_dtype)
 
-        self.checkpointer = TrainCheckpointer(cfg.checkpoint, t.run_dir, model_cfg=mc,
-                                              tokenizer_dir=t.tokenizer or tokenizer_dir_of(init_from))
+        self.checkpointer = TrainCheckpointer(
+            cfg.checkpoint, t.run_dir, model_cfg=mc, tokenizer_dir=t.tokenizer or tokenizer_dir_of(init_from)
+        )
         latest = self.checkpointer.resume_path()
         dp_rank = self.dp_mesh.get_local_rank()
         if data_factory is None:
             validate_config(cfg.data)
             self.data, val_sets = build_data_loaders(
-                cfg.data, seq_len=t.seq_len, global_batch_size=t.global_batch_size, dp_rank=dp_rank,
-                dp_size=self.dims.dp, vocab_size=mc.vocab_size, seed=t.seed, total_steps=t.steps)
+                cfg.data,
+                seq_len=t.seq_len,
+                global_batch_size=t.global_batch_size,
+                dp_rank=dp_rank,
+                dp_size=self.dims.dp,
+                vocab_size=mc.vocab_size,
+                seed=t.seed,
+                total_steps=t.steps,
+            )
         else:
             self.data, val_sets = data_factory(dp_rank, self.dims.dp)
         # Weights that a checkpoint will overwrite are not initialized first:
         # initialization builds each full tensor on every rank, which is slow at 8B.
-        self.module = build_train_module(cfg, mc, self.dims, self.mesh, self.dp_mesh, self.device, self.param_dtype,
-                                         self.plan, initialize=latest is None and not init_from,
-                                         source_names=list(self.data.source_names), loss_hook=loss_hook)
+        self.module = build_train_module(
+            cfg,
+            mc,
+            self.dims,
+            self.mesh,
+            self.dp_mesh,
+            self.device,
+            self.param_dtype,
+            self.plan,
+            initialize=latest is None and not init_from,
+            source_names=list(self.data.source_names),
+            loss_hook=loss_hook,
+        )
         self.validator = Validator(self.module, val_sets or {}, t)
         self.lr_schedule = build_lr_schedule(cfg.lr, t.steps)
         self.lr = 0.0
@@ -141,14 +164,32 @@ class Trainer:
         if self.rank != 0:
             return
         mc, t = self.model_cfg, self.cfg.training
-        log.info("model: %s params (%d layers, dim %d, vocab %d padded to %d)", f"{mc.num_params():,}",
-                 mc.n_layers, mc.dim, mc.vocab_size, mc.padded_vocab_size)
-        log.info("world %d: %s", self.world_size,
-                 describe_parallelism(self.dims, self.cfg.parallel, self.param_dtype, self.device))
-        log.info("optimizer: AdamW (%s); attention: %s", resolve_adamw_implementation(self.cfg.optim, self.device),
-                 attention_description(t.document_masking, self.device, mc, t.attention))
-        log.info("batch: %d sequences x %d tokens per step = %d ranks x %d microbatches x %d", t.global_batch_size,
-                 t.seq_len, self.dims.dp, self.plan.microbatches, t.micro_batch_size)
+        log.info(
+            "model: %s params (%d layers, dim %d, vocab %d padded to %d)",
+            f"{mc.num_params():,}",
+            mc.n_layers,
+            mc.dim,
+            mc.vocab_size,
+            mc.padded_vocab_size,
+        )
+        log.info(
+            "world %d: %s",
+            self.world_size,
+            describe_parallelism(self.dims, self.cfg.parallel, self.param_dtype, self.device),
+        )
+        log.info(
+            "optimizer: AdamW (%s); attention: %s",
+            resolve_adamw_implementation(self.cfg.optim, self.device),
+            attention_description(t.document_masking, self.device, mc, t.attention),
+        )
+        log.info(
+            "batch: %d sequences x %d tokens per step = %d ranks x %d microbatches x %d",
+            t.global_batch_size,
+            t.seq_len,
+            self.dims.dp,
+            self.plan.microbatches,
+            t.micro_batch_size,
+        )
         if data_plan is not None:
             log.info("%s", data_plan)
 
@@ -159,9 +200,14 @@ class Trainer:
     # Those differ per rank and could not be mapped onto a different layout anyway.
 
     def train_state(self) -> dict:
-        return {"step": self.step, "data": self.data.state_dict(), "skipped_steps": list(self.skipped),
-                "rng": {"seed": self.cfg.training.seed, "policy": "reseeded from (seed, step) every step"},
-                "world_size": self.world_size, "layout": self.dims.describe()}
+        return {
+            "step": self.step,
+            "data": self.data.state_dict(),
+            "skipped_steps": list(self.skipped),
+            "rng": {"seed": self.cfg.training.seed, "policy": "reseeded from (seed, step) every step"},
+            "world_size": self.world_size,
+            "layout": self.dims.describe(),
+        }
 
     def _restore_train_state(self, state: dict) -> None:
         self.step = int(state["step"])
@@ -169,14 +215,16 @@ class Trainer:
         self.data.load_state_dict(state["data"])
         saved_seed = state.get("rng", {}).get("seed", self.cfg.training.seed)
         if saved_seed != self.cfg.training.seed:
-            raise ConfigError(f"training.seed={self.cfg.training.seed} is invalid for this resume: the checkpoint "
-                              f"was trained with seed {saved_seed}")
+            raise ConfigError(
+                f"training.seed={self.cfg.training.seed} is invalid for this resume: the checkpoint "
+                f"was trained with seed {saved_seed}"
+            )
 
     # ------------------------------------------------------------------ one step
 
     def train_step(self, batch) -> tuple[float, float, bool]:
         """One optimizer step at `self.step` (the caller advances it). Returns (loss, grad_norm, stepped)."""
-        torch.manual_seed((self.cfg.training.seed * 1_000_003 + self.step) % (2 ** 63))
+        torch.manual_seed((self.cfg.training.seed * 1_000_003 + self.step) % (2**63))
         self.lr = apply_lr(self.optimizers, self.cfg.optim.lr, self.lr_schedule.factor(self.step))
         loss = self.module.forward_backward(batch, self.step)
         if self.grad_hook is not None:
@@ -201,8 +249,12 @@ class Trainer:
                     metrics.paused()
                 if self.step < end and (reason := stops.reason()) is not None:
                     self.checkpointer.maybe_save(self.step, stopping=True)
-                    log.warning("stopped at step %d of %d (%s) after saving a checkpoint; run the same command "
-                                "to resume", self.step, t.steps, reason)
+                    log.warning(
+                        "stopped at step %d of %d (%s) after saving a checkpoint; run the same command to resume",
+                        self.step,
+                        t.steps,
+                        reason,
+                    )
                     result.stopped_by = reason
             if self.step == t.steps:
                 self._record_eval(self.validator.maybe_evaluate(self.step, final=True), result, metrics)
@@ -214,13 +266,29 @@ class Trainer:
     def _running(self) -> Iterator[tuple[RunMetrics, StopPolicy]]:
         """The run's metrics and stop policy, and its one cleanup path."""
         cfg, t = self.cfg, self.cfg.training
-        metrics = RunMetrics(cfg.metrics, t.run_dir, rank=self.rank, world_size=self.world_size, device=self.device,
-                             dtype=self.param_dtype, model_cfg=self.model_cfg, seq_len=t.seq_len,
-                             global_batch_size=t.global_batch_size, total_steps=t.steps, start_step=self.step,
-                             run_config=config_to_dict(cfg))
+        metrics = RunMetrics(
+            cfg.metrics,
+            t.run_dir,
+            rank=self.rank,
+            world_size=self.world_size,
+            device=self.device,
+            dtype=self.param_dtype,
+            model_cfg=self.model_cfg,
+            seq_len=t.seq_len,
+            global_batch_size=t.global_batch_size,
+            total_steps=t.steps,
+            start_step=self.step,
+            run_config=config_to_dict(cfg),
+        )
         try:
-            with StopPolicy(cfg.checkpoint.save_on_signals, t.time_limit_minutes, self._started, rank=self.rank,
-                            world_size=self.world_size, device=self.device) as stops:
+            with StopPolicy(
+                cfg.checkpoint.save_on_signals,
+                t.time_limit_minutes,
+                self._started,
+                rank=self.rank,
+                world_size=self.world_size,
+                device=self.device,
+            ) as stops:
                 yield metrics, stops
             # A background save still being written is completed: on normal exits, and after a
             # NonFiniteLossError, which every rank raises at the same step (the loss and norm are
@@ -246,8 +314,16 @@ class Trainer:
         sources = self.module.sources.last if self.module.sources is not None else {}
         if self.module.sources is not None:
             result.source_losses[step] = dict(sources)
-        metrics.train_step(self.step, {"loss": loss, **{f"loss/{n}": v for n, v in sources.items()},
-                                       "grad_norm": norm, "lr": self.lr, "skipped_steps": len(self.skipped)})
+        metrics.train_step(
+            self.step,
+            {
+                "loss": loss,
+                **{f"loss/{n}": v for n, v in sources.items()},
+                "grad_norm": norm,
+                "lr": self.lr,
+                "skipped_steps": len(self.skipped),
+            },
+        )
 
     def _skip(self, step: int, loss: float, norm: float) -> None:
         """Apply training.nonfinite to a step whose update was dropped."""
@@ -255,12 +331,15 @@ class Trainer:
         self.skipped.append(step)
         msg = f"step {step}: non-finite loss {loss} / grad norm {norm}"
         if t.nonfinite == "stop":
-            raise NonFiniteLossError(msg + "; stopped (training.nonfinite=stop); the newest checkpoint is the "
-                                     "last good state")
+            raise NonFiniteLossError(
+                msg + "; stopped (training.nonfinite=stop); the newest checkpoint is the last good state"
+            )
         log.warning("%s; step skipped (%d of at most %d)", msg, len(self.skipped), t.max_skipped_steps)
         if len(self.skipped) > t.max_skipped_steps:
-            raise NonFiniteLossError(f"{len(self.skipped)} steps skipped for non-finite losses "
-                                     f"(training.max_skipped_steps={t.max_skipped_steps}): {self.skipped}")
+            raise NonFiniteLossError(
+                f"{len(self.skipped)} steps skipped for non-finite losses "
+                f"(training.max_skipped_steps={t.max_skipped_steps}): {self.skipped}"
+            )
 
     def _record_eval(self, losses: Optional[dict[str, float]], result: TrainResult, metrics: RunMetrics) -> None:
         if losses is not None:
@@ -268,14 +347,17 @@ class Trainer:
             metrics.evaluation(self.step, losses)
 
 
-def attention_description(document_masking: bool, device: torch.device, mc: ModelConfig,
-                          attention: str = "sdpa") -> str:
+def attention_description(
+    document_masking: bool, device: torch.device, mc: ModelConfig, attention: str = "sdpa"
+) -> str:
     """The attention kernel a run uses, for the start-up log."""
     if attention == "flex" and (document_masking or mc.sliding_window is not None):
-        masks = (["document"] if document_masking else []) + \
-            ([f"sliding-window ({mc.sliding_window} tokens)"] if mc.sliding_window is not None else [])
-        kernel = "torch.compile'd kernel" if device.type != "cpu" else \
-            "torch's dense reference on CPU, slower than sdpa"
+        masks = (["document"] if document_masking else []) + (
+            [f"sliding-window ({mc.sliding_window} tokens)"] if mc.sliding_window is not None else []
+        )
+        kernel = (
+            "torch.compile'd kernel" if device.type != "cpu" else "torch's dense reference on CPU, slower than sdpa"
+        )
         return f"FlexAttention with a block-sparse {' and '.join(masks)} causal mask ({kernel})"
     if document_masking:
         what = "SDPA with a boolean block-diagonal causal mask (documents masked; no flash kernel)"
@@ -284,9 +366,15 @@ def attention_description(document_masking: bool, device: torch.device, mc: Mode
     else:
         what = "SDPA causal (is_causal: flash kernel eligible on CUDA)"
     if device.type == "cuda":
-        enabled = [name for name, on in (("flash", torch.backends.cuda.flash_sdp_enabled()),
-                                         ("mem_efficient", torch.backends.cuda.mem_efficient_sdp_enabled()),
-                                         ("cudnn", torch.backends.cuda.cudnn_sdp_enabled()),
-                                         ("math", torch.backends.cuda.math_sdp_enabled())) if on]
+        enabled = [
+            name
+            for name, on in (
+                ("flash", torch.backends.cuda.flash_sdp_enabled()),
+                ("mem_efficient", torch.backends.cuda.mem_efficient_sdp_enabled()),
+                ("cudnn", torch.backends.cuda.cudnn_sdp_enabled()),
+                ("math", torch.backends.cuda.math_sdp_enabled()),
+            )
+            if on
+        ]
         what += f"; SDPA backends enabled: {', '.join(enabled)}"
     return what

@@ -1,4 +1,5 @@
 """Held-out evaluation during a run: which steps evaluate, and the losses of every validation set."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
