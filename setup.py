@@ -36,9 +36,10 @@ setup(
         "wandb": ["wandb"],
         # mistral-common ships the Apache-2.0 Mistral SentencePiece model the tests use offline;
         # megatron-core is only the reference reader/writer and benchmark baseline of the shard format
-        # (0.16.1 is the last release that installs on Python 3.11).
+        # (0.16.1 is the last release that installs on Python 3.11); ruff is the formatter and linter that
+        # tests/unit/test_lint.py runs over the package (ruff.toml).
         "dev": ["pytest>=8", "psutil", "hypothesis", "mistral-common", "pyarrow", "tensorboard", "wandb",
-                "megatron-core==0.16.1"],
+                "megatron-core==0.16.1", "ruff"],
         "deepspeed": ["deepspeed"],
     },
     entry_points={"console_scripts": ["cptron=cptron.cli:main"]},

@@ -267,8 +267,6 @@ def _proc_status(pid: int | str = "self") -> dict[str, int]:
 
 def worker(direction: str, src: str, dst: str, max_shard_size: str) -> None:
     """Runs in the child: import, measure baseline, reset peak, convert, report JSON on stdout."""
-    import torch
-    import transformers
 
     from cptron import hf
 

@@ -54,7 +54,8 @@ WEIGHTS = {"a": 0.75, "b": 0.25}
 
 def write_shards(workdir: str, tokens: int, seed: int = 0) -> dict[str, str]:
     """Two sources of random documents, `tokens` in all; reuses shards a previous run left."""
-    from cptron.data.indexed import IndexedDataset, IndexedDatasetWriter
+    from cptron.data.indexed import IndexedDataset
+    from cptron.data.indexed_writer import IndexedDatasetWriter
 
     out = {}
     for k, name in enumerate(WEIGHTS):
@@ -97,10 +98,9 @@ def _reset_peak() -> bool:
 
 
 def run_cptron(args, shards: dict[str, str], cache: str) -> dict:
-    import torch
 
+    from cptron.data.build import build_data_loaders
     from cptron.data.config import DataConfig, SourceConfig
-    from cptron.data.loader import build_data_loaders
 
     base = _rss_mb("VmRSS")
     reset = _reset_peak()

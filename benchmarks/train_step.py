@@ -21,7 +21,7 @@ the same per-step learning rate:
    (`shift_labels` passes the same targets cptron uses), AdamW + clip_grad_norm_.
 
 All three start from the same weights (the HF model gets cptron's through the
-name mapping of `cptron.hf`), so their first losses agree; the last losses are
+name mapping of `cptron.hf_config`), so their first losses agree; the last losses are
 printed too, as a check that all three did the same arithmetic.
 
 Timing: `--warmup` untimed steps each, then `--rounds` rounds of one timed step
@@ -162,7 +162,7 @@ class HFStep:
     def __init__(self, args, cptron: CptronStep):
         from transformers import LlamaForCausalLM
 
-        from cptron.hf import cptron_to_hf_name, hf_config_from_model_config
+        from cptron.hf_config import cptron_to_hf_name, hf_config_from_model_config
         from cptron.models.llama import canonical_param_name
 
         hf_cfg = hf_config_from_model_config(cptron.trainer.model_cfg, dtype=torch.float32)

@@ -85,7 +85,7 @@ def is_compiled_module(module: nn.Module) -> bool:
     Shim (torch 2.8-2.13): torch has no public check. `torch.compile(m)` wraps m in
     `torch._dynamo.OptimizedModule` (not exported publicly); `m.compile()` compiles in place
     and only sets the private attribute `_compiled_call_impl`."""
-    from torch._dynamo import OptimizedModule
+    from torch._dynamo import OptimizedModule  # on use: keeps importing this module free of torch._dynamo
 
     return any(
         isinstance(m, OptimizedModule) or getattr(m, "_compiled_call_impl", None) is not None for m in module.modules()
@@ -113,6 +113,7 @@ def checkpoint_wrapper(module: nn.Module, *, preserve_rng_state: bool) -> nn.Mod
     `torch.utils.checkpoint.checkpoint` is a function, and a wrapper of our own would change the
     parameter-name segment (`_checkpoint_wrapped_module.`) that torch's DCP state-dict helpers
     (`torch.distributed.checkpoint.state_dict`) strip by name."""
+    # On use, as every private import here (see the module docstring).
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper as wrap
 
     return wrap(module, preserve_rng_state=preserve_rng_state)
@@ -146,6 +147,7 @@ def flex_attention_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bloc
     refuses a backward on CPU ("FlexAttention does not support backward on CPU"), eager or
     compiled. This calls the private operator `torch._higher_order_ops.flex_attention`
     directly, as the public function does, with the options it passes for CPU inputs."""
+    # On use, as every private import here (see the module docstring).
     from torch._higher_order_ops.flex_attention import flex_attention as flex_attention_op
 
     out, _, _ = flex_attention_op(
@@ -171,7 +173,7 @@ def preimport_torch_dynamo() -> None:
 
 
 def _eval_safe_pipeline_stage() -> type:
-    from torch.distributed.pipelining import PipelineStage
+    from torch.distributed.pipelining import PipelineStage  # on use: it imports torch._dynamo (about 1 s)
 
     class EvalSafePipelineStage(PipelineStage):
         """torch's PipelineStage, fixed for forward-only steps of V-shaped schedules.

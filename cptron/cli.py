@@ -24,7 +24,7 @@ import torch.distributed as dist
 from cptron import __version__
 from cptron import checkpoint as ckpt
 from cptron.config import config_to_dict, dump_yaml, parse_config
-from cptron.data.loader import build_data_loaders
+from cptron.data.build import build_data_loaders
 from cptron.data.tokenize import TokenizeConfig, run_tokenize
 from cptron.errors import ConfigError, CptronError, require
 from cptron.hf import compare_with_transformers, convert_cptron_to_hf, convert_hf_to_cptron, parse_size, tokenizer_files

@@ -22,37 +22,15 @@ docstring-parser for a parser whose replaceable part is under 200 lines.
 
 from __future__ import annotations
 
-from typing import Any
+import functools
 
 from cptron.config import parse as _parse
 from cptron.config.help import format_help
 from cptron.config.introspect import field_docs
 from cptron.config.parse import config_from_dict, config_to_dict, dump_yaml, load_yaml, validate_config
 
-
-def parse_config(
-    cls: type,
-    argv: list[str],
-    yaml_path: str | None = None,
-    prog: str = "cptron",
-    *,
-    allow_positional_yaml: bool = False,
-    description: str | None = None,
-) -> Any:
-    """A validated `cls` from its defaults, then `yaml_path`, then the overrides in `argv`.
-
-    With `allow_positional_yaml`, a positional argument (only one, and before any option)
-    is the YAML path. `-h`/`--help` prints `format_help` and exits with status 0.
-    """
-    return _parse.parse_config(
-        cls,
-        argv,
-        yaml_path,
-        prog,
-        allow_positional_yaml=allow_positional_yaml,
-        description=description,
-        format_help=format_help,
-    )
+parse_config = functools.partial(_parse.parse_config, format_help=format_help)
+"""`cptron.config.parse.parse_config` with the `--help` text bound (see the module docstring)."""
 
 
 __all__ = [

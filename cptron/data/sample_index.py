@@ -1,4 +1,4 @@
-"""Per-source sample indices: held-out split, shuffled document order, packed windows, and their cache.
+"""Per-source sample indices: held-out split, shuffled document order, packed windows, and their cache layout.
 
 A source is the concatenation of its shards' documents; document g of a source is
 document g - start[k] of its shard k. A document is Megatron's: the sequences
@@ -16,18 +16,13 @@ Samples take the windows in a second shuffled order, so that the windows of one
 long document do not land in the same batch: sample (source, epoch, k) is window
 perm_e[k].
 
-Shuffles use NumPy's legacy `RandomState`, whose stream NumPy keeps frozen
-across versions (NEP 19; the newer `Generator` streams may change), seeded from
-a hash of (seed, source, purpose, epoch): the order must survive an upgrade on
-resume. The held-out split hashes each document on its own (SplitMix64), so a
-document's side never depends on the others.
+The shuffles and the held-out split are seeded hashes (`cptron.data.shuffle`).
 
 Cache layout, per source: `<cache>/<source>-<fingerprint>/` holds `source.json`
 (sizes), `epoch-NNNNN.npy` and `validation.npy`: the bytes of an int64 header,
 the document order, the D + 1 int64 document offsets and the window order
-(int32 ids where they fit; see `pack`). Files are written
-under a temporary name and renamed, and the first process to need a missing
-file builds it under an O_EXCL lock while the others wait and then map it.
+(int32 ids where they fit; see `pack`). The files are written atomically and
+built by one process under a lock (`cptron.data.index_cache`).
 """
 
 from __future__ import annotations
@@ -36,7 +31,6 @@ import hashlib
 import json
 import logging
 import os
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -46,50 +40,14 @@ from typing import Optional
 
 import numpy as np
 
+from cptron.data.index_cache import atomic_save, atomic_write_json, load_or_build
 from cptron.data.indexed import IndexedDataset, bin_path
+from cptron.data.shuffle import held_out_mask, permutation, seed_words
 from cptron.errors import ConfigError, CptronError
 
 log = logging.getLogger("cptron.data")
 
 INDEX_FORMAT = 2
-LOCK_WAIT_S = 900.0
-"""How long a process waits for another one's index build before building itself."""
-
-_M1, _M2, _GOLDEN = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB), np.uint64(0x9E3779B97F4A7C15)
-
-
-def mix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64's finalizer (a bijection of uint64, so distinct inputs never tie)."""
-    x = np.asarray(x, dtype=np.uint64) + _GOLDEN
-    x = (x ^ (x >> np.uint64(30))) * _M1
-    x = (x ^ (x >> np.uint64(27))) * _M2
-    return x ^ (x >> np.uint64(31))
-
-
-def key64(*parts) -> np.uint64:
-    """A 64-bit key from JSON-serializable parts."""
-    digest = hashlib.blake2b(json.dumps(parts).encode(), digest_size=8).digest()
-    return np.uint64(int.from_bytes(digest, "little"))
-
-
-def seed_words(*parts) -> np.ndarray:
-    """A 128-bit RandomState seed (four uint32 words) from JSON-serializable parts."""
-    digest = hashlib.blake2b(json.dumps(parts).encode(), digest_size=16).digest()
-    return np.frombuffer(digest, dtype="<u4").astype(np.uint32)
-
-
-def permutation(n: int, seed: np.ndarray) -> np.ndarray:
-    """A random permutation of range(n) (int64), the same under every NumPy version."""
-    return np.random.RandomState(seed).permutation(n).astype(np.int64, copy=False)
-
-
-def held_out_mask(doc_ids: np.ndarray, fraction: Fraction, seed: int, source: str) -> np.ndarray:
-    """True for the documents held out for validation: a hash of (seed, source, document) below `fraction`."""
-    if fraction <= 0:
-        return np.zeros(len(doc_ids), dtype=bool)
-    threshold = np.uint64(min(int(fraction * 2**64), 2**64 - 1))
-    return mix64(doc_ids.astype(np.uint64) ^ key64("held-out", seed, source)) < threshold
-
 
 _HEADER_WORDS = 4  # int64: documents, windows, bytes per document id, bytes per window id (0: no window order)
 
@@ -167,76 +125,6 @@ def pack(
     if perm_bytes:
         out[at : at + windows * perm_bytes].view(_int_of(perm_bytes))[:] = permutation(windows, window_seed)
     return out
-
-
-def _atomic_save(path: str, arr: np.ndarray) -> None:
-    # No fsync: the cache can be rebuilt, and a file that a crash left short is detected
-    # (its length disagrees with its header) and rebuilt by SourceIndex.epoch.
-    tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as fh:
-            np.save(fh, arr, allow_pickle=False)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _atomic_write_json(path: str, data: dict) -> None:
-    tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=1)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _lock_is_stale(lock: str) -> bool:
-    """True when the lock's builder is a dead process on this host (a crash left the lock behind)."""
-    try:
-        with open(lock, encoding="utf-8") as fh:
-            host, pid = fh.read().split()
-        if host != socket.gethostname():
-            return False
-        os.kill(int(pid), 0)
-        return False
-    except ProcessLookupError:
-        return True
-    except (OSError, ValueError):
-        return False
-
-
-def load_or_build(path: str, build: Callable[[], None], wait_s: float = LOCK_WAIT_S) -> None:
-    """Make sure `path` exists: build it (`build` writes it atomically) unless another process is at it."""
-    if os.path.exists(path):
-        return
-    lock = path + ".lock"
-    deadline = time.monotonic() + wait_s
-    while not os.path.exists(path):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            if _lock_is_stale(lock) or time.monotonic() > deadline:
-                log.warning("taking over index build lock %s (its builder is gone or too slow)", lock)
-                try:
-                    os.remove(lock)
-                except FileNotFoundError:
-                    pass
-            else:
-                time.sleep(0.05)
-            continue
-        try:
-            os.write(fd, f"{socket.gethostname()} {os.getpid()}".encode())
-            os.close(fd)
-            if not os.path.exists(path):  # another builder may have finished between our checks
-                build()
-        finally:
-            try:
-                os.remove(lock)
-            except FileNotFoundError:
-                pass
 
 
 _CHUNK = 1 << 22
@@ -346,7 +234,7 @@ class SourceIndex:
 
             def build() -> None:
                 lengths, starts = document_spans(self.shards[k])
-                _atomic_save(path, np.stack([lengths, starts]))
+                atomic_save(path, np.stack([lengths, starts]))
 
             load_or_build(path, build)
             spans = np.load(path, mmap_mode="r").view(np.ndarray)
@@ -412,7 +300,7 @@ class SourceIndex:
             "validation_windows": max(val_tokens - 1, 0) // self.seq_len,
             "max_token_id": max(s.max_token_id() for s in self.shards),
         }
-        _atomic_write_json(self._path("source.json"), meta)
+        atomic_write_json(self._path("source.json"), meta)
 
     def _build_epoch(self, epoch: int) -> None:
         t0 = time.perf_counter()
@@ -425,7 +313,7 @@ class SourceIndex:
             seed_words("documents", self.seed, self.name, epoch),
             seed_words("windows", self.seed, self.name, epoch),
         )
-        _atomic_save(self._path(f"epoch-{epoch:05d}.npy"), raw)
+        atomic_save(self._path(f"epoch-{epoch:05d}.npy"), raw)
         log.info(
             "built sample index of source %s epoch %d (%d documents) in %.2f s",
             self.name,
@@ -437,7 +325,7 @@ class SourceIndex:
     def _build_validation(self) -> None:
         lengths, _, val = self._split()
         raw = pack(val, lengths[val], self.seq_len, seed_words("validation", self.seed, self.name), None)
-        _atomic_save(self._path("validation.npy"), raw)
+        atomic_save(self._path("validation.npy"), raw)
 
     def _ensure_dir(self) -> None:
         try:
@@ -632,11 +520,5 @@ __all__ = [
     "PackedIndex",
     "document_spans",
     "pack",
-    "mix64",
-    "key64",
-    "held_out_mask",
-    "permutation",
-    "seed_words",
-    "load_or_build",
     "INDEX_FORMAT",
 ]

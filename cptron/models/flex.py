@@ -125,6 +125,7 @@ def build_block_mask(
     """The BlockMask of causal attention restricted to segments and/or a sliding
     window, for a batch of B = segments.shape[0] rows (1, broadcast, without
     segments) and any number of heads. One mask serves every layer of a forward."""
+    # On use: check_attention_support is where a torch without flex attention is reported.
     from torch.nn.attention.flex_attention import BlockMask
 
     partial, full = block_tile_flags(T, device, segments, sliding_window, block_size)
@@ -145,7 +146,7 @@ def flex_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
     """softmax(q k^T / sqrt(d)) v over the pairs `block_mask` allows; q [B, Hq, T, D],
     k/v [B, Hkv, T, D] with Hq a multiple of Hkv (each k/v head serves its query
     group without being copied)."""
-    from torch.nn.attention.flex_attention import flex_attention
+    from torch.nn.attention.flex_attention import flex_attention  # on use: see build_block_mask
 
     gqa = q.shape[1] != k.shape[1]
     if torch.compiler.is_compiling():  # inside a compiled block: its compile takes the call
@@ -161,7 +162,7 @@ def flex_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
 def _compiled() -> Callable:
     global _compiled_flex_attention
     if _compiled_flex_attention is None:
-        from torch.nn.attention.flex_attention import flex_attention
+        from torch.nn.attention.flex_attention import flex_attention  # on use: see build_block_mask
 
         # Shapes are fixed within a run (seq_len, micro batch): static shapes
         # give the specialized kernels.

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cptron._torch_compat import WRAPPER_NAME_SEGMENTS, ConversionHookModule
+from cptron.models import flex
 from cptron.models.config import ModelConfig
 
 # ----------------------------------------------------------------------------- RoPE
@@ -132,10 +133,8 @@ def attention_mask_for(
         raise ValueError(f"attention_impl={impl!r} is invalid: expected 'sdpa' or 'flex'")
     if segments is None and (sliding_window is None or sliding_window >= T):
         return None
-    from cptron.models.flex import build_block_mask
-
     window = sliding_window if sliding_window is not None and sliding_window < T else None
-    return build_block_mask(T, device, segments, window)
+    return flex.build_block_mask(T, device, segments, window)
 
 
 # ------------------------------------------------------------------------- modules
@@ -180,9 +179,7 @@ class Attention(nn.Module):
             # enable_gqa, so the heads are expanded explicitly.
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=n_rep > 1)
         elif not isinstance(mask, torch.Tensor):  # a FlexAttention BlockMask
-            from cptron.models.flex import flex_attention_forward
-
-            out = flex_attention_forward(q, k, v, mask)
+            out = flex.flex_attention_forward(q, k, v, mask)
         else:
             if n_rep > 1:
                 k = k.repeat_interleave(n_rep, dim=1)

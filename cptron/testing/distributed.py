@@ -34,6 +34,7 @@ numbers unless the test seeds per rank.
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import faulthandler
 import multiprocessing
@@ -322,8 +323,6 @@ def _worker_main(
 def _die_with_parent(parent_pid: int) -> None:
     """Ask Linux to kill this worker if the test process dies, so none is orphaned."""
     if sys.platform.startswith("linux"):
-        import ctypes
-
         pr_set_pdeathsig = 1
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)

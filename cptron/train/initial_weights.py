@@ -24,14 +24,8 @@ from torch import nn
 from cptron import checkpoint as ckpt
 from cptron.distributed import barrier, local_errors, local_shard_region, raise_on_every_rank
 from cptron.errors import CheckpointError, CptronError
-from cptron.hf import (
-    cptron_to_hf_name,
-    expected_parameters,
-    hf_to_cptron_name,
-    hf_weight_map,
-    model_config_from_hf,
-    tokenizer_files,
-)
+from cptron.hf import expected_parameters, hf_weight_map, tokenizer_files
+from cptron.hf_config import cptron_to_hf_name, hf_to_cptron_name, model_config_from_hf
 from cptron.models.config import ModelConfig
 from cptron.train.model_state import PADDED, ModelPartsState, copy_duplicates
 

@@ -9,6 +9,8 @@ with the dtype's lowest value, which is what slicing means for a softmax.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
@@ -63,6 +65,4 @@ def _mask_padded_columns(logits: DTensor, vocab_size: int) -> DTensor:
 
 def loss_parallel_context(enabled: bool):
     """`loss_parallel()` when logits are vocab-sharded, else a no-op context."""
-    import contextlib
-
     return loss_parallel() if enabled else contextlib.nullcontext()

@@ -105,31 +105,36 @@ def plan_microbatches(cfg: JobConfig, dims: ParallelDims, param_dtype: torch.dty
     return MicrobatchPlan(rows, n_micro, mb)
 
 
+@dataclass(frozen=True)
+class StepLayout:
+    """Where and how this rank runs the step: the job, the model, the mesh and the batch split."""
+
+    cfg: JobConfig
+    model_cfg: ModelConfig
+    dims: ParallelDims
+    mesh: DeviceMesh
+    dp_mesh: DeviceMesh
+    """The flattened data-parallel mesh (dp_replicate x dp_shard)."""
+    device: torch.device
+    param_dtype: torch.dtype
+    plan: MicrobatchPlan
+
+
 class TrainModule(abc.ABC):
     """The model parts of this rank, their optimizers, and the step over them (see the module doc)."""
 
     def __init__(
-        self,
-        parts: list[nn.Module],
-        cfg: JobConfig,
-        model_cfg: ModelConfig,
-        dims: ParallelDims,
-        mesh: DeviceMesh,
-        dp_mesh: DeviceMesh,
-        device: torch.device,
-        plan: MicrobatchPlan,
-        *,
-        source_names: list[str],
-        loss_hook: Optional[LossHook],
+        self, parts: list[nn.Module], layout: StepLayout, *, source_names: list[str], loss_hook: Optional[LossHook]
     ):
-        self.parts = parts
-        self.optimizers = build_optimizers(parts, cfg.optim, device)
-        self.cfg, self.model_cfg, self.dims, self.device, self.plan = cfg, model_cfg, dims, device, plan
-        self.dp_group = dp_mesh.get_group()
-        self.pp_group = mesh["pp"].get_group() if dims.pp > 1 else None
-        self.loss_parallel = dims.tp > 1 and cfg.parallel.loss_parallel
+        self.parts, self.layout = parts, layout
+        self.cfg, self.model_cfg, self.device, self.plan = layout.cfg, layout.model_cfg, layout.device, layout.plan
+        self.optimizers = build_optimizers(parts, self.cfg.optim, self.device)
+        dims = layout.dims
+        self.dp_group = layout.dp_mesh.get_group()
+        self.pp_group = layout.mesh["pp"].get_group() if dims.pp > 1 else None
+        self.loss_parallel = dims.tp > 1 and self.cfg.parallel.loss_parallel
         self.loss_hook = loss_hook
-        self.sources = SourceLosses(source_names, device) if source_names else None
+        self.sources = SourceLosses(source_names, self.device) if source_names else None
         self.last_loss = 0.0
 
     # -------------------------------------------------------------- the step
@@ -281,39 +286,31 @@ class PipelineTrainModule(TrainModule):
     def __init__(
         self,
         parts: list[nn.Module],
-        cfg: JobConfig,
-        model_cfg: ModelConfig,
-        dims: ParallelDims,
-        mesh: DeviceMesh,
-        dp_mesh: DeviceMesh,
-        device: torch.device,
-        plan: MicrobatchPlan,
+        layout: StepLayout,
         *,
         stage_ids: list[int],
         n_stages: int,
         source_names: list[str],
         loss_hook: Optional[LossHook],
     ):
-        if source_names and not SourceLosses.fit_pipeline(source_names, plan.sequences_per_rank):
+        if source_names and not SourceLosses.fit_pipeline(source_names, layout.plan.sequences_per_rank):
             source_names = []
-        super().__init__(
-            parts, cfg, model_cfg, dims, mesh, dp_mesh, device, plan, source_names=source_names, loss_hook=loss_hook
-        )
-        pcfg = cfg.parallel
+        super().__init__(parts, layout, source_names=source_names, loss_hook=loss_hook)
+        pcfg = self.cfg.parallel
         self.pipeline = pl.build_pipeline_schedule(
             parts,
             stage_ids,
             n_stages,
             self.pp_group,
-            device,
-            plan.pipeline_microbatches,
+            self.device,
+            self.plan.pipeline_microbatches,
             self._loss_fn,
             pcfg.pp_schedule,
         )
         self.tied_sync = None
-        if model_cfg.tie_embeddings:
-            first, last = pl.tied_stage_ranks(dims.pp, pcfg.pp_stages_per_rank, pcfg.pp_schedule)
-            self.tied_sync = pl.TiedEmbeddingSync(parts, mesh, first, last)
+        if self.model_cfg.tie_embeddings:
+            first, last = pl.tied_stage_ranks(layout.dims.pp, pcfg.pp_stages_per_rank, pcfg.pp_schedule)
+            self.tied_sync = pl.TiedEmbeddingSync(parts, layout.mesh, first, last)
             log.info(
                 "tied embeddings: pipeline ranks %d and %d hold the input and output copies; their "
                 "gradients are summed every step",
@@ -375,23 +372,13 @@ class PipelineTrainModule(TrainModule):
 
 
 def build_train_module(
-    cfg: JobConfig,
-    model_cfg: ModelConfig,
-    dims: ParallelDims,
-    mesh: DeviceMesh,
-    dp_mesh: DeviceMesh,
-    device: torch.device,
-    param_dtype: torch.dtype,
-    plan: MicrobatchPlan,
-    *,
-    initialize: bool,
-    source_names: list[str],
-    loss_hook: Optional[LossHook] = None,
+    layout: StepLayout, *, initialize: bool, source_names: list[str], loss_hook: Optional[LossHook] = None
 ) -> TrainModule:
     """Build this rank's model parts on the meta device (the whole model, or its pipeline stages),
     parallelize each from outside, materialize them, initialize them by (seed, parameter name)
     unless a checkpoint will overwrite every weight (`initialize`), and wrap them in the train module
     of the execution mode."""
+    cfg, model_cfg, dims, mesh, device = layout.cfg, layout.model_cfg, layout.dims, layout.mesh, layout.device
     pcfg, t = cfg.parallel, cfg.training
     check_attention_support(t.attention, device, compiled=pcfg.compile)
     if dims.pp > 1:
@@ -406,14 +393,12 @@ def build_train_module(
             parts = [Transformer(model_cfg)]
     for part in parts:
         part.attention_impl = t.attention
-        parallelize_llama(part, mesh, dims, pcfg, param_dtype=param_dtype)
+        parallelize_llama(part, mesh, dims, pcfg, param_dtype=layout.param_dtype)
         part.to_empty(device=device)
         if initialize:
             part.init_weights(t.seed)
         part.train()
     common = dict(source_names=source_names, loss_hook=loss_hook)
     if dims.pp > 1:
-        return PipelineTrainModule(
-            parts, cfg, model_cfg, dims, mesh, dp_mesh, device, plan, stage_ids=stage_ids, n_stages=n_stages, **common
-        )
-    return PlainTrainModule(parts, cfg, model_cfg, dims, mesh, dp_mesh, device, plan, **common)
+        return PipelineTrainModule(parts, layout, stage_ids=stage_ids, n_stages=n_stages, **common)
+    return PlainTrainModule(parts, layout, **common)

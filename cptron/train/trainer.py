@@ -28,8 +28,8 @@ import torch
 import torch.nn as nn
 
 from cptron.config import config_to_dict, validate_config
+from cptron.data.build import build_data_loaders
 from cptron.data.interface import BatchSource
-from cptron.data.loader import build_data_loaders
 from cptron.distributed import setup_distributed
 from cptron.errors import ConfigError, NonFiniteLossError, require
 from cptron.models.config import ModelConfig
@@ -42,7 +42,7 @@ from cptron.train.lr import apply_lr, build_lr_schedule
 from cptron.train.metrics import RunMetrics
 from cptron.train.optim import resolve_adamw_implementation
 from cptron.train.stop import EXIT_RESUMABLE, StopPolicy
-from cptron.train.train_module import LossHook, build_train_module, plan_microbatches
+from cptron.train.train_module import LossHook, StepLayout, build_train_module, plan_microbatches
 from cptron.train.validation import Validator
 
 __all__ = ["EXIT_RESUMABLE", "NonFiniteLossError", "TrainResult", "Trainer"]
@@ -120,15 +120,9 @@ class Trainer:
             self.data, val_sets = data_factory(dp_rank, self.dims.dp)
         # Weights that a checkpoint will overwrite are not initialized first:
         # initialization builds each full tensor on every rank, which is slow at 8B.
+        layout = StepLayout(cfg, mc, self.dims, self.mesh, self.dp_mesh, self.device, self.param_dtype, self.plan)
         self.module = build_train_module(
-            cfg,
-            mc,
-            self.dims,
-            self.mesh,
-            self.dp_mesh,
-            self.device,
-            self.param_dtype,
-            self.plan,
+            layout,
             initialize=latest is None and not init_from,
             source_names=list(self.data.source_names),
             loss_hook=loss_hook,

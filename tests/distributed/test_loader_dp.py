@@ -4,9 +4,9 @@ import os
 import numpy as np
 import pytest
 
+from cptron.data.build import build_data_loaders
 from cptron.data.config import DataConfig, SourceConfig
-from cptron.data.indexed import IndexedDatasetWriter
-from cptron.data.loader import build_data_loaders
+from cptron.data.indexed_writer import IndexedDatasetWriter
 from cptron.data.sample_index import SourceIndex
 from cptron.errors import CptronError
 from cptron.testing.distributed import run_distributed

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from cptron.data.config import DataConfig, ReplayConfig, SourceConfig
-from cptron.data.indexed import IndexedDatasetWriter
+from cptron.data.indexed_writer import IndexedDatasetWriter
 from cptron.parallel.dims import ParallelConfig
 from cptron.testing.distributed import run_distributed
 from cptron.testing.training import VOCAB, make_train_config

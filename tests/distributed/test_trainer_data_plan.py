@@ -8,7 +8,7 @@ import os
 import numpy as np
 
 from cptron.data.config import DataConfig, SourceConfig
-from cptron.data.indexed import IndexedDatasetWriter
+from cptron.data.indexed_writer import IndexedDatasetWriter
 from cptron.errors import CptronError
 from cptron.parallel.dims import ParallelConfig
 from cptron.testing.distributed import run_distributed

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import yaml
 
-from cptron.data.indexed import IndexedDatasetWriter
+from cptron.data.indexed_writer import IndexedDatasetWriter
 
 VOCAB = 500
 STEPS = 30

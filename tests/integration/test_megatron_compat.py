@@ -4,7 +4,8 @@ import warnings
 import numpy as np
 import pytest
 
-from cptron.data.indexed import IndexedDataset, IndexedDatasetWriter
+from cptron.data.indexed import IndexedDataset
+from cptron.data.indexed_writer import IndexedDatasetWriter
 from cptron.data.tokenize import TokenizeConfig, run_tokenize
 from cptron.testing.fixtures import bible_text, train_bpe_tokenizer
 

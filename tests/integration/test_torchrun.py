@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from cptron.data.indexed import IndexedDatasetWriter
+from cptron.data.indexed_writer import IndexedDatasetWriter
 
 
 def _children(pid: int) -> list[int]:

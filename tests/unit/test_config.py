@@ -8,8 +8,15 @@ from typing import Literal, Optional
 import pytest
 import yaml
 
-from cptron.config import (config_from_dict, config_to_dict, dump_yaml, field_docs, format_help,
-                           parse_config, validate_config)
+from cptron.config import (
+    config_from_dict,
+    config_to_dict,
+    dump_yaml,
+    field_docs,
+    format_help,
+    parse_config,
+    validate_config,
+)
 from cptron.data.config import DataConfig, SourceConfig, StageConfig
 from cptron.errors import ConfigError
 from cptron.models.config import PRESETS, ModelConfig

@@ -14,7 +14,6 @@ from cptron.testing.fixtures import (
     train_bpe_tokenizer,
 )
 
-
 # --------------------------------------------------------------------------- text
 
 

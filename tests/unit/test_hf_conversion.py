@@ -9,8 +9,8 @@ from safetensors.torch import load_file, save_file
 
 from cptron import checkpoint as ckpt
 from cptron.errors import CheckpointError, ConversionError
-from cptron.hf import (compare_with_transformers, convert_cptron_to_hf, convert_hf_to_cptron,
-                       model_config_from_hf)
+from cptron.hf import compare_with_transformers, convert_cptron_to_hf, convert_hf_to_cptron
+from cptron.hf_config import model_config_from_hf
 
 VOCAB = 300
 

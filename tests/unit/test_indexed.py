@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cptron.data.indexed import (INDEX_MAGIC, IndexedDataset, IndexedDatasetWriter, best_dtype, read_sidecar,
-                                 shard_prefixes)
+from cptron.data.indexed import INDEX_MAGIC, IndexedDataset, best_dtype, read_sidecar, shard_prefixes
+from cptron.data.indexed_writer import IndexedDatasetWriter
 from cptron.errors import CptronError
 
 DOCS = [[5, 1, 2], [7], [0, 9, 9, 9, 3], [4, 4]]

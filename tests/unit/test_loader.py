@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+from cptron.data.build import build_data_loaders
 from cptron.data.config import DataConfig, ReplayConfig, SourceConfig, StageConfig
-from cptron.data.indexed import IndexedDataset, IndexedDatasetWriter
+from cptron.data.indexed import IndexedDataset
+from cptron.data.indexed_writer import IndexedDatasetWriter
 from cptron.data.interface import IGNORE_INDEX, BatchSource
-from cptron.data.loader import build_data_loaders
 from cptron.errors import ConfigError, CptronError
 
 VOCAB = 1000
@@ -454,7 +455,7 @@ def test_an_index_lock_left_by_a_dead_builder_is_taken_over(tmp_path):
     import subprocess
     import sys
 
-    from cptron.data.sample_index import load_or_build
+    from cptron.data.index_cache import load_or_build
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     target = str(tmp_path / "index.npy")
@@ -495,7 +496,8 @@ def test_foreign_or_malformed_states_are_refused_and_leave_the_loader_unchanged(
 
 @pytest.mark.parametrize("big_ids", [False, True])
 def test_packed_index_round_trips_with_32_and_64_bit_document_ids(big_ids):
-    from cptron.data.sample_index import PackedIndex, pack, seed_words
+    from cptron.data.sample_index import PackedIndex, pack
+    from cptron.data.shuffle import seed_words
     lengths = np.array([5, 0, 7, 3, 9], dtype=np.int64)
     ids = np.array([0, 1, 2, 3, 4], dtype=np.int64) + (2**31 if big_ids else 0)
     raw = pack(ids, lengths, 4, seed_words("t"), seed_words("w"))

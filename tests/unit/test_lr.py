@@ -8,7 +8,7 @@ import torch
 
 from cptron.config import config_from_dict, field_docs
 from cptron.errors import ConfigError
-from cptron.train.lr import (SCHEDULES, LRConfig, Phase, PhasedSchedule, apply_lr, build_lr_schedule, chain)
+from cptron.train.lr import SCHEDULES, LRConfig, Phase, PhasedSchedule, apply_lr, build_lr_schedule, chain
 
 
 def factors(cfg: LRConfig, total: int, extra: int = 3) -> list[float]:

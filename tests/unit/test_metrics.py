@@ -11,8 +11,16 @@ import torch
 from cptron.config import config_from_dict, field_docs
 from cptron.errors import ConfigError
 from cptron.models.config import PRESETS
-from cptron.train.metrics import (FLOP_CONVENTION, MetricsConfig, MetricsLogger, Throughput, device_peak_flops,
-                                  flops_per_token, memory_stats, peak_tflops_for_name)
+from cptron.train.metrics import (
+    FLOP_CONVENTION,
+    MetricsConfig,
+    MetricsLogger,
+    Throughput,
+    device_peak_flops,
+    flops_per_token,
+    memory_stats,
+    peak_tflops_for_name,
+)
 
 
 def make_logger(tmp_path, rank=0, start_step=0, total_steps=100, **fields):
