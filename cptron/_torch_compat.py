@@ -34,6 +34,10 @@ cptron's floor, means the behaviour or the missing API is older than the floor.
 - `preimport_torch_dynamo`: torch 2.13; DTensor (TP, FSDP2, DCP) imports the private
   `torch._dynamo` lazily on its first op, about 2 s; the test harness
   (`cptron.testing.distributed`) imports it once before forking ranks.
+- `dcp_file_extents`: torch 2.8-2.13; a DCP checkpoint's data files and their lengths are
+  known only from the private `torch.distributed.checkpoint.filesystem._StorageInfo` entries
+  of its metadata, and torch checks no length: a truncated `.distcp` fails inside DCP with an
+  error that does not name the file (`cptron.safe_dcp` checks them first).
 
 Not here: `cptron/distributed.py` (`local_shard_region`) is the one home of
 `torch.distributed.tensor._utils.compute_local_shape_and_global_offset`.
@@ -154,6 +158,24 @@ def flex_attention_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bloc
         q, k, v, _identity_score, block_mask.as_tuple(), scale, dict(_FLEX_CPU_KERNEL_OPTIONS)
     )
     return out
+
+
+# ----------------------------------------------------------------------------- checkpoint files
+
+
+def dcp_file_extents(metadata: Any) -> dict[str, int]:
+    """{data file, relative to the checkpoint: bytes it must hold} for the DCP metadata of a
+    checkpoint written by `FileSystemWriter`.
+
+    Shim (torch 2.8-2.13): `Metadata.storage_data` is typed `Any`; the filesystem storage fills
+    it with the private `_StorageInfo(relative_path, offset, length)`, and nothing public reads
+    it. torch's reader checks no file length, so a truncated data file fails deep inside DCP
+    (`EOFError`, or a zip error from `torch.load`) without naming the file."""
+    extents: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        end = int(info.offset) + int(info.length)
+        extents[info.relative_path] = max(extents.get(info.relative_path, 0), end)
+    return extents
 
 
 # ----------------------------------------------------------------------------- test harness

@@ -40,15 +40,16 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from cptron.distributed import barrier, get_rank, is_distributed, raise_on_every_rank, run_on_rank0
-from cptron.errors import CheckpointError, ConfigError
+from cptron.distributed import barrier, get_rank, is_distributed, local_errors, raise_on_every_rank, run_on_rank0
+from cptron.errors import CheckpointError, ConfigError, CptronError
 from cptron.models.config import ModelConfig
 from cptron.models.llama import build_model
+from cptron.safe_dcp import SafeFileSystemReader, TensorOnlyLoadPlanner, read_dcp_metadata
 
 FORMAT_VERSION = 1
 META_FILE = "cptron.json"
@@ -118,9 +119,10 @@ def read_meta(path: str | os.PathLike) -> dict:
 
 
 def tensor_metadata(path: str | os.PathLike) -> dict[str, tuple[torch.Size, torch.dtype]]:
-    """Global shape and dtype of every tensor stored in the DCP checkpoint at `path`."""
+    """Global shape and dtype of every tensor stored in the DCP checkpoint at `path`; a damaged or
+    foreign `.metadata` or data file is a CheckpointError naming it (see `cptron.safe_dcp`)."""
 
-    md = FileSystemReader(str(path)).read_metadata()
+    md = read_dcp_metadata(path)
     return {
         k: (v.size, v.properties.dtype)
         for k, v in md.state_dict_metadata.items()
@@ -360,15 +362,34 @@ def load_state(path: str | os.PathLike, state_dict: dict[str, Any]) -> None:
     """Load the entries of `state_dict` (a subset of the checkpoint is fine) in place.
 
     Tensors (plain or DTensor) receive their local shards, whatever layout wrote them.
+    Collective when a process group is initialized. Only tensors are read: a bytes entry,
+    a foreign `.metadata` or a truncated file is refused naming it (see `cptron.safe_dcp`).
     """
     path = Path(path)
     read_meta(path)  # refuses incomplete or foreign directories first
+    # Checked here too, so that a damaged file is named on every rank before DCP starts.
+    _, error = local_errors(lambda: read_dcp_metadata(path))
+    raise_on_every_rank(error, error_type=CheckpointError)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
         try:
-            dcp.load(state_dict, storage_reader=FileSystemReader(str(path)))
+            dcp.load(state_dict, storage_reader=SafeFileSystemReader(str(path)), planner=TensorOnlyLoadPlanner(path))
         except (Exception, CheckpointException) as e:
-            raise CheckpointError(f"loading checkpoint {path} failed: {_describe(e)}") from e
+            own = _own_error(e)
+            raise CheckpointError(own or f"loading checkpoint {path} failed: {_describe(e)}") from e
+
+
+def _own_error(e: BaseException) -> Optional[str]:
+    """The message of a CptronError that DCP wrapped in its CheckpointException (the first rank's)."""
+    if isinstance(e, CptronError):
+        return str(e)
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict):
+        for _, failure in sorted(failures.items()):
+            err = failure[0] if isinstance(failure, tuple) else failure
+            if isinstance(err, CptronError):
+                return str(err)
+    return None
 
 
 def model_config_from_meta(meta: dict, path: str | os.PathLike, **overrides: Any) -> ModelConfig:

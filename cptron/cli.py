@@ -11,7 +11,9 @@
 
 from __future__ import annotations
 
+import gc
 import logging
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,12 +29,12 @@ from cptron.config import config_to_dict, dump_yaml, parse_config
 from cptron.data.build import build_data_loaders
 from cptron.data.tokenize import TokenizeConfig, run_tokenize
 from cptron.errors import ConfigError, CptronError, require
-from cptron.hf import compare_with_transformers, convert_cptron_to_hf, convert_hf_to_cptron, parse_size, tokenizer_files
+from cptron.hf import compare_export, convert_cptron_to_hf, convert_hf_to_cptron, parse_size, tokenizer_files
 from cptron.models.config import ModelConfig
 from cptron.models.llama import build_model
 from cptron.train.checkpointer import TrainCheckpointer
 from cptron.train.config import JobConfig
-from cptron.train.initial_weights import model_config_for_init
+from cptron.train.initial_weights import model_config_for_init, tokenizer_dir_of
 
 log = logging.getLogger("cptron")
 
@@ -137,7 +139,8 @@ class VerifyConfig:
     seed: int = 0
     """Seed of the random probe tokens."""
     tolerance: float = 1e-5
-    """Largest allowed absolute logit difference (both models run in float32)."""
+    """Largest allowed absolute logit difference; both models run in float32, cptron's weights rounded to the
+    export's dtype (e.g. bf16) as the export rounds them, so the default fits every export dtype."""
 
     def validate(self) -> None:
         require(bool(self.checkpoint), "checkpoint", self.checkpoint, "a cptron checkpoint directory")
@@ -193,11 +196,17 @@ def run_cptron_to_hf(cfg: CptronToHFConfig) -> None:
 
 
 def run_verify(cfg: VerifyConfig) -> float:
-    diff = compare_with_transformers(
-        cfg.checkpoint, cfg.hf, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed
-    )
+    result = compare_export(cfg.checkpoint, cfg.hf, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed)
+    diff, dtypes = result.diff, "/".join(result.dtypes)
     verdict = "OK" if diff <= cfg.tolerance else "MISMATCH"
-    print(f"max |logits(cptron) - logits(transformers)| = {diff:.3e} (tolerance {cfg.tolerance:.0e}): {verdict}")
+    # Identical numbers: no weight was rounded (the export keeps the checkpoint's dtype).
+    rounded = result.rounding != diff
+    print(
+        f"max |logits(cptron) - logits(transformers)| = {diff:.3e}"
+        + (f" with cptron's weights rounded to the export's {dtypes}" if rounded else "")
+        + f" (tolerance {cfg.tolerance:.0e}): {verdict}"
+        + (f"; rounding to {dtypes} itself moves the logits by up to {result.rounding:.3e}" if rounded else "")
+    )
     if diff > cfg.tolerance:
         raise SystemExit(1)
     return diff
@@ -208,13 +217,14 @@ def run_train(cfg: JobConfig) -> None:
     # conversion and data commands never need.
     from cptron.train.trainer import EXIT_RESUMABLE, Trainer
 
+    trainer = None
     try:
         trainer = Trainer(cfg)
         if trainer.rank == 0:
             Path(cfg.training.run_dir).mkdir(parents=True, exist_ok=True)
             dump_yaml(cfg, str(Path(cfg.training.run_dir) / "config.yaml"))
         result = trainer.run()
-        if trainer.rank == 0:
+        if trainer.rank == 0 and result.losses:  # no losses: it had finished already, and said so
             last = result.losses.get(result.last_step - 1)
             log.info(
                 "%s at step %d%s",
@@ -223,8 +233,18 @@ def run_train(cfg: JobConfig) -> None:
                 f", last loss {last:.4f}" if last is not None else "",
             )
     finally:
+        if trainer is not None:  # released already unless an error came between set-up and run
+            trainer.close()
+            # Background work ends before its process groups: a pending async save was waited for
+            # (unless an error made that unsafe), and its gloo group goes before the default one.
+            trainer.checkpointer.destroy_async_group()
         if dist.is_initialized():
-            dist.destroy_process_group()
+            dist.destroy_process_group()  # every group: the default one and all subgroups
+        # The groups' C++ objects (held by the model parts, the mesh, the checkpointer) are freed
+        # now, while the interpreter is whole: freed during its shutdown, their worker threads
+        # can abort the process ("terminate called without an active exception").
+        trainer = None
+        gc.collect()
     if result.stopped_by is not None:
         raise SystemExit(EXIT_RESUMABLE)
 
@@ -234,6 +254,7 @@ def run_data_plan(cfg: JobConfig) -> str:
     t = cfg.training
     init_from = cfg.checkpoint.init_from
     model_cfg = model_config_for_init(init_from, cfg.model.pad_vocab_to_multiple_of) if init_from else cfg.model
+    latest = TrainCheckpointer(cfg.checkpoint, t.run_dir, model_cfg=model_cfg).resume_path()
     loader, validation = build_data_loaders(
         cfg.data,
         seq_len=t.seq_len,
@@ -243,9 +264,9 @@ def run_data_plan(cfg: JobConfig) -> str:
         vocab_size=model_cfg.vocab_size,
         seed=t.seed,
         total_steps=t.steps,
+        tokenizer=t.tokenizer or tokenizer_dir_of(init_from) or tokenizer_dir_of(latest and str(latest)),
     )
     lines = []
-    latest = TrainCheckpointer(cfg.checkpoint, t.run_dir, model_cfg=model_cfg).resume_path()
     if latest is not None:
         loader.load_state_dict(ckpt.read_meta(latest)["train_state"]["data"])
         lines.append(f"resuming from {latest} (step {loader.step})")
@@ -278,6 +299,19 @@ COMMANDS: dict[tuple[str, ...], tuple[type, Callable]] = {
     ("train",): (JobConfig, run_train),
 }
 
+# The description of a command whose config class describes another command: `data plan` reads
+# the train config, whose docstring is the train command's.
+DESCRIPTIONS: dict[tuple[str, ...], str] = {
+    ("data", "plan"): (
+        "Show what a train config's data section feeds the run: sources, mixture per stage, samples "
+        "and epochs, from its newest checkpoint if any (builds the sample-index cache)."
+    ),
+}
+
+
+def _description(path: tuple[str, ...], cls: type) -> str:
+    return DESCRIPTIONS.get(path) or (cls.__doc__ or "").strip()
+
 
 def _overview() -> str:
     lines = [
@@ -288,15 +322,21 @@ def _overview() -> str:
         "commands:",
     ]
     for path, (cls, _) in COMMANDS.items():
-        summary = (cls.__doc__ or "").strip().splitlines()[0]
+        summary = _description(path, cls).splitlines()[0]
         lines.append(f"  {' '.join(path):<26} {summary}")
     lines += ["", "`cptron <command> --help` lists every field of a command."]
     return "\n".join(lines)
 
 
 def _setup_logging() -> None:
+    # Under torchrun every rank would print the same info lines: only global rank 0 logs INFO;
+    # warnings and errors, which may concern one rank alone, show everywhere, naming the rank.
+    rank = os.environ.get("RANK")
+    prefix = f"[rank {rank}] " if rank is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+        level=logging.INFO if rank in (None, "0") else logging.WARNING,
+        format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
     )
 
 
@@ -327,7 +367,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     prog = "cptron " + " ".join(path)
     try:
-        cfg = parse_config(cls, rest, prog=prog, description=cls.__doc__, allow_positional_yaml=True)
+        cfg = parse_config(cls, rest, prog=prog, description=_description(path, cls), allow_positional_yaml=True)
         _setup_logging()
         runner(cfg)
     except CptronError as e:

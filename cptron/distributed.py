@@ -2,13 +2,17 @@
 
 Owns: joining the launcher's process group (`setup_distributed`), rank/world size/barrier,
 rank 0's value on every rank, running a step on rank 0 alone, turning one rank's error into
-the same error on every rank (so no rank is left waiting in a collective), and the position
-of a DTensor's local shard in its global tensor (the only use of torch's private helper for it).
+the same error on every rank (so no rank is left waiting in a collective), tying a worker's life
+to its launcher's (`die_with_parent`), and the position of a DTensor's local shard in its global
+tensor (the only use of torch's private helper for it).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
 from collections.abc import Callable
 from typing import Any, Optional
 
@@ -18,6 +22,10 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 
 from cptron import errors
 from cptron.errors import ConfigError, CptronError
+
+# The process that started this one (the launcher, for a worker), as seen when cptron was
+# imported: compared after the parent-death signal is set, to catch a launcher that died first.
+_STARTED_BY = (os.getpid(), os.getppid())
 
 
 def is_distributed() -> bool:
@@ -123,8 +131,39 @@ def setup_distributed(device_choice: str) -> tuple[int, int, torch.device]:
     if not dist.is_initialized():
         backend = "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            _end_with_launcher()
             dist.init_process_group(backend)
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def die_with_parent(sig: int, parent_pid: int) -> bool:
+    """Ask Linux to send `sig` to this process when its parent exits (PR_SET_PDEATHSIG; a no-op
+    elsewhere). Returns False if the parent is no longer `parent_pid`: it died before the request
+    took effect, so the signal will never come and the caller should exit."""
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(pr_set_pdeathsig, int(sig), 0, 0, 0)
+    return os.getppid() == parent_pid
+
+
+def _end_with_launcher() -> None:
+    """Make this worker stop when its launcher dies. torchrun puts each worker in a session of its
+    own, so a SIGKILL to torchrun alone (or an OOM kill of it) otherwise leaves the workers
+    training and writing checkpoints, and the next run collides with them.
+
+    The worker gets SIGTERM instead: during `Trainer.run` with SIGTERM in checkpoint.save_on_signals
+    (the default) every rank finishes its step, agrees to stop (any rank's signal stops all, so
+    ranks of other nodes, whose launchers live, stop too), saves and exits 75; before the run, or
+    without that setting, SIGTERM's default action ends it at once. No rank waits forever: a rank
+    whose peer is gone fails in its next collective after the process group's timeout (torch's
+    default: 10 min with NCCL, 30 min with gloo), and a second SIGTERM more than 5 s after the first
+    kills at once (cptron.train.stop)."""
+    pid, parent = _STARTED_BY
+    if pid != os.getpid():  # forked after cptron was imported: our parent is whoever forked us
+        parent = os.getppid()
+    if not die_with_parent(signal.SIGTERM, parent):
+        raise CptronError(f"the launcher (pid {parent}) that started this worker has exited; not joining its job")

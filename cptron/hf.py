@@ -20,7 +20,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from safetensors import safe_open
@@ -35,6 +35,7 @@ from cptron.hf_config import (
     cptron_to_hf_name,
     hf_config_from_model_config,
     hf_to_cptron_name,
+    json_type_name,
     model_config_from_hf,
 )
 from cptron.models.config import ModelConfig
@@ -81,7 +82,7 @@ def hf_weight_map(hf_dir: Path) -> dict[str, Path]:
     index = hf_dir / "model.safetensors.index.json"
     single = hf_dir / "model.safetensors"
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
+        weight_map = _read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ConversionError(f"{index}: no weight_map")
         files = {name: hf_dir / shard for name, shard in weight_map.items()}
@@ -92,9 +93,10 @@ def hf_weight_map(hf_dir: Path) -> dict[str, Path]:
     if single.is_file():
         with _open_safetensors(single) as f:
             return {name: single for name in f.keys()}
-    if any(hf_dir.glob("*.bin")):
+    pickled = sorted(hf_dir.glob("*.bin"))
+    if pickled:  # never loaded: unpickling can run arbitrary code
         raise ConversionError(
-            f"{hf_dir} holds PyTorch .bin weights; only safetensors is supported "
+            f"{pickled[0]} holds PyTorch .bin (pickle) weights; only safetensors is supported "
             "(re-save with save_pretrained(safe_serialization=True))"
         )
     raise ConversionError(f"{hf_dir}: neither model.safetensors nor model.safetensors.index.json found")
@@ -104,9 +106,12 @@ def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise ConversionError(f"{path} is missing")
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConversionError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path} holds a JSON {json_type_name(data)}: expected a JSON object")
+    return data
 
 
 def expected_parameters(cfg: ModelConfig) -> dict[str, torch.Size]:
@@ -396,16 +401,55 @@ def _write_generation_config(out: Path, hf_cfg, original: Optional[dict]) -> Non
     gen.save_pretrained(out)
 
 
+class ExportComparison(NamedTuple):
+    """What `convert verify` measures on an export."""
+
+    diff: float
+    """Largest |logit difference| against the checkpoint rounded to the export's dtypes (what is checked)."""
+    rounding: float
+    """Largest |logit difference| against the checkpoint as stored: what rounding to the export dtype costs."""
+    dtypes: list[str]
+    """The dtypes of the exported tensors."""
+
+
+def export_dtypes(hf_dir: Path) -> dict[str, torch.dtype]:
+    """HF tensor name -> dtype as stored in the safetensors headers (nothing is loaded); refuses .bin weights."""
+    dtypes = {}
+    for path, names in _names_by_file(hf_weight_map(hf_dir)).items():
+        with _open_safetensors(path) as f:
+            for name in names:
+                try:
+                    code = f.get_slice(name).get_dtype()
+                except Exception as e:  # safetensors raises its own error types
+                    raise ConversionError(f"tensor {name!r} is not in {path} although the index names it: {e}") from e
+                dtypes[name] = _safetensors_dtype(code, name)
+    return dtypes
+
+
+def _names_by_file(files: dict[str, Path]) -> dict[Path, list[str]]:
+    by_file: dict[Path, list[str]] = {}
+    for name, path in files.items():
+        by_file.setdefault(path, []).append(name)
+    return by_file
+
+
 @torch.no_grad()
-def compare_with_transformers(
+def compare_export(
     checkpoint: str | os.PathLike, hf_dir: str | os.PathLike, batch_size: int = 2, seq_len: int = 64, seed: int = 0
-) -> float:
-    """Largest absolute difference between cptron's and transformers' float32 logits
-    for the same random tokens (the real vocabulary only)."""
+) -> ExportComparison:
+    """cptron's and transformers' float32 logits for the same random tokens (the real vocabulary only).
+
+    Both models run in float32. The export stores each tensor in its own dtype (e.g. bf16 after
+    `--dtype bfloat16`), so the checkpoint's weights are rounded to those dtypes, exactly as the export
+    rounds them, before the checked comparison: what remains is float32 arithmetic only, whatever the
+    export dtype, while a wrong tensor still moves the logits by about their own size."""
     from transformers import AutoModelForCausalLM  # deferred: see hf_config._with_transformers_defaults
 
+    hf_dir = Path(hf_dir)
+    dtypes = export_dtypes(hf_dir)  # before transformers sees the directory: refuses pickle weights
     model = ckpt.load_model(checkpoint).float().eval()
-    hf_model = AutoModelForCausalLM.from_pretrained(hf_dir).float().eval()
+    # use_safetensors: never fall back to unpickling a .bin that lies beside the safetensors files
+    hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, use_safetensors=True).float().eval()
     vocab = model.cfg.vocab_size
     if hf_model.config.vocab_size != vocab:
         raise ConversionError(
@@ -413,6 +457,19 @@ def compare_with_transformers(
         )
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, vocab, (batch_size, seq_len), generator=gen)
-    ours = model(tokens)[..., :vocab]
     theirs = hf_model(tokens).logits
-    return (ours - theirs).abs().max().item()
+    rounding = (model(tokens)[..., :vocab] - theirs).abs().max().item()
+    for name, p in model.named_parameters():
+        dtype = dtypes.get(cptron_to_hf_name(name))
+        if dtype is not None and dtype != p.dtype:
+            p.copy_(p.to(dtype))
+    diff = (model(tokens)[..., :vocab] - theirs).abs().max().item()
+    return ExportComparison(diff, rounding, sorted({str(d).removeprefix("torch.") for d in dtypes.values()}))
+
+
+def compare_with_transformers(
+    checkpoint: str | os.PathLike, hf_dir: str | os.PathLike, batch_size: int = 2, seq_len: int = 64, seed: int = 0
+) -> float:
+    """Largest absolute difference between cptron's and transformers' float32 logits, with the
+    checkpoint's weights rounded to the export's dtypes (see `compare_export`)."""
+    return compare_export(checkpoint, hf_dir, batch_size=batch_size, seq_len=seq_len, seed=seed).diff

@@ -137,8 +137,16 @@ def _with_transformers_defaults(hf: dict, family: str) -> dict:
     return {**full, **hf}
 
 
+def json_type_name(value) -> str:
+    """JSON's name for the type of a parsed value (array, null, ...), for messages about the wrong kind."""
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
 def model_config_from_hf(hf: dict, pad_vocab_to_multiple_of: int = 1) -> ModelConfig:
     """cptron ModelConfig of an HF `config.json` dict; ConversionError names what is unsupported."""
+    if not isinstance(hf, dict):  # valid JSON need not be an object: [1, 2] or null would fail below
+        raise ConversionError(f"config.json holds a JSON {json_type_name(hf)}: expected a JSON object")
     archs = hf.get("architectures") or []
     arch = archs[0] if archs else None
     if arch not in HF_ARCHITECTURES:

@@ -1,7 +1,7 @@
 """Building the mixture loader and its validation sets from a DataConfig.
 
 `build_data_loaders` opens the sources (`open_sources`: shards found and fingerprinted),
-checks the token ids and builds the missing sample indices on rank 0 (sources in
+refuses shards made with another tokenizer (`cptron.data.tokenizer_check`), checks the token ids and builds the missing sample indices on rank 0 (sources in
 parallel, up to BUILD_THREADS at a time) while the other ranks wait, memory-maps
 them on every rank, and returns the `MixtureLoader` plus one finite, deterministic
 validation set per source with held-out documents.
@@ -22,7 +22,8 @@ from cptron.data.interface import IGNORE_INDEX, Batch, dp_slice
 from cptron.data.loader import MixtureLoader, batch_from_windows
 from cptron.data.mixture import exact
 from cptron.data.sample_index import SourceIndex
-from cptron.distributed import run_on_rank0
+from cptron.data.tokenizer_check import check_tokenizers
+from cptron.distributed import local_errors, raise_on_every_rank, run_on_rank0
 from cptron.errors import ConfigError, CptronError
 
 # ---------------------------------------------------------------- validation sets
@@ -113,6 +114,7 @@ def build_data_loaders(
     seed: int,
     total_steps: Optional[int] = None,
     cache_dir=None,
+    tokenizer: Optional[str] = None,
 ) -> tuple[MixtureLoader, dict[str, Callable[[], Iterable[Batch]]]]:
     """The training loader and one validation set per source with held-out documents.
 
@@ -120,7 +122,9 @@ def build_data_loaders(
     the token ids against `vocab_size` and builds the missing sample indices while
     the others wait, then every rank memory-maps them. `seed` is the run's seed
     (used unless data.seed is set); `total_steps` resolves stages given by
-    start_fraction; `cache_dir` overrides data.cache_dir.
+    start_fraction; `cache_dir` overrides data.cache_dir; `tokenizer` is the model's tokenizer
+    (directory or file), which the shards' recorded tokenizer must match, as must each other's
+    (`cptron.data.tokenizer_check`).
     """
     cfg.validate()
     if not cfg.sources:
@@ -133,6 +137,9 @@ def build_data_loaders(
     data_seed = int(cfg.seed if cfg.seed is not None else seed)
     cache = cache_dir if cache_dir is not None else cfg.cache_dir
     sources = open_sources(cfg, seq_len=seq_len, seed=data_seed, cache_dir=None if cache is None else str(cache))
+    # Before any index is built, and on every rank even if only one rank's view of the files differs.
+    _, error = local_errors(lambda: check_tokenizers(sources, tokenizer, allow_mismatch=cfg.allow_tokenizer_mismatch))
+    raise_on_every_rank(error)
 
     def make_loader() -> MixtureLoader:
         return MixtureLoader(

@@ -189,6 +189,8 @@ class DataConfig:
     """Directory for the sample-index cache; none: a .cptron-index directory beside each source's first shard."""
     allow_mixture_change: bool = False
     """On resume, accept changed weights, replay, caps or sources: each source continues from its position."""
+    allow_tokenizer_mismatch: bool = False
+    """Train on shards whose recorded tokenizer differs from the model's or from each other's (warn, not refuse)."""
 
     def validate(self) -> None:
         for name, src in self.sources.items():

@@ -14,8 +14,11 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
+
+from cptron.errors import CptronError
 
 log = logging.getLogger("cptron.data")
 
@@ -26,25 +29,37 @@ LOCK_WAIT_S = 900.0
 def atomic_save(path: str, arr: np.ndarray) -> None:
     # No fsync: the cache can be rebuilt, and a file that a crash left short is detected
     # (its length disagrees with its header) and rebuilt by SourceIndex.epoch.
-    tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as fh:
-            np.save(fh, arr, allow_pickle=False)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    _atomic_write(path, "wb", lambda fh: np.save(fh, arr, allow_pickle=False))
 
 
 def atomic_write_json(path: str, data: dict) -> None:
+    _atomic_write(path, "w", lambda fh: json.dump(data, fh, indent=1))
+
+
+def _atomic_write(path: str, mode: str, write: Callable[[Any], None]) -> None:
+    """`write(file)` into a temporary name beside `path`, then rename it over `path`."""
     tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
     try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=1)
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
+            write(fh)
         os.replace(tmp, path)
+    except OSError as e:
+        raise _write_error(path, e) from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+class CacheWriteError(CptronError):
+    """A cache file could not be written (a full disk, a quota, permissions): rebuilding cannot help."""
+
+
+def _write_error(path: str, e: OSError) -> CacheWriteError:
+    # A failed write into an open file (a full disk, a quota) names no file: this names it.
+    return CacheWriteError(
+        f"writing the sample-index cache file {path} failed: {e.strerror or e}; free space there "
+        "or set data.cache_dir to another directory"
+    )
 
 
 def _lock_is_stale(lock: str) -> bool:
@@ -93,4 +108,4 @@ def load_or_build(path: str, build: Callable[[], None], wait_s: float = LOCK_WAI
                 pass
 
 
-__all__ = ["atomic_save", "atomic_write_json", "load_or_build", "LOCK_WAIT_S"]
+__all__ = ["CacheWriteError", "atomic_save", "atomic_write_json", "load_or_build", "LOCK_WAIT_S"]

@@ -182,8 +182,12 @@ class IndexedDatasetWriter:
             "sequence_count": len(self._lengths),
         }
 
-    def finalize(self) -> dict:
-        """Write the index and sidecar, move the three files into place, and return the sidecar."""
+    def finalize(self, publish: bool = True) -> dict:
+        """Write the index and sidecar, move the three files into place, and return the sidecar.
+
+        With publish=False the files stay under their temporary names (`staged()` lists them): a caller
+        writing a set of shards moves them into place only once every shard is complete, so that a
+        failed run leaves the shards it would replace as they were."""
         if self._done:
             raise CptronError(f"shard {self.path_prefix} is already finalized")
         try:
@@ -208,14 +212,20 @@ class IndexedDatasetWriter:
             with open(self._tmp[sidecar_path(self.path_prefix)], "w", encoding="utf-8") as fh:
                 json.dump(side, fh, indent=2)
                 fh.write("\n")
-            # The .idx goes last: readers (and shard_prefixes) take its presence to mean "complete".
-            for final in (bin_path(self.path_prefix), sidecar_path(self.path_prefix), idx_path(self.path_prefix)):
-                os.replace(self._tmp[final], final)
+            if publish:
+                for tmp, final in self.staged():
+                    os.replace(tmp, final)
         except BaseException:
             self.abort()
             raise
         self._done = True
         return side
+
+    def staged(self) -> list[tuple[str, str]]:
+        """(temporary, final) names of the shard's files, in the order they must be moved into place."""
+        # The .idx goes last: readers (and shard_prefixes) take its presence to mean "complete".
+        order = (bin_path(self.path_prefix), sidecar_path(self.path_prefix), idx_path(self.path_prefix))
+        return [(self._tmp[final], final) for final in order]
 
     def abort(self) -> None:
         """Drop everything written so far; the final names are left as they were."""

@@ -40,7 +40,7 @@ from typing import Optional
 
 import numpy as np
 
-from cptron.data.index_cache import atomic_save, atomic_write_json, load_or_build
+from cptron.data.index_cache import CacheWriteError, atomic_save, atomic_write_json, load_or_build
 from cptron.data.indexed import IndexedDataset, bin_path
 from cptron.data.shuffle import held_out_mask, permutation, seed_words
 from cptron.errors import ConfigError, CptronError
@@ -128,6 +128,24 @@ def pack(
 
 
 _CHUNK = 1 << 22
+_SCAN_BLOCK = 1 << 26
+
+
+def stored_max_token_id(shard: IndexedDataset, tokens: np.ndarray) -> int:
+    """The largest token id in the shard's sequences (-1 without tokens), read from `tokens`, its whole .bin
+    memory-mapped. A sidecar's max_token_id is the writer's word; an id it understates would otherwise pass
+    every check and fail the embedding lookup at step 1."""
+    lengths = shard.sequence_lengths
+    starts = shard.sequence_pointers // shard.dtype.itemsize
+    if not len(lengths) or not bool((lengths > 0).any()):
+        return -1
+    if int(starts[0]) == 0 and bool((starts[1:] == starts[:-1] + lengths[:-1]).all()):
+        end, best = int(starts[-1]) + int(lengths[-1]), -1  # back to back, as every known writer stores them
+        for lo in range(0, end, _SCAN_BLOCK):
+            best = max(best, int(tokens[lo : min(lo + _SCAN_BLOCK, end)].max()))
+        return best
+    nonempty = np.flatnonzero(lengths > 0)  # gaps between sequences hold no tokens: skip them
+    return max(int(tokens[s : s + n].max()) for s, n in zip(starts[nonempty].tolist(), lengths[nonempty].tolist()))
 
 
 def _one_sequence_per_document(shard: IndexedDataset) -> bool:
@@ -254,16 +272,30 @@ class SourceIndex:
     # ------------------------------------------------------------ building (one process)
 
     def check_vocab(self, vocab_size: int) -> None:
-        """Raise CptronError naming the shard if a token id is >= vocab_size. Uses the largest id recorded
-        in the cache (after prepare) so that shards without a sidecar are scanned once, not every run."""
-        path = self._path("source.json")
+        """Raise CptronError naming the shard, its largest token id and `vocab_size` if an id is >= vocab_size.
+        The largest ids are the scanned ones recorded in the cache (source.json, after prepare_meta), so the
+        tokens are read once per source, never per step, and a sidecar understating them cannot hide them."""
+        path, meta = self._path("source.json"), {}
         if os.path.exists(path):
             with open(path, encoding="utf-8") as fh:
-                largest = json.load(fh).get("max_token_id")
-            if isinstance(largest, int) and largest < vocab_size:
-                return
-        for shard in self.shards:
-            shard.check_vocab(vocab_size)
+                meta = json.load(fh)
+        largest = meta.get("shard_max_token_ids")
+        if not isinstance(largest, list) or len(largest) != len(self.shards):
+            # a cache written before the scan existed: scan now, and record it for the next run
+            largest = self._scan_max_token_ids()
+            if meta:
+                atomic_write_json(path, {**meta, "shard_max_token_ids": largest, "max_token_id": max(largest)})
+        for shard, real in zip(self.shards, largest):
+            if real >= vocab_size:
+                side = (shard.sidecar or {}).get("max_token_id")
+                claim = f" (its sidecar says max_token_id={side})" if side not in (None, real) else ""
+                raise CptronError(
+                    f"{bin_path(shard.path_prefix)} holds token id {real} >= vocab_size={vocab_size} of the "
+                    f"model{claim}; was it tokenized with another tokenizer?"
+                )
+
+    def _scan_max_token_ids(self) -> list[int]:
+        return [stored_max_token_id(shard, view) for shard, view in zip(self.shards, self._token_views())]
 
     def _split(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(lengths of all documents, training document ids, held-out document ids); kept while building."""
@@ -286,6 +318,7 @@ class SourceIndex:
         lengths, train, val = self._split()
         train_tokens = int((lengths if len(train) == len(lengths) else lengths[train]).sum(dtype=np.int64))
         val_tokens = int(lengths[val].sum(dtype=np.int64))
+        largest = self._scan_max_token_ids()
         meta = {
             "format": INDEX_FORMAT,
             "source": self.name,
@@ -298,7 +331,8 @@ class SourceIndex:
             "validation_documents": int(len(val)),
             "validation_tokens": val_tokens,
             "validation_windows": max(val_tokens - 1, 0) // self.seq_len,
-            "max_token_id": max(s.max_token_id() for s in self.shards),
+            "shard_max_token_ids": largest,
+            "max_token_id": max(largest),
         }
         atomic_write_json(self._path("source.json"), meta)
 
@@ -367,6 +401,8 @@ class SourceIndex:
             try:
                 load_or_build(path, build)
                 return PackedIndex.from_bytes(np.load(path, mmap_mode="r"), path)
+            except CacheWriteError:  # a full disk: a rebuild would fail the same way
+                raise
             except (CptronError, ValueError, EOFError) as e:  # np.load: ValueError/EOFError on a cut header
                 if attempt:
                     raise CptronError(f"sample index {path} is unreadable after a rebuild: {e}") from e
@@ -520,5 +556,6 @@ __all__ = [
     "PackedIndex",
     "document_spans",
     "pack",
+    "stored_max_token_id",
     "INDEX_FORMAT",
 ]

@@ -76,7 +76,7 @@ class TokenizeConfig:
     chunk_docs: int = 1000
     """Documents per task sent to a worker."""
     overwrite: bool = False
-    """Replace existing <output_prefix>_NNNNN shards (all of them are removed first)."""
+    """Replace existing <output_prefix>_NNNNN shards (all of them, once the new ones are complete)."""
     progress: bool = True
     """Show a progress bar over the input bytes."""
 
@@ -298,12 +298,15 @@ def _result_of(future):
 
 
 class _ShardSink:
-    """Writes encoded chunks into consecutive shards of at most `shard_size` tokens."""
+    """Writes encoded chunks into consecutive shards of at most `shard_size` tokens, under temporary
+    names until `publish()`: the shards of an earlier run stay intact unless this one completes."""
 
     def __init__(self, prefix: str, spec: TokenizerSpec, shard_size: int, overwrite: bool):
         self.prefix, self.spec, self.shard_size, self.overwrite = prefix, spec, shard_size, overwrite
         self.writer: Optional[IndexedDatasetWriter] = None
         self.shards: list[str] = []
+        self.staged: list[tuple[str, str]] = []
+        """(temporary, final) names of the finalized shards' files, in publishing order."""
         self.documents = self.tokens = 0
 
     def _open(self) -> IndexedDatasetWriter:
@@ -330,17 +333,37 @@ class _ShardSink:
                 self.documents += fit
                 self.tokens += n_tokens
             if doc < len(lengths):  # the next document does not fit: close this shard
-                w.finalize()
-                self.writer = None
+                self.close()
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.finalize()
+            self.writer.finalize(publish=False)
+            self.staged += self.writer.staged()
             self.writer = None
+
+    def publish(self, old: list[str]) -> None:
+        """Move every new shard into place, then remove the files of `old` shards not replaced."""
+        for tmp, final in self.staged:
+            os.replace(tmp, final)
+        new = {final for _, final in self.staged}
+        self.staged = []
+        for f in old:  # stale higher-numbered shards would otherwise be read with the new ones
+            if f not in new:
+                try:
+                    os.remove(f)
+                except FileNotFoundError:
+                    pass
 
     def abort(self) -> None:
         if self.writer is not None:
             self.writer.abort()
+            self.writer = None
+        for tmp, _ in self.staged:
+            try:
+                os.remove(tmp)
+            except FileNotFoundError:
+                pass
+        self.staged = []
 
 
 def existing_shard_files(prefix: str) -> list[str]:
@@ -366,8 +389,6 @@ def run_tokenize(cfg: TokenizeConfig) -> dict:
             f"output {cfg.output_prefix} has shards already ({old[0]}, ... {len(old)} files); "
             "pass --overwrite true to replace them"
         )
-    for f in old:  # stale higher-numbered shards would otherwise be read with the new ones
-        os.remove(f)
     workers = cfg.workers or os.cpu_count() or 1
     log.info(
         "tokenizing %d file(s) with %s tokenizer %s (vocab %d, %s) using %d worker(s)",
@@ -437,11 +458,13 @@ def run_tokenize(cfg: TokenizeConfig) -> dict:
             pending.append((submit(texts), where))
         drain(0)
         if sink.documents == 0:
+            named = ", ".join(files[:3]) + (f", ... ({len(files) - 3} more)" if len(files) > 3 else "")
             raise CptronError(
                 f"no non-empty document in {len(files)} input file(s) ({empty} empty): nothing to "
-                "write; check --text_field and --input_format"
+                f"write; check --text_field and --input_format ({named})"
             )
         sink.close()
+        sink.publish(old)
     except BaseException:
         sink.abort()
         raise

@@ -34,9 +34,9 @@ numbers unless the test seeds per rank.
 
 from __future__ import annotations
 
-import ctypes
 import datetime
 import faulthandler
+import gc
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -62,6 +62,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from cptron._torch_compat import preimport_torch_dynamo  # noqa: E402
+from cptron.distributed import die_with_parent  # noqa: E402
 
 # DTensor, and with it TP, FSDP2 and DCP, imports torch._dynamo lazily on its
 # first op: some 300 modules, about 2 s per rank on 2 cores when every forked
@@ -149,7 +150,9 @@ def run_distributed(
     workers: list[_Worker] = []
     store = None
     try:
-        # Anything buffered now would be written again by every child.
+        # Anything buffered now would be written again by every child; garbage collected now is
+        # finalized here, in the parent, where its threads still exist.
+        gc.collect()
         sys.stdout.flush()
         sys.stderr.flush()
         with warnings.catch_warnings():
@@ -264,6 +267,10 @@ def _worker_main(
 ) -> None:
     exit_code = 1
     reported = False
+    # What the parent left for its garbage collector (e.g. a Trainer a test let fail, with process
+    # groups whose finalizers join threads that do not exist here) is never finalized in a rank:
+    # collecting it here hangs the rank in a futex wait.
+    gc.freeze()
     try:
         _own_process_group(0)
         _die_with_parent(parent_pid)
@@ -322,11 +329,7 @@ def _worker_main(
 
 def _die_with_parent(parent_pid: int) -> None:
     """Ask Linux to kill this worker if the test process dies, so none is orphaned."""
-    if sys.platform.startswith("linux"):
-        pr_set_pdeathsig = 1
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+    if not die_with_parent(signal.SIGKILL, parent_pid):  # the parent died before prctl took effect
         os._exit(1)
 
 

@@ -44,7 +44,6 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.tensor import DTensor
 
@@ -167,6 +166,7 @@ class TrainCheckpointer:
         )
         self._pending: Optional[ckpt.PendingCheckpointWrite] = None
         self._async_group = None
+        self._deletions: list[threading.Thread] = []
         self.last_save_blocking_s = 0.0
         """Seconds the last `save` held the caller (staging only, with async_save)."""
         self.last_saved_step: Optional[int] = None
@@ -291,6 +291,16 @@ class TrainCheckpointer:
             self._completed(pending.wait())
             log.info("checkpoint %s complete (waited %.2f s)", pending.path, time.perf_counter() - start)
 
+    def destroy_async_group(self) -> None:
+        """Not collective: destroy the gloo group of async saves once no save is pending, before the
+        default group goes, so that no group is left for interpreter shutdown to tear down (which can
+        abort the process: "terminate called without an active exception"). A save still being
+        written (after an error, when `wait` was not safe) keeps it: its threads may still use it."""
+        if self._async_group is not None and self._pending is None:
+            if dist.is_initialized():
+                dist.destroy_process_group(self._async_group)
+            self._async_group = None
+
     def _completed(self, path: Path) -> None:
         if not self._tokenizer_explicit and self._tokenizer_files:
             # Their source may be an older checkpoint that pruning removes; `path` is the newest.
@@ -360,11 +370,23 @@ class TrainCheckpointer:
             log.info("removed old checkpoint %s (keep_last=%d)", d, self.cfg.keep_last)
         trash = list(self.folder.glob(".*.deleting"))
         if trash:
-            threading.Thread(
+            # In the background, off the training step; not a daemon, and joined by
+            # `finish_deletions` at the end of a run: a daemon thread is cut off at process exit,
+            # leaving a whole checkpoint behind.
+            thread = threading.Thread(
                 target=lambda: [shutil.rmtree(t, ignore_errors=True) for t in trash],
                 name="prune-checkpoints",
-                daemon=True,
-            ).start()
+            )
+            thread.start()
+            self._deletions.append(thread)
+
+    def finish_deletions(self) -> None:
+        """Not collective: wait until the checkpoints this rank pruned are deleted (end of a run)."""
+        start = time.perf_counter()
+        while self._deletions:
+            self._deletions.pop().join()
+        if time.perf_counter() - start > 1.0:
+            log.info("deleting pruned checkpoints took another %.1f s", time.perf_counter() - start)
 
     # -------------------------------------------------------------- loading
 
@@ -392,8 +414,13 @@ class TrainCheckpointer:
             # Only the state; hyperparameters stay those of the current config.
             optim, optim_sds = state.optimizer_entries(optimizers, state_only=True, copies=copies)
             want.update(optim)
-        raise_on_every_rank(_missing_or_misshaped(want, _stored_entries(path), path), error_type=CheckpointError)
-        ckpt.load_state(path, want)
+        stored, error = local_errors(lambda: _stored_entries(path))
+        raise_on_every_rank(error and error + _rollback_hint(path), error_type=CheckpointError)
+        raise_on_every_rank(_missing_or_misshaped(want, stored, path), error_type=CheckpointError)
+        try:
+            ckpt.load_state(path, want)
+        except CheckpointError as e:  # raised on every rank: by load_state's own check, or gathered by DCP
+            raise CheckpointError(f"{e}{_rollback_hint(path)}") from e
         copy_duplicates(copies)
         state.apply(optimizers, optim_sds)
         barrier()  # nobody prunes or overwrites what a slower rank still reads
@@ -433,8 +460,37 @@ def _missing_or_misshaped(want: dict[str, Any], stored: dict[str, Optional[torch
 
 def _stored_entries(path: Path) -> dict[str, Optional[torch.Size]]:
     """Every key of the DCP checkpoint at `path`: global shape for tensors, None otherwise."""
-    md = FileSystemReader(str(path)).read_metadata()
+    md = ckpt.read_dcp_metadata(path)
     return {k: (v.size if isinstance(v, TensorStorageMetadata) else None) for k, v in md.state_dict_metadata.items()}
+
+
+def _rollback_hint(path: Path) -> str:
+    """Where a resume can go back to when the DCP files of the checkpoint at `path` are damaged:
+    the newest older checkpoint beside it that is complete and whose files check out."""
+    m = ckpt.STEP_DIR_RE.match(path.name)
+    if m is None:
+        return ""
+    step = int(m.group(1))
+    try:
+        older = sorted(
+            ((int(o.group(1)), d) for d in path.parent.iterdir() if (o := ckpt.STEP_DIR_RE.match(d.name))),
+            reverse=True,
+        )
+    except OSError:
+        return ""
+    for s, d in older:
+        if s < step and ckpt.is_complete(d) and _intact(d):
+            return f"; the older checkpoint {d} is intact: roll back to it with checkpoint.load_step={s}"
+    return f"; {path.parent} holds no older intact checkpoint to roll back to"
+
+
+def _intact(path: Path) -> bool:
+    try:
+        json.loads((path / ckpt.META_FILE).read_text())
+        ckpt.read_dcp_metadata(path)
+    except (OSError, ValueError, CheckpointError):
+        return False
+    return True
 
 
 def _refuse_non_finite(step: int, parts: list[nn.Module]) -> None:

@@ -47,7 +47,7 @@ class TrainingConfig:
     nonfinite: Literal["stop", "skip"] = "stop"
     """On a NaN/inf loss or grad norm: stop with an error (the newest checkpoint stays the last good one), or skip the step."""
     max_skipped_steps: int = 10
-    """With nonfinite=skip: stop with an error once this many steps were skipped in the run."""
+    """With nonfinite=skip: the most steps the run may skip (resumes included); one more stops it with an error (0: stop at the first)."""
     time_limit_minutes: float = 0.0
     """Stop this invocation after this much wall time from its start, set-up included (checked after each step): save a checkpoint and exit with code 75 so the same command resumes, e.g. a few minutes under a SLURM job's limit; 0: no limit."""
     tokenizer: Optional[str] = None

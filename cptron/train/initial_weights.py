@@ -25,7 +25,7 @@ from cptron import checkpoint as ckpt
 from cptron.distributed import barrier, local_errors, local_shard_region, raise_on_every_rank
 from cptron.errors import CheckpointError, CptronError
 from cptron.hf import expected_parameters, hf_weight_map, tokenizer_files
-from cptron.hf_config import cptron_to_hf_name, hf_to_cptron_name, model_config_from_hf
+from cptron.hf_config import cptron_to_hf_name, hf_to_cptron_name, json_type_name, model_config_from_hf
 from cptron.models.config import ModelConfig
 from cptron.train.model_state import PADDED, ModelPartsState, copy_duplicates
 
@@ -118,10 +118,15 @@ def init_source_meta(path: str | os.PathLike) -> dict:
         return {**out, "source": str(path)}
     out: dict[str, Any] = {"source": str(path)}
     for key, f in (("hf_config", path / "config.json"), ("hf_generation_config", path / "generation_config.json")):
+        if not f.is_file():
+            continue
         try:
-            out.update({key: json.loads(f.read_text())} if f.is_file() else {})
+            data = json.loads(f.read_text())
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{f} is not valid JSON: {e}") from e
+        if not isinstance(data, dict):  # the export would fail on it at the end of the run
+            raise CheckpointError(f"{f} holds a JSON {json_type_name(data)}: expected a JSON object")
+        out[key] = data
     return out
 
 

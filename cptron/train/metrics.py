@@ -31,7 +31,7 @@ from typing import Any, Literal, Optional
 import torch
 from tqdm import tqdm
 
-from cptron.errors import invalid, require
+from cptron.errors import CptronError, invalid, require
 
 log = logging.getLogger("cptron.metrics")
 
@@ -461,8 +461,11 @@ class MetricsLogger:
         if self._jsonl is not None:
             record = {"step": step, "kind": kind, "time": time.time(), **values}
             # Non-finite values are written as NaN/Infinity, which Python's json and pandas read back.
-            self._jsonl.write(json.dumps(record) + "\n")
-            self._jsonl.flush()
+            try:
+                self._jsonl.write(json.dumps(record) + "\n")
+                self._jsonl.flush()
+            except OSError as e:  # a full disk: the error of a write names no file
+                raise CptronError(f"writing {self.run_dir / 'metrics.jsonl'} failed: {e.strerror or e}") from e
         if self._tensorboard is not None:
             for key, value in values.items():
                 self._tensorboard.add_scalar(f"{kind}/{key}", value, global_step=step)

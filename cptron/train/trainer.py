@@ -1,7 +1,8 @@
 """The training loop: the order of events of a run, and the set-up of its components.
 
 `Trainer(cfg).run()` works on one CPU process and on a 3-D parallel GPU cluster alike. Set-up:
-  1. process group and device (`cptron.distributed.setup_distributed`);
+  1. process group and device (`cptron.distributed.setup_distributed`), then the run
+     directory's lock (`cptron.train.run_lock`), held until `run` ends or `close`;
   2. the model config (from the init weights or the `model:` section), the mesh
      (`cptron.parallel.dims`) and the microbatch plan;
   3. the checkpointer, which knows whether this run resumes;
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -41,6 +43,7 @@ from cptron.train.initial_weights import load_initial_weights, model_config_for_
 from cptron.train.lr import apply_lr, build_lr_schedule
 from cptron.train.metrics import RunMetrics
 from cptron.train.optim import resolve_adamw_implementation
+from cptron.train.run_lock import RunDirLock
 from cptron.train.stop import EXIT_RESUMABLE, StopPolicy
 from cptron.train.train_module import LossHook, StepLayout, build_train_module, plan_microbatches
 from cptron.train.validation import Validator
@@ -52,16 +55,28 @@ log = logging.getLogger("cptron.train")
 
 @dataclass
 class TrainResult:
-    """What a run did; `losses[step]` is the global mean token loss of that optimizer step."""
+    """What a run did.
+
+    Two step numberings meet here. `last_step` and the keys of `eval_losses` count completed
+    updates, as the log, metrics.jsonl and checkpoints do ("step N" is the state after N optimizer
+    steps). The keys of `losses`, `grad_norms` and `source_losses` and the entries of
+    `skipped_steps` are 0-based update indices, as the loss and grad hooks see them: `losses[i]`
+    is the loss of the update logged (and named in messages) as step i + 1."""
 
     last_step: int
+    """Optimizer steps completed when this invocation ended."""
     losses: dict[int, float] = field(default_factory=dict)
+    """0-based update index -> the global mean token loss of that update (NaN/inf for a skipped one)."""
     grad_norms: dict[int, float] = field(default_factory=dict)
+    """0-based update index -> the global gradient norm before clipping."""
     eval_losses: dict[int, dict[str, float]] = field(default_factory=dict)
+    """Updates completed (as logged) -> the held-out loss of each validation set."""
     skipped_steps: list[int] = field(default_factory=list)
+    """0-based indices of the updates dropped for a non-finite loss or grad norm in the whole run
+    (resumed runs included; the train state stores the same list)."""
     resumed_from: Optional[str] = None
     source_losses: dict[int, dict[str, float]] = field(default_factory=dict)
-    """Per step, the mean token loss of each data source present in its batch."""
+    """0-based update index -> the mean token loss of each data source present in its batch."""
     stopped_by: Optional[str] = None
     """Why the run stopped before training.steps after saving a checkpoint (a signal's name or
     "time limit"); None when it finished or `stop_at` ended it."""
@@ -87,9 +102,19 @@ class Trainer:
             validate_config(section)
         cfg.validate()
         self.cfg, self.grad_hook = cfg, grad_hook
-        t, init_from = cfg.training, cfg.checkpoint.init_from
+        t = cfg.training
         self.rank, self.world_size, self.device = setup_distributed(t.device)
+        # Before anything reads or writes the run directory; refused on every rank if in use.
+        self._run_lock = RunDirLock(t.run_dir)
+        self._run_lock.acquire()
+        try:
+            self._set_up(cfg, data_factory, loss_hook)
+        except BaseException:
+            self.close()
+            raise
 
+    def _set_up(self, cfg: JobConfig, data_factory, loss_hook: Optional[LossHook]) -> None:
+        t, init_from = cfg.training, cfg.checkpoint.init_from
         mc = model_config_for_init(init_from, cfg.model.pad_vocab_to_multiple_of) if init_from else cfg.model
         mc.validate()
         require(t.seq_len <= mc.max_seq_len, "training.seq_len", t.seq_len, f"<= model.max_seq_len={mc.max_seq_len}")
@@ -115,6 +140,7 @@ class Trainer:
                 vocab_size=mc.vocab_size,
                 seed=t.seed,
                 total_steps=t.steps,
+                tokenizer=t.tokenizer or tokenizer_dir_of(init_from) or tokenizer_dir_of(latest and str(latest)),
             )
         else:
             self.data, val_sets = data_factory(dp_rank, self.dims.dp)
@@ -197,7 +223,7 @@ class Trainer:
         return {
             "step": self.step,
             "data": self.data.state_dict(),
-            "skipped_steps": list(self.skipped),
+            "skipped_steps": list(self.skipped),  # 0-based update indices, as TrainResult.skipped_steps
             "rng": {"seed": self.cfg.training.seed, "policy": "reseeded from (seed, step) every step"},
             "world_size": self.world_size,
             "layout": self.dims.describe(),
@@ -231,9 +257,30 @@ class Trainer:
     def run(self, stop_at: Optional[int] = None) -> TrainResult:
         """Train to training.steps. `stop_at` ends this invocation after that step
         without the final eval and save, as a preemption would (tests, job-time limits)."""
+        self._run_lock.acquire()  # again after an earlier run() released it
+        try:
+            return self._run(stop_at)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """End this rank's hold on the run directory (local; idempotent): finish deleting pruned
+        checkpoints and release the run-directory lock. `run` does it; call it for a Trainer
+        discarded without running."""
+        if hasattr(self, "checkpointer"):
+            self.checkpointer.finish_deletions()
+        self._run_lock.release()
+
+    def _run(self, stop_at: Optional[int]) -> TrainResult:
         t = self.cfg.training
         end = t.steps if stop_at is None else min(stop_at, t.steps)
         result = TrainResult(last_step=self.step, resumed_from=self.resumed_from, skipped_steps=self.skipped)
+        if self.step >= t.steps:
+            # Its final evaluation and checkpoint were written by the invocation that reached the
+            # step: doing them again would only append a duplicate record to metrics.jsonl.
+            if self.rank == 0:
+                log.info("already finished at step %d (training.steps=%d): nothing to do", self.step, t.steps)
+            return result
         with self._running() as (metrics, stops):
             self._record_eval(self.validator.maybe_evaluate(self.step, start=True), result, metrics)
             while self.step < end and result.stopped_by is None:
@@ -300,14 +347,14 @@ class Trainer:
         batch = next(self.data)
         with metrics.profiler.step(self.step + 1):
             loss, norm, stepped = self.train_step(batch)
-        step = self.step
+        index = self.step  # TrainResult's keys are 0-based; the log counts completed updates
         self.step += 1
         if not stepped:
-            self._skip(step, loss, norm)
-        result.losses[step], result.grad_norms[step] = loss, norm
+            self._skip(index, loss, norm)
+        result.losses[index], result.grad_norms[index] = loss, norm
         sources = self.module.sources.last if self.module.sources is not None else {}
         if self.module.sources is not None:
-            result.source_losses[step] = dict(sources)
+            result.source_losses[index] = dict(sources)
         metrics.train_step(
             self.step,
             {
@@ -319,26 +366,41 @@ class Trainer:
             },
         )
 
-    def _skip(self, step: int, loss: float, norm: float) -> None:
-        """Apply training.nonfinite to a step whose update was dropped."""
+    def _skip(self, index: int, loss: float, norm: float) -> None:
+        """Apply training.nonfinite to the update of 0-based `index` (logged as step index + 1),
+        which was dropped; messages name it as the log does."""
         t = self.cfg.training
-        self.skipped.append(step)
-        msg = f"step {step}: non-finite loss {loss} / grad norm {norm}"
+        self.skipped.append(index)
+        msg = f"step {index + 1}: {nonfinite_description(loss, norm)}"
         if t.nonfinite == "stop":
             raise NonFiniteLossError(
-                msg + "; stopped (training.nonfinite=stop); the newest checkpoint is the last good state"
+                f"{msg}; stopped (training.nonfinite=stop): the weights stay those of step {index}, "
+                "and the newest checkpoint is the last good state"
             )
-        log.warning("%s; step skipped (%d of at most %d)", msg, len(self.skipped), t.max_skipped_steps)
+        # max_skipped_steps is the most skips a run tolerates: one more stops it.
         if len(self.skipped) > t.max_skipped_steps:
+            n = len(self.skipped)
             raise NonFiniteLossError(
-                f"{len(self.skipped)} steps skipped for non-finite losses "
-                f"(training.max_skipped_steps={t.max_skipped_steps}): {self.skipped}"
+                f"{msg}; {n} step{'s' if n > 1 else ''} skipped, more than training.max_skipped_steps="
+                f"{t.max_skipped_steps}: steps {[i + 1 for i in self.skipped]}"
             )
+        log.warning("%s; update skipped (%d of at most %d skipped steps)", msg, len(self.skipped), t.max_skipped_steps)
 
     def _record_eval(self, losses: Optional[dict[str, float]], result: TrainResult, metrics: RunMetrics) -> None:
         if losses is not None:
             result.eval_losses[self.step] = losses
             metrics.evaluation(self.step, losses)
+
+
+def nonfinite_description(loss: float, norm: float) -> str:
+    """Which of a step's loss and grad norm is non-finite, e.g. "non-finite grad norm inf (loss 2.3 is finite)"."""
+    if not math.isfinite(loss) and not math.isfinite(norm):
+        return f"non-finite loss {loss} and grad norm {norm}"
+    if not math.isfinite(loss):
+        return f"non-finite loss {loss} (grad norm {norm} is finite)"
+    if not math.isfinite(norm):
+        return f"non-finite grad norm {norm} (loss {loss} is finite)"
+    return f"update dropped with a finite loss {loss} and grad norm {norm}"
 
 
 def attention_description(

@@ -76,12 +76,13 @@ def uninterrupted(config, tmp_path_factory) -> dict[int, float]:
     return losses
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_sigkill_at_a_random_moment_then_same_command(config, uninterrupted, tmp_path, seed):
+@pytest.mark.parametrize("seed,async_save", [(0, False), (1, False), (2, True), (3, True)])
+def test_sigkill_at_a_random_moment_then_same_command(config, uninterrupted, tmp_path, seed, async_save):
     rng = random.Random(seed)
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(command(config, run_dir), env=env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    # Background saves must resume exactly too: a kill may land while a checkpoint is still being written.
+    cmd = command(config, run_dir) + ["--checkpoint.async_save", str(async_save).lower()]
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = run_dir / "metrics.jsonl"
     target = rng.randint(2, STEPS - 6)  # kill soon after this many steps were logged
     deadline = time.time() + 120
@@ -94,7 +95,7 @@ def test_sigkill_at_a_random_moment_then_same_command(config, uninterrupted, tmp
     done_before = max(train_losses(run_dir))
     assert done_before < STEPS
 
-    subprocess.run(command(config, run_dir), check=True, env=env(), capture_output=True)
+    subprocess.run(cmd, check=True, env=env(), capture_output=True)
     assert train_losses(run_dir) == uninterrupted
 
 

@@ -308,3 +308,33 @@ def test_grad_norm_and_clipping_match_torchs_clip_grad_norm():
 def test_importing_the_model_does_not_import_pipelining():
     out = _run_python("import sys, cptron.models.llama; print('torch.distributed.pipelining' in sys.modules)")
     assert out.strip() == "False"
+
+
+# ----------------------------------------------------------------------------- dcp_file_extents
+
+def _dcp_checkpoint(tmp_path):
+    from cptron import checkpoint as ckpt
+
+    state = {"model": {"w": torch.randn(32, 32), "b": torch.randn(32)}}
+    return ckpt.write_checkpoint(tmp_path / "c", state, {"step": 0}), state
+
+
+def test_still_needed_dcp_file_extents(tmp_path):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+
+    path, state = _dcp_checkpoint(tmp_path)
+    data = path / "__0_0.distcp"
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    with pytest.raises(BaseException) as info:  # DCP's CheckpointException is a BaseException
+        dcp.load(state, storage_reader=FileSystemReader(str(path)))
+    assert data.name not in str(info.value), \
+        "torch's FileSystemReader now names a truncated data file: drop dcp_file_extents and cptron.safe_dcp's check"
+
+
+def test_dcp_file_extents_are_the_lengths_of_the_files_written(tmp_path):
+    path, _ = _dcp_checkpoint(tmp_path)
+    from cptron.safe_dcp import read_dcp_metadata
+
+    extents = compat.dcp_file_extents(read_dcp_metadata(path))
+    assert extents == {f.name: f.stat().st_size for f in path.glob("*.distcp")} and extents
