@@ -34,7 +34,7 @@ from cptron.models.config import ModelConfig
 from cptron.models.llama import build_model
 from cptron.train.checkpointer import TrainCheckpointer
 from cptron.train.config import JobConfig
-from cptron.train.initial_weights import model_config_for_init, tokenizer_dir_of
+from cptron.train.initial_weights import model_config_for_init, run_tokenizer_dir
 
 log = logging.getLogger("cptron")
 
@@ -264,7 +264,7 @@ def run_data_plan(cfg: JobConfig) -> str:
         vocab_size=model_cfg.vocab_size,
         seed=t.seed,
         total_steps=t.steps,
-        tokenizer=t.tokenizer or tokenizer_dir_of(init_from) or tokenizer_dir_of(latest and str(latest)),
+        tokenizer=run_tokenizer_dir(t.tokenizer, init_from, latest),
     )
     lines = []
     if latest is not None:

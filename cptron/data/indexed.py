@@ -285,7 +285,7 @@ class IndexedDataset:
         if self.sidecar is not None and isinstance(self.sidecar.get("max_token_id"), int):
             return self.sidecar["max_token_id"]
         if self._max_token_id is None:
-            self._max_token_id = self._scan_max()
+            self._max_token_id = self.scan_max_token_id()
         return self._max_token_id
 
     def _contiguous_tokens(self) -> Optional[np.ndarray]:
@@ -301,7 +301,9 @@ class IndexedDataset:
             return None
         return np.frombuffer(self._tokens.data, dtype=self.dtype, count=self.num_tokens)
 
-    def _scan_max(self) -> int:
+    def scan_max_token_id(self) -> int:
+        """The largest token id read from the .bin itself (-1 without tokens), whatever the sidecar says:
+        a sidecar understating it would pass every check and fail the embedding lookup at step 1."""
         if self.num_tokens == 0:
             return -1
         tokens, best = self._contiguous_tokens(), -1

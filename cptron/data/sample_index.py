@@ -128,24 +128,6 @@ def pack(
 
 
 _CHUNK = 1 << 22
-_SCAN_BLOCK = 1 << 26
-
-
-def stored_max_token_id(shard: IndexedDataset, tokens: np.ndarray) -> int:
-    """The largest token id in the shard's sequences (-1 without tokens), read from `tokens`, its whole .bin
-    memory-mapped. A sidecar's max_token_id is the writer's word; an id it understates would otherwise pass
-    every check and fail the embedding lookup at step 1."""
-    lengths = shard.sequence_lengths
-    starts = shard.sequence_pointers // shard.dtype.itemsize
-    if not len(lengths) or not bool((lengths > 0).any()):
-        return -1
-    if int(starts[0]) == 0 and bool((starts[1:] == starts[:-1] + lengths[:-1]).all()):
-        end, best = int(starts[-1]) + int(lengths[-1]), -1  # back to back, as every known writer stores them
-        for lo in range(0, end, _SCAN_BLOCK):
-            best = max(best, int(tokens[lo : min(lo + _SCAN_BLOCK, end)].max()))
-        return best
-    nonempty = np.flatnonzero(lengths > 0)  # gaps between sequences hold no tokens: skip them
-    return max(int(tokens[s : s + n].max()) for s, n in zip(starts[nonempty].tolist(), lengths[nonempty].tolist()))
 
 
 def _one_sequence_per_document(shard: IndexedDataset) -> bool:
@@ -295,7 +277,7 @@ class SourceIndex:
                 )
 
     def _scan_max_token_ids(self) -> list[int]:
-        return [stored_max_token_id(shard, view) for shard, view in zip(self.shards, self._token_views())]
+        return [shard.scan_max_token_id() for shard in self.shards]
 
     def _split(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(lengths of all documents, training document ids, held-out document ids); kept while building."""
@@ -556,6 +538,5 @@ __all__ = [
     "PackedIndex",
     "document_spans",
     "pack",
-    "stored_max_token_id",
     "INDEX_FORMAT",
 ]

@@ -74,6 +74,14 @@ def load_initial_weights(path: str | os.PathLike, model_parts: list[nn.Module], 
     log.info("initial weights loaded from %s", path)
 
 
+def run_tokenizer_dir(
+    tokenizer: Optional[str], init_from: Optional[str], resumed: Optional[Path] = None
+) -> Optional[str]:
+    """The run's tokenizer directory: `training.tokenizer`, else the one beside `checkpoint.init_from`,
+    else the one in the checkpoint the run resumes from; None when none of them has one."""
+    return tokenizer or tokenizer_dir_of(init_from) or tokenizer_dir_of(str(resumed) if resumed else None)
+
+
 def tokenizer_dir_of(path: Optional[str]) -> Optional[str]:
     """The tokenizer directory of initial weights: a cptron checkpoint's tokenizer/, or an HF
     directory holding tokenizer files; None if there is none."""

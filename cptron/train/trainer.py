@@ -39,7 +39,7 @@ from cptron.parallel.dims import build_mesh, mixed_precision_dtype, resolve_para
 from cptron.parallel.parallelize import describe_parallelism
 from cptron.train.checkpointer import TrainCheckpointer
 from cptron.train.config import JobConfig
-from cptron.train.initial_weights import load_initial_weights, model_config_for_init, tokenizer_dir_of
+from cptron.train.initial_weights import load_initial_weights, model_config_for_init, run_tokenizer_dir
 from cptron.train.lr import apply_lr, build_lr_schedule
 from cptron.train.metrics import RunMetrics
 from cptron.train.optim import resolve_adamw_implementation
@@ -125,7 +125,7 @@ class Trainer:
         self.plan = plan_microbatches(cfg, self.dims, self.param_dtype)
 
         self.checkpointer = TrainCheckpointer(
-            cfg.checkpoint, t.run_dir, model_cfg=mc, tokenizer_dir=t.tokenizer or tokenizer_dir_of(init_from)
+            cfg.checkpoint, t.run_dir, model_cfg=mc, tokenizer_dir=run_tokenizer_dir(t.tokenizer, init_from)
         )
         latest = self.checkpointer.resume_path()
         dp_rank = self.dp_mesh.get_local_rank()
@@ -140,7 +140,7 @@ class Trainer:
                 vocab_size=mc.vocab_size,
                 seed=t.seed,
                 total_steps=t.steps,
-                tokenizer=t.tokenizer or tokenizer_dir_of(init_from) or tokenizer_dir_of(latest and str(latest)),
+                tokenizer=run_tokenizer_dir(t.tokenizer, init_from, latest),
             )
         else:
             self.data, val_sets = data_factory(dp_rank, self.dims.dp)
