@@ -215,10 +215,13 @@ def run_verify(cfg: VerifyConfig) -> float:
 def run_train(cfg: JobConfig) -> None:
     # Deferred: the trainer imports torch.distributed.pipelining (about 0.7 s), which `cptron --help`,
     # conversion and data commands never need.
+    from cptron.distributed import setup_distributed
     from cptron.train.trainer import EXIT_RESUMABLE, Trainer
 
     trainer = None
     try:
+        # The group first, with the peer timeout and heartbeats; the trainer joins the group it finds.
+        setup_distributed(cfg.training.device, cfg.parallel.peer_timeout_minutes)
         trainer = Trainer(cfg)
         if trainer.rank == 0:
             Path(cfg.training.run_dir).mkdir(parents=True, exist_ok=True)
@@ -340,8 +343,34 @@ def _setup_logging() -> None:
     )
 
 
+def _take_local_rank(argv: list[str]) -> list[str]:
+    """`argv` without the `--local_rank N` / `--local_rank=N` (or `--local-rank`) that the deepspeed launcher
+    puts before the command; the value becomes LOCAL_RANK where the launcher did not set it as well."""
+    out, i = [], 0
+    while i < len(argv):
+        name, eq, value = argv[i].partition("=")
+        if name not in ("--local_rank", "--local-rank"):
+            out.append(argv[i])
+            i += 1
+            continue
+        if not eq:
+            value = argv[i + 1] if i + 1 < len(argv) else ""
+            i += 1
+        i += 1
+        require(value.isdigit(), "--local_rank", value, "a rank >= 0 (the launcher's local rank)")
+        env = os.environ.get("LOCAL_RANK")
+        require(env in (None, value), "--local_rank", value, f"the launcher's LOCAL_RANK={env}")
+        os.environ["LOCAL_RANK"] = value
+    return out
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        argv = _take_local_rank(argv)
+    except ConfigError as e:
+        print(f"cptron: error: {e}", file=sys.stderr)
+        return 2
     if not argv or argv[0] in ("-h", "--help"):
         print(_overview())
         return 0

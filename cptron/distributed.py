@@ -3,7 +3,8 @@
 Owns: joining the launcher's process group (`setup_distributed`), rank/world size/barrier,
 rank 0's value on every rank, running a step on rank 0 alone, turning one rank's error into
 the same error on every rank (so no rank is left waiting in a collective), tying a worker's life
-to its launcher's (`die_with_parent`), and the position of a DTensor's local shard in its global
+to its launcher's (`die_with_parent`) and to its peers' (the collective timeout and cptron.peers'
+heartbeats, started by `setup_distributed`), and the position of a DTensor's local shard in its global
 tensor (the only use of torch's private helper for it).
 """
 
@@ -14,6 +15,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any, Optional
 
 import torch
@@ -22,10 +24,15 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 
 from cptron import errors
 from cptron.errors import ConfigError, CptronError
+from cptron.peers import start_peer_watch
 
 # The process that started this one (the launcher, for a worker), as seen when cptron was
 # imported: compared after the parent-death signal is set, to catch a launcher that died first.
 _STARTED_BY = (os.getpid(), os.getppid())
+
+# The heartbeat watch of this process's group, kept alive with it (its thread ends the process when a
+# peer is lost); like the process group itself, the one piece of process-wide state.
+_PEER_WATCH: list = []
 
 
 def is_distributed() -> bool:
@@ -119,10 +126,18 @@ def local_shard_region(tensor: torch.Tensor) -> tuple[torch.Tensor, tuple[slice,
     return local, tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))
 
 
-def setup_distributed(device_choice: str) -> tuple[int, int, torch.device]:
+def setup_distributed(
+    device_choice: str, peer_timeout_minutes: Optional[float] = None
+) -> tuple[int, int, torch.device]:
     """Join the process group a launcher describes in the environment (RANK, WORLD_SIZE, MASTER_ADDR,
     MASTER_PORT, LOCAL_RANK: torchrun, the deepspeed launcher, or srun running torchrun), or start a
-    one-process group. Returns (rank, world size, this rank's device)."""
+    one-process group. Returns (rank, world size, this rank's device). A group that exists already is
+    joined as it is.
+
+    With `peer_timeout_minutes` > 0 (parallel.peer_timeout_minutes) a multi-rank group also starts the
+    heartbeat watch of cptron.peers: a rank silent for that long is named and this rank exits. The
+    collectives then time out after twice that (at least one minute more), so a lost peer is named by
+    its silence before a collective gives up without naming anyone."""
     device_type = ("cuda" if torch.cuda.is_available() else "cpu") if device_choice == "auto" else device_choice
     if device_type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("training.device='cuda' is invalid: CUDA is not available on this machine")
@@ -132,7 +147,12 @@ def setup_distributed(device_choice: str) -> tuple[int, int, torch.device]:
         backend = "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
             _end_with_launcher()
-            dist.init_process_group(backend)
+            if not peer_timeout_minutes:  # None or 0: torch's default timeouts, no heartbeats
+                dist.init_process_group(backend)
+            else:
+                minutes = max(2 * peer_timeout_minutes, peer_timeout_minutes + 1)
+                dist.init_process_group(backend, timeout=timedelta(minutes=minutes))
+                _PEER_WATCH.append(start_peer_watch(dist.get_rank(), dist.get_world_size(), peer_timeout_minutes * 60))
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
@@ -159,9 +179,10 @@ def _end_with_launcher() -> None:
     (the default) every rank finishes its step, agrees to stop (any rank's signal stops all, so
     ranks of other nodes, whose launchers live, stop too), saves and exits 75; before the run, or
     without that setting, SIGTERM's default action ends it at once. No rank waits forever: a rank
-    whose peer is gone fails in its next collective after the process group's timeout (torch's
-    default: 10 min with NCCL, 30 min with gloo), and a second SIGTERM more than 5 s after the first
-    kills at once (cptron.train.stop)."""
+    whose peer is gone exits once the peer's heartbeat has been silent for
+    parallel.peer_timeout_minutes (cptron.peers), or fails in its next collective after the process
+    group's timeout (without a peer timeout, torch's default: 10 min with NCCL, 30 with gloo), and a
+    second SIGTERM more than 5 s after the first kills at once (cptron.train.stop)."""
     pid, parent = _STARTED_BY
     if pid != os.getpid():  # forked after cptron was imported: our parent is whoever forked us
         parent = os.getppid()

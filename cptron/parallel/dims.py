@@ -60,11 +60,19 @@ class ParallelConfig:
     """Virtual pipeline stages per rank (interleaved and zero-bubble schedules need >= 2)."""
     pp_layers_per_stage: Optional[list[int]] = None
     """Layers of each pipeline stage (uneven splits), in stage order; None: as even as possible."""
+    peer_timeout_minutes: float = 5.0
+    """Minutes without a heartbeat after which a peer rank counts as lost (its node died): every other rank exits naming it instead of hanging in a collective; collectives time out after twice this (at least 1 more minute); 0: torch's default timeouts (NCCL 10, gloo 30 minutes) and no heartbeats."""
 
     def validate(self) -> None:
         for name in ("pp", "dp_replicate", "tp", "pp_stages_per_rank", "ac_every"):
             require(getattr(self, name) >= 1, f"parallel.{name}", getattr(self, name), "an integer >= 1")
         require(self.dp_shard == -1 or self.dp_shard >= 1, "parallel.dp_shard", self.dp_shard, "-1 or an integer >= 1")
+        require(
+            0 <= self.peer_timeout_minutes < float("inf"),
+            "parallel.peer_timeout_minutes",
+            self.peer_timeout_minutes,
+            "a number of minutes >= 0 (0: no heartbeats)",
+        )
         require(
             self.pp_microbatches is None or self.pp_microbatches >= 1,
             "parallel.pp_microbatches",
