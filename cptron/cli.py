@@ -5,6 +5,8 @@
     cptron data tokenize   text (jsonl, jsonl.gz, parquet, txt) -> Megatron .bin/.idx token shards
     cptron data plan       a train config's data: sources, mixture per stage, samples and epochs (builds the index cache)
     cptron train           continual pretraining with any mix of TP/SP, PP and sharded DP (torchrun for >1 process)
+    cptron vocab extend    tokenizer + target-language tokens (SentencePiece or byte-level BPE) and a fertility report
+    cptron vocab init      HF model resized to an extended tokenizer: old rows bit-exact, new rows initialized
 
 `cptron <command> --help` lists every field with its docstring and default.
 """
@@ -35,6 +37,8 @@ from cptron.models.llama import build_model
 from cptron.train.checkpointer import TrainCheckpointer
 from cptron.train.config import JobConfig
 from cptron.train.initial_weights import model_config_for_init, run_tokenizer_dir
+from cptron.vocab.extend import VocabExtendConfig, run_vocab_extend
+from cptron.vocab.init import VocabInitConfig, run_vocab_init
 
 log = logging.getLogger("cptron")
 
@@ -300,6 +304,8 @@ COMMANDS: dict[tuple[str, ...], tuple[type, Callable]] = {
     ("data", "tokenize"): (TokenizeConfig, run_tokenize),
     ("data", "plan"): (JobConfig, run_data_plan),
     ("train",): (JobConfig, run_train),
+    ("vocab", "extend"): (VocabExtendConfig, run_vocab_extend),
+    ("vocab", "init"): (VocabInitConfig, run_vocab_init),
 }
 
 # The description of a command whose config class describes another command: `data plan` reads

@@ -99,3 +99,11 @@ class JobConfig:
             f"a multiple of training.micro_batch_size={t.micro_batch_size}",
         )
         require(math.isfinite(self.optim.lr), "optim.lr", self.optim.lr, "a finite number")
+        o = self.optim
+        require(
+            not o.train_new_rows_only or o.new_rows_from > 0 or bool(self.checkpoint.init_from),
+            "optim.new_rows_from",
+            o.new_rows_from,
+            "the first new token id with optim.train_new_rows_only, or checkpoint.init_from a directory "
+            "holding vocab_extension.json (written by `cptron vocab init`) that gives it",
+        )

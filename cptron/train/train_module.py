@@ -39,6 +39,7 @@ from cptron.parallel.parallelize import parallelize_llama
 from cptron.train.config import JobConfig
 from cptron.train.loss import cross_entropy_sum, cross_entropy_sum_and_rows, loss_parallel_context
 from cptron.train.optim import build_optimizers, clip_gradients, global_grad_norm
+from cptron.train.param_groups import TrainablePlan, resolve_trainable
 from cptron.train.source_losses import SourceLosses, tag_labels, untag_labels
 
 log = logging.getLogger("cptron.train")
@@ -124,11 +125,17 @@ class TrainModule(abc.ABC):
     """The model parts of this rank, their optimizers, and the step over them (see the module doc)."""
 
     def __init__(
-        self, parts: list[nn.Module], layout: StepLayout, *, source_names: list[str], loss_hook: Optional[LossHook]
+        self,
+        parts: list[nn.Module],
+        layout: StepLayout,
+        *,
+        trainable: TrainablePlan,
+        source_names: list[str],
+        loss_hook: Optional[LossHook],
     ):
-        self.parts, self.layout = parts, layout
+        self.parts, self.layout, self.trainable = parts, layout, trainable
         self.cfg, self.model_cfg, self.device, self.plan = layout.cfg, layout.model_cfg, layout.device, layout.plan
-        self.optimizers = build_optimizers(parts, self.cfg.optim, self.device)
+        self.optimizers = build_optimizers(parts, self.cfg.optim, self.device, trainable)
         dims = layout.dims
         self.dp_group = layout.dp_mesh.get_group()
         self.pp_group = layout.mesh["pp"].get_group() if dims.pp > 1 else None
@@ -187,6 +194,8 @@ class TrainModule(abc.ABC):
     def optim_step(self) -> tuple[float, bool]:
         """After forward_backward: global grad norm, the non-finite check, clipping, AdamW.
         Returns (grad_norm, stepped); a non-finite loss or norm drops the gradients."""
+        # Rows that do not train (train_new_rows_only) count neither in the norm nor in AdamW.
+        self.trainable.mask_grads(self.parts)
         norm = global_grad_norm(self.parts, self.pp_group, self._norm_skip())
         norm_f = float(norm)
         # A NaN loss gives NaN gradients; the loss is checked as well in case a hook made only it NaN.
@@ -194,6 +203,7 @@ class TrainModule(abc.ABC):
         if stepped:
             if self.cfg.optim.grad_clip > 0:
                 clip_gradients(self.parts, self.cfg.optim.grad_clip, norm)
+            self.trainable.decay_new_rows(self.optimizers)
             for opt in self.optimizers:
                 opt.step()
         for opt in self.optimizers:
@@ -290,12 +300,13 @@ class PipelineTrainModule(TrainModule):
         *,
         stage_ids: list[int],
         n_stages: int,
+        trainable: TrainablePlan,
         source_names: list[str],
         loss_hook: Optional[LossHook],
     ):
         if source_names and not SourceLosses.fit_pipeline(source_names, layout.plan.sequences_per_rank):
             source_names = []
-        super().__init__(parts, layout, source_names=source_names, loss_hook=loss_hook)
+        super().__init__(parts, layout, trainable=trainable, source_names=source_names, loss_hook=loss_hook)
         pcfg = self.cfg.parallel
         self.pipeline = pl.build_pipeline_schedule(
             parts,
@@ -308,7 +319,8 @@ class PipelineTrainModule(TrainModule):
             pcfg.pp_schedule,
         )
         self.tied_sync = None
-        if self.model_cfg.tie_embeddings:
+        # A frozen tied embedding has no gradients to sum (the plan is the same on every rank).
+        if self.model_cfg.tie_embeddings and "tok_embeddings.weight" not in trainable.frozen:
             first, last = pl.tied_stage_ranks(layout.dims.pp, pcfg.pp_stages_per_rank, pcfg.pp_schedule)
             self.tied_sync = pl.TiedEmbeddingSync(parts, layout.mesh, first, last)
             log.info(
@@ -377,9 +389,11 @@ def build_train_module(
     """Build this rank's model parts on the meta device (the whole model, or its pipeline stages),
     parallelize each from outside, materialize them, initialize them by (seed, parameter name)
     unless a checkpoint will overwrite every weight (`initialize`), and wrap them in the train module
-    of the execution mode."""
+    of the execution mode. Frozen parameters (`optim.frozen`, `optim.train_new_rows_only`) are
+    frozen on the meta parts, before TP and FSDP2 carry the flag into their parameters."""
     cfg, model_cfg, dims, mesh, device = layout.cfg, layout.model_cfg, layout.dims, layout.mesh, layout.device
     pcfg, t = cfg.parallel, cfg.training
+    trainable = resolve_trainable(cfg.optim, model_cfg, cfg.checkpoint.init_from)
     check_attention_support(t.attention, device, compiled=pcfg.compile)
     if dims.pp > 1:
         n_stages = dims.pp * pcfg.pp_stages_per_rank
@@ -393,12 +407,13 @@ def build_train_module(
             parts = [Transformer(model_cfg)]
     for part in parts:
         part.attention_impl = t.attention
+        trainable.freeze(part)
         parallelize_llama(part, mesh, dims, pcfg, param_dtype=layout.param_dtype)
         part.to_empty(device=device)
         if initialize:
             part.init_weights(t.seed)
         part.train()
-    common = dict(source_names=source_names, loss_hook=loss_hook)
+    common = dict(trainable=trainable, source_names=source_names, loss_hook=loss_hook)
     if dims.pp > 1:
         return PipelineTrainModule(parts, layout, stage_ids=stage_ids, n_stages=n_stages, **common)
     return PlainTrainModule(parts, layout, **common)

@@ -160,7 +160,10 @@ class Trainer:
 
         self.step, self.skipped, self.resumed_from = 0, [], None
         if latest is not None:
+            self.module.trainable.check_resume(latest, cfg.checkpoint.load_optimizer)
             self._restore_train_state(self.checkpointer.load(latest, self.parts, self.optimizers))
+            # A checkpoint of a run that trained the old rows has moments there: new rows only moves none.
+            self.module.trainable.zero_masked_moments(self.optimizers)
             self.resumed_from = str(latest)
             log.info("resumed from %s at step %d", latest, self.step)
         elif init_from:
@@ -212,6 +215,8 @@ class Trainer:
         )
         if data_plan is not None:
             log.info("%s", data_plan)
+        if (trainable := self.module.trainable.describe()) is not None:
+            log.info("%s", trainable)
 
     # ------------------------------------------------------------------ state
 
@@ -227,6 +232,7 @@ class Trainer:
             "rng": {"seed": self.cfg.training.seed, "policy": "reseeded from (seed, step) every step"},
             "world_size": self.world_size,
             "layout": self.dims.describe(),
+            "trainable": self.module.trainable.state(),
         }
 
     def _restore_train_state(self, state: dict) -> None:
