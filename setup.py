@@ -27,6 +27,8 @@ setup(
         "numpy",
         "pyyaml",
         "tqdm",
+        # PNGs of LR schedules and loss curves (`cptron lr-plot`, `cptron plot`), on the Agg canvas.
+        "matplotlib",
     ],
     extras_require={
         # Parquet input for `cptron data tokenize`.

@@ -5,6 +5,8 @@
     cptron data tokenize   text (jsonl, jsonl.gz, parquet, txt) -> Megatron .bin/.idx token shards
     cptron data plan       a train config's data: sources, mixture per stage, samples and epochs (builds the index cache)
     cptron train           continual pretraining with any mix of TP/SP, PP and sharded DP (torchrun for >1 process)
+    cptron lr-plot         the LR of a train config per step, phases marked (and a branch's parent schedule) in a PNG
+    cptron plot            loss curves of runs (training per source, validation per set, forgetting) in one PNG
     cptron vocab extend    tokenizer + target-language tokens (SentencePiece or byte-level BPE) and a fertility report
     cptron vocab init      HF model resized to an extended tokenizer: old rows bit-exact, new rows initialized
 
@@ -37,6 +39,8 @@ from cptron.models.llama import build_model
 from cptron.train.checkpointer import TrainCheckpointer
 from cptron.train.config import JobConfig
 from cptron.train.initial_weights import model_config_for_init, run_tokenizer_dir
+from cptron.train.lr_plot import LRPlotConfig, run_lr_plot
+from cptron.train.plot_runs import PlotConfig, plot_arguments, run_plot
 from cptron.vocab.extend import VocabExtendConfig, run_vocab_extend
 from cptron.vocab.init import VocabInitConfig, run_vocab_init
 
@@ -304,6 +308,8 @@ COMMANDS: dict[tuple[str, ...], tuple[type, Callable]] = {
     ("data", "tokenize"): (TokenizeConfig, run_tokenize),
     ("data", "plan"): (JobConfig, run_data_plan),
     ("train",): (JobConfig, run_train),
+    ("lr-plot",): (LRPlotConfig, run_lr_plot),
+    ("plot",): (PlotConfig, run_plot),
     ("vocab", "extend"): (VocabExtendConfig, run_vocab_extend),
     ("vocab", "init"): (VocabInitConfig, run_vocab_init),
 }
@@ -315,6 +321,12 @@ DESCRIPTIONS: dict[tuple[str, ...], str] = {
         "Show what a train config's data section feeds the run: sources, mixture per stage, samples "
         "and epochs, from its newest checkpoint if any (builds the sample-index cache)."
     ),
+}
+
+# Commands with argument forms of their own (`cptron plot RUN_DIR ... -o x.png`): a function that turns
+# them into --field options, and whether a positional YAML config file is still read after that.
+ARGUMENT_FORMS: dict[tuple[str, ...], tuple[Callable[[list[str]], list[str]], bool]] = {
+    ("plot",): (plot_arguments, False),
 }
 
 
@@ -402,7 +414,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     prog = "cptron " + " ".join(path)
     try:
-        cfg = parse_config(cls, rest, prog=prog, description=_description(path, cls), allow_positional_yaml=True)
+        forms, positional_yaml = ARGUMENT_FORMS.get(path, (None, True))
+        if forms is not None:
+            rest = forms(rest)
+        description = _description(path, cls)
+        cfg = parse_config(cls, rest, prog=prog, description=description, allow_positional_yaml=positional_yaml)
         _setup_logging()
         runner(cfg)
     except CptronError as e:

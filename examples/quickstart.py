@@ -1,22 +1,31 @@
 """The main job: a small, real continual-pretraining run on CPU, through the `cptron` CLI.
 
-1. Trains a byte-level BPE tokenizer (4096 tokens) on the shipped Bible verses
-   (English + German, data/bible).
-2. `cptron data tokenize`: each language into Megatron .bin/.idx shards.
-3. `cptron train configs/train/quickstart-base.yaml`: pretrains a small
-   Llama-3-style model on English only: the "pretrained base".
-4. `cptron train configs/train/quickstart-cpt.yaml`: continual pretraining of
-   that base on German with 25% English replay (10% in the last 20% of steps),
-   the LR re-warmed, held-out English and German evaluated every 50 steps.
-5. `cptron convert cptron-to-hf` and `cptron convert verify`: the result as a
-   Hugging Face model whose logits transformers reproduces.
+The whole story of continually pretraining an English model on German, every step one command:
 
-It prints the held-out losses before and after continual pretraining. About
-2-3 minutes on 2 CPU cores. Extra arguments go to both `cptron train` calls,
-e.g. `--parallel.dp_shard 2` under torchrun, or `--training.steps 50`.
+1. An English tokenizer (byte-level BPE, 2,048 tokens, trained on the shipped English verses,
+   data/bible) and `cptron data tokenize` of the English verses into Megatron shards.
+2. `cptron train configs/train/quickstart-base.yaml`: a small Llama-3-style model pretrained on
+   English only: the "pretrained base", exported to Hugging Face format.
+3. `cptron vocab extend`: the tokenizer extended with German tokens learned from the German
+   verses (English protected: its segmentation stays the same); prints the fertility change.
+4. `cptron vocab init --method subword-mean`: the base resized to the extended tokenizer, each new
+   row the mean of the rows of the old pieces it replaces.
+5. `cptron data tokenize` of English and German with the extended tokenizer.
+6. `torchrun --nproc_per_node 2 -m cptron.cli train configs/train/quickstart-cpt.yaml`: continual
+   pretraining on German with 25% English replay (10% in the last 20% of steps), the LR re-warmed,
+   on 2 processes (`parallel.dp_shard=2`) through the real loader and checkpoints; held-out English
+   (old domain) and German (new domain) evaluated every 50 steps. Its report (report.md) gives the
+   forgetting of English and the learning of German since step 0.
+7. `cptron plot` and `cptron lr-plot`: the loss curves of both stages and the CPT schedule as PNGs.
+8. `cptron convert cptron-to-hf` and `convert verify`: the result as a Hugging Face model whose logits
+   transformers reproduces, and transformers generates a short German and English continuation.
 
-Usage: python examples/quickstart.py [--workdir runs/quickstart] [--steps N] [cptron train overrides...]
+About 5 minutes on 2 CPU cores. Extra arguments go to both `cptron train` calls, e.g.
+`--training.steps 50` (or use --steps).
+
+Usage: python examples/quickstart.py [--workdir runs/quickstart] [--steps N] [--nproc 2] [cptron train overrides...]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,9 +39,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def cli(*args: str) -> None:
-    print("\n$ cptron " + " ".join(args), flush=True)
-    subprocess.run([sys.executable, "-m", "cptron.cli", *args], check=True, cwd=REPO)
+def cli(*args: str, launcher: tuple[str, ...] = ("-m", "cptron.cli")) -> None:
+    print("\n$ " + ("cptron" if launcher[-1] == "cptron.cli" else "torchrun ...") + " " + " ".join(args), flush=True)
+    rc = subprocess.run([sys.executable, *launcher, *args], cwd=REPO).returncode
+    if rc != 0:
+        raise SystemExit(f"quickstart: the command above failed with exit code {rc}")
+
+
+def torchrun(nproc: int) -> tuple[str, ...]:
+    """`python -m torch.distributed.run` (torchrun) on this machine, `nproc` processes, `cptron.cli` as the module."""
+    return ("-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "cptron.cli")
 
 
 def eval_losses(run_dir: Path) -> dict[int, dict[str, float]]:
@@ -44,55 +60,163 @@ def eval_losses(run_dir: Path) -> dict[int, dict[str, float]]:
     return out
 
 
+def generate(hf_dir: Path, prompts: list[str], new_tokens: int = 16) -> list[str]:
+    """Greedy continuations by transformers from the exported model and its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    out = []
+    for prompt in prompts:
+        ids = tok(prompt, return_tensors="pt")
+        with torch.no_grad():
+            gen = model.generate(**ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        out.append(tok.decode(gen[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default="runs/quickstart", help="where everything is written (replaced)")
     ap.add_argument("--steps", type=int, default=200, help="optimizer steps of each training stage")
+    ap.add_argument("--nproc", type=int, default=2, help="processes of the continual-pretraining run (dp_shard)")
     args, train_overrides = ap.parse_known_args()
+    if args.steps < 1 or args.nproc < 1:
+        ap.error("--steps and --nproc must be integers >= 1")
     work = (REPO / args.workdir).resolve()
     if work.exists():
         shutil.rmtree(work)
     t0 = time.time()
 
-    from cptron.testing.fixtures import bible_text, train_bpe_tokenizer
+    from cptron.testing.fixtures import BIBLE_DIR, bible_text, train_bpe_tokenizer
 
-    tok = train_bpe_tokenizer(work / "tokenizer", vocab_size=4096)
-    print(f"tokenizer: byte-level BPE with {len(tok)} tokens, trained on "
-          f"{len(bible_text('en')) + len(bible_text('de'))} shipped Bible verses")
-    for lang, text in (("en", "web.txt"), ("de", "elberfelder.txt")):
-        cli("data", "tokenize", f"configs/data/bible-{lang}.yaml", "--tokenizer", str(work / "tokenizer/tokenizer.json"),
-            "--output_prefix", str(work / "data" / lang / "bible"), "--progress", "false")
+    en_text, de_text = str(BIBLE_DIR / "web.txt"), str(BIBLE_DIR / "elberfelder.txt")
+    tok = train_bpe_tokenizer(work / "tokenizer-en", vocab_size=2048, texts=bible_text("en"))
+    print(f"tokenizer: byte-level BPE with {len(tok)} tokens, trained on {len(bible_text('en'))} English verses")
+    tokenize("en", work / "tokenizer-en", work / "data-en")
 
-    common = ["--training.steps", str(args.steps), "--metrics.progress_bar", "off"]
+    warmup = str(max(1, min(20, args.steps // 10)))  # the presets' 20 steps, fewer in a shortened run
+    common = ["--training.steps", str(args.steps), "--lr.warmup_steps", warmup, "--metrics.progress_bar", "off"]
     base_run, cpt_run = work / "base", work / "cpt"
-    cli("train", _preset(work, "quickstart-base.yaml"), "--training.run_dir", str(base_run),
-        "--training.tokenizer", str(work / "tokenizer"), *common, *train_overrides)
+    cli(
+        "train",
+        _preset(work, "quickstart-base.yaml", work / "data-en"),
+        "--training.run_dir",
+        str(base_run),
+        "--training.tokenizer",
+        str(work / "tokenizer-en"),
+        *common,
+        *train_overrides,
+    )
     base_ckpt = base_run / "checkpoints" / f"step-{args.steps:08d}"
-    cli("train", _preset(work, "quickstart-cpt.yaml"), "--training.run_dir", str(cpt_run),
-        "--checkpoint.init_from", str(base_ckpt), *common, *train_overrides)
+    cli("convert", "cptron-to-hf", "--input", str(base_ckpt), "--output", str(work / "base-hf"), "--progress", "false")
 
+    cli(
+        "vocab",
+        "extend",
+        "--base",
+        str(work / "base-hf"),
+        "--inputs",
+        de_text,
+        "--source_inputs",
+        en_text,
+        "--protected_inputs",
+        en_text,
+        "--new_tokens",
+        "2048",
+        "--output",
+        str(work / "tokenizer-de"),
+        "--progress",
+        "false",
+    )
+    cli(
+        "vocab",
+        "init",
+        "--base",
+        str(work / "base-hf"),
+        "--tokenizer",
+        str(work / "tokenizer-de"),
+        "--method",
+        "subword-mean",
+        "--output",
+        str(work / "base-hf-de"),
+        "--progress",
+        "false",
+    )
+    tokenize("en", work / "tokenizer-de", work / "data")
+    tokenize("de", work / "tokenizer-de", work / "data")
+
+    cpt_cfg = _preset(work, "quickstart-cpt.yaml", work / "data")
+    launcher = torchrun(args.nproc) if args.nproc > 1 else ("-m", "cptron.cli")
+    cli(
+        "train",
+        cpt_cfg,
+        "--training.run_dir",
+        str(cpt_run),
+        "--parallel.dp_shard",
+        str(args.nproc),
+        *common,
+        *train_overrides,
+        launcher=launcher,
+    )
+
+    cli(
+        "plot",
+        str(base_run),
+        str(cpt_run),
+        "--output",
+        str(work / "curves.png"),
+        "--labels",
+        "English base,CPT on German",
+    )
+    cli("lr-plot", cpt_cfg, "--output", str(work / "lr.png"), *common[:4])
     final = cpt_run / "checkpoints" / f"step-{args.steps:08d}"
     cli("convert", "cptron-to-hf", "--input", str(final), "--output", str(work / "hf"), "--progress", "false")
     cli("convert", "verify", "--checkpoint", str(final), "--hf", str(work / "hf"))
 
-    base_eval, cpt_eval = eval_losses(base_run), eval_losses(cpt_run)
-    print("\nheld-out loss (nats/token)")
-    print(f"  English pretraining, step {max(base_eval):4d}: en {base_eval[max(base_eval)]['en']:.3f}")
-    for step, losses in sorted(cpt_eval.items()):
-        print(f"  continual pretraining, step {step:4d}: en {losses['en']:.3f}  de {losses['de']:.3f}"
-              + ("   (the base, before CPT)" if step == 0 else ""))
-    print(f"\ndone in {time.time() - t0:.0f}s; Hugging Face model at {work / 'hf'}")
+    extension = json.loads((work / "tokenizer-de" / "vocab_extension_report.json").read_text())
+    before, after = extension["target"]["before"]["fertility"], extension["target"]["after"]["fertility"]
+    print(
+        f"\nGerman tokens per word: {before:.2f} with the English tokenizer, {after:.2f} after `vocab extend` "
+        f"({100 * (after - before) / before:+.0f}%, {extension['tokens_added']} tokens added)"
+    )
+    print("\n" + (cpt_run / "report.md").read_text())
+    base_eval = eval_losses(base_run)
+    print(f"English pretraining, step {max(base_eval)}: held-out en {base_eval[max(base_eval)]['en']:.3f} nats/token")
+    print("\ngreedy continuations by transformers from the exported model:")
+    prompts = ["Und Gott sprach:", "And God said,"]
+    for prompt, text in zip(prompts, generate(work / "hf", prompts)):
+        print(f"  {prompt!r} -> {text!r}")
+    print(f"\npictures: {work / 'curves.png'}, {work / 'lr.png'}")
+    print(f"done in {time.time() - t0:.0f}s; Hugging Face model at {work / 'hf'}")
     return 0
 
 
-def _preset(work: Path, name: str) -> str:
-    """configs/train/<name> with its shard directories moved into this workdir (the
-    presets point at runs/quickstart/data)."""
+def tokenize(lang: str, tokenizer_dir: Path, data: Path) -> None:
+    cli(
+        "data",
+        "tokenize",
+        f"configs/data/bible-{lang}.yaml",
+        "--tokenizer",
+        str(tokenizer_dir / "tokenizer.json"),
+        "--output_prefix",
+        str(data / lang / "bible"),
+        "--progress",
+        "false",
+    )
+
+
+def _preset(work: Path, name: str, data: Path) -> str:
+    """configs/train/<name> with its shard directories and initial weights moved into this workdir (the
+    presets point at runs/quickstart)."""
     import yaml
 
     cfg = yaml.safe_load((REPO / "configs/train" / name).read_text())
     for lang, src in cfg["data"]["sources"].items():
-        src["paths"] = [str(work / "data" / lang)]
+        src["paths"] = [str(data / lang)]
+    if cfg.get("checkpoint", {}).get("init_from"):  # runs/quickstart/base-hf-de
+        cfg["checkpoint"]["init_from"] = str(work / Path(cfg["checkpoint"]["init_from"]).name)
     out = work / name
     out.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return str(out)

@@ -16,6 +16,8 @@ A YAML example (every field is documented on its dataclass below):
 line, set one field of one source (`--data.sources.web.paths /x,/y`; a new name
 adds a source), a stage's field (`--data.stages.0.replay_fraction 0.2`), or a
 whole value as a YAML flow mapping (`--data.sources '{web: {paths: [/x]}}'`).
+A source's `domain` (old: replayed sources by default; new: the others) tags its
+validation set for the forgetting/learning report (`cptron.train.report`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
 from cptron.data.mixture import check_mixture_config
 from cptron.errors import require
@@ -49,9 +51,12 @@ class SourceConfig:
     """Cap on the samples drawn from this source (with epochs, the smaller cap applies); none: no cap."""
     held_out_fraction: Optional[float] = None
     """Fraction of this source's documents held out for validation; none: data.validation.held_out_fraction."""
+    domain: Optional[Literal["old", "new"]] = None
+    """Domain of this source's validation set in the forgetting/learning report: old (the base's domain, replayed or only held out) or new (the CPT target); none: old if named in data.replay.sources, else new."""
 
     def validate(self, name: str = "source") -> None:
         where = f"data.sources.{name}"
+        require(self.domain in (None, "old", "new"), f"{where}.domain", self.domain, "old, new or none")
         require(
             bool(self.paths) and all(isinstance(p, str) and p for p in self.paths),
             f"{where}.paths",
@@ -191,6 +196,14 @@ class DataConfig:
     """On resume, accept changed weights, replay, caps or sources: each source continues from its position."""
     allow_tokenizer_mismatch: bool = False
     """Train on shards whose recorded tokenizer differs from the model's or from each other's (warn, not refuse)."""
+
+    def domain_of(self, name: str) -> str:
+        """ "old" or "new": the source's explicit domain, else old when it is replayed (for a validation
+        set that no configured source names, e.g. a test's, the replay list alone decides)."""
+        src = self.sources.get(name)
+        if src is not None and src.domain is not None:
+            return src.domain
+        return "old" if name in self.replay.sources else "new"
 
     def validate(self) -> None:
         for name, src in self.sources.items():

@@ -119,6 +119,11 @@ class BatchSource(Protocol):
         log; None when there is nothing to say. Raises when the data cannot last that long."""
         return None
 
+    def drawn(self) -> dict[str, dict[str, float]]:
+        """What the run has drawn from each named source so far, all ranks together: {name: {"samples",
+        "tokens", "epochs"}}; {} when the source does not count it (the report says so)."""
+        return {}
+
 
 def dp_slice(global_batch: int, dp_rank: int, dp_size: int) -> tuple[int, int]:
     """Rows [start, stop) of a global batch that data-parallel rank `dp_rank` takes."""

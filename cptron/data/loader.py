@@ -353,6 +353,14 @@ class MixtureLoader(BatchSource):
             )
         return "\n".join(rows)
 
+    def drawn(self) -> dict[str, dict[str, float]]:
+        """Samples drawn from each source so far (global, from the positions: exact under resume), the
+        tokens they train on (seq_len each) and the epochs of the source they amount to."""
+        return {
+            n: {"samples": p, "tokens": p * self.seq_len, "epochs": p / w}
+            for n, p, w in zip(self.names, self.positions, self.windows)
+        }
+
     @property
     def current_shares(self) -> dict[str, float]:
         """Share of each source in the mixture for the next step (for logging)."""

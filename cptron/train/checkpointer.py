@@ -67,9 +67,13 @@ from cptron.train.model_state import OPTIMIZER_PREFIX, ModelPartsState, copy_dup
 log = logging.getLogger(__name__)
 
 
+BRANCH_CARRY = ("weights", "optimizer", "data", "step")
+"""What a branch (checkpoint.branch_from) may carry over from its source checkpoint."""
+
+
 @dataclass
 class CheckpointConfig:
-    """Saving, resuming and the initial weights of a training run."""
+    """Saving, resuming, branching and the initial weights of a training run."""
 
     interval: int = 0
     """Save every N optimizer steps (0: only at the end)."""
@@ -91,6 +95,10 @@ class CheckpointConfig:
     """Store the AdamW moments and step counts (needed for an exact resume; false writes weights-only checkpoints)."""
     load_optimizer: bool = True
     """Restore the AdamW state when resuming; false starts it fresh (e.g. from a weights-only checkpoint)."""
+    branch_from: Optional[str] = None
+    """Start this run (its own run_dir) from a complete checkpoint of another run, under this config's schedule and mixture; the source is only read; ignored once this run has checkpoints of its own."""
+    branch_carry: list[str] = field(default_factory=lambda: list(BRANCH_CARRY))
+    """With branch_from, what carries over: weights (always), optimizer (AdamW moments and step counts), data (each source's position), step (the step counter: the schedule continues from it; without it the run counts from 0)."""
     save_on_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
     """On these signals (SLURM sends SIGTERM before killing a job, or SIGUSR1 with --signal) finish the current step, save a checkpoint and exit with code 75 so the same command resumes (under torchrun: see the README for --signals-to-handle and --shutdown-timeout); the same signal again after 5 s kills at once; [] (or '' on the command line): the default handling."""
 
@@ -110,6 +118,26 @@ class CheckpointConfig:
             "checkpoint.init_from",
             self.init_from,
             "an existing HF model directory or cptron checkpoint",
+        )
+        carry = self.branch_carry
+        require(
+            all(c in BRANCH_CARRY for c in carry) and len(set(carry)) == len(carry) and "weights" in carry,
+            "checkpoint.branch_carry",
+            carry,
+            f"distinct items of {list(BRANCH_CARRY)}, weights among them",
+        )
+        require(
+            self.branch_from is None or not self.init_from,
+            "checkpoint.branch_from",
+            self.branch_from,
+            "None when checkpoint.init_from is set (a branch takes its weights from its source checkpoint)",
+        )
+        require(
+            self.branch_from is None or self.load_optimizer or "optimizer" not in carry,
+            "checkpoint.load_optimizer",
+            self.load_optimizer,
+            "true with checkpoint.branch_from while checkpoint.branch_carry has optimizer (leave it out to start "
+            "AdamW fresh)",
         )
         require(
             all(isinstance(n, str) and signal_number(n) is not None for n in self.save_on_signals),
@@ -391,10 +419,17 @@ class TrainCheckpointer:
     # -------------------------------------------------------------- loading
 
     def load(
-        self, path: str | os.PathLike, model_parts: list[nn.Module], optimizers: list[torch.optim.Optimizer]
+        self,
+        path: str | os.PathLike,
+        model_parts: list[nn.Module],
+        optimizers: list[torch.optim.Optimizer],
+        *,
+        load_optimizer: Optional[bool] = None,
     ) -> dict:
-        """Collective: restore model parts (and optimizers unless load_optimizer=false) from the
-        training checkpoint `path`, resharding to the current layout; returns its train_state."""
+        """Collective: restore model parts (and optimizers if `load_optimizer`, default
+        checkpoint.load_optimizer) from the training checkpoint `path`, resharding to the current
+        layout; returns its train_state."""
+        load_optimizer = self.cfg.load_optimizer if load_optimizer is None else load_optimizer
         self.wait()
         path = Path(path)
         if len(model_parts) != len(optimizers):
@@ -410,7 +445,7 @@ class TrainCheckpointer:
         copies: list[tuple[torch.Tensor, torch.Tensor]] = []
         want: dict[str, Any] = state.model_entries(copies)
         optim_sds = None
-        if self.cfg.load_optimizer:
+        if load_optimizer:
             # Only the state; hyperparameters stay those of the current config.
             optim, optim_sds = state.optimizer_entries(optimizers, state_only=True, copies=copies)
             want.update(optim)
@@ -430,9 +465,23 @@ class TrainCheckpointer:
             "loaded %s (step %s%s)",
             path,
             meta.get("step"),
-            "" if self.cfg.load_optimizer else ", optimizer state not restored",
+            "" if load_optimizer else ", optimizer state not restored",
         )
         return meta["train_state"]
+
+    def load_branch(
+        self,
+        path: str | os.PathLike,
+        model_parts: list[nn.Module],
+        optimizers: list[torch.optim.Optimizer],
+        *,
+        optimizer: bool,
+    ) -> dict:
+        """Collective: `load` from another run's checkpoint (read only; nothing is written beside
+        it): its weights, and its AdamW state if `optimizer`. Returns its train_state."""
+        train_state = self.load(path, model_parts, optimizers, load_optimizer=optimizer)
+        self.last_saved_step = None  # this run has saved nothing yet: its start step may still be saved
+        return train_state
 
     def _adopt_sources(self, path: Path, meta: dict) -> None:
         if not self._tokenizer_explicit and (path / ckpt.TOKENIZER_DIR).is_dir():

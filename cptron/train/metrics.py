@@ -545,9 +545,10 @@ class RunMetrics:
             self.logger.log(step, row)
         self.logger.progress(step, {"loss": f"{values['loss']:.4f}"})
 
-    def evaluation(self, step: int, losses: dict[str, float]) -> None:
-        """Report held-out losses; the time they took does not count as training throughput."""
-        self.logger.log(step, {f"val/{k}": v for k, v in losses.items()}, kind="eval")
+    def evaluation(self, step: int, losses: dict[str, float], derived: Optional[dict[str, float]] = None) -> None:
+        """Report held-out losses (`val/<set>`) and what `derived` adds to them (perplexities, the change
+        since step 0: `cptron.train.report`); the time they took does not count as training throughput."""
+        self.logger.log(step, {**{f"val/{k}": v for k, v in losses.items()}, **(derived or {})}, kind="eval")
         self.meter.reset()
 
     def paused(self) -> None:

@@ -9,7 +9,8 @@
   4. the data loaders, then the train module: this rank's model parts, parallelized from
      outside, materialized, initialized by (seed, parameter name) unless a checkpoint will
      overwrite them, with their AdamW (`cptron.train.train_module`);
-  5. resume from the newest complete checkpoint, else load the initial weights.
+  5. resume from the newest complete checkpoint, else branch from another run's checkpoint, else
+     load the initial weights (`cptron.train.branch` checks and states the LR schedule in force).
 
 The loop only orders events; each component decides for itself: the train module runs a step,
 the validator whether a step evaluates, the checkpointer whether it saves, the stop policy
@@ -37,12 +38,22 @@ from cptron.errors import ConfigError, NonFiniteLossError, require
 from cptron.models.config import ModelConfig
 from cptron.parallel.dims import build_mesh, mixed_precision_dtype, resolve_parallel_dims
 from cptron.parallel.parallelize import describe_parallelism
+from cptron.train.branch import (
+    architecture_source,
+    branch_source,
+    check_branch_location,
+    fresh_start_note,
+    resumed_schedule,
+    schedule_record,
+    start_branch,
+)
 from cptron.train.checkpointer import TrainCheckpointer
 from cptron.train.config import JobConfig
 from cptron.train.initial_weights import load_initial_weights, model_config_for_init, run_tokenizer_dir
 from cptron.train.lr import apply_lr, build_lr_schedule
 from cptron.train.metrics import RunMetrics
 from cptron.train.optim import resolve_adamw_implementation
+from cptron.train.report import ForgettingReport
 from cptron.train.run_lock import RunDirLock
 from cptron.train.stop import EXIT_RESUMABLE, StopPolicy
 from cptron.train.train_module import LossHook, StepLayout, build_train_module, plan_microbatches
@@ -101,6 +112,7 @@ class Trainer:
         for section in (cfg.model, cfg.training, cfg.parallel, cfg.optim, cfg.lr, cfg.checkpoint, cfg.metrics):
             validate_config(section)
         cfg.validate()
+        check_branch_location(cfg)  # before the lock: a branch source inside run_dir would be locked
         self.cfg, self.grad_hook = cfg, grad_hook
         t = cfg.training
         self.rank, self.world_size, self.device = setup_distributed(t.device)
@@ -115,7 +127,8 @@ class Trainer:
 
     def _set_up(self, cfg: JobConfig, data_factory, loss_hook: Optional[LossHook]) -> None:
         t, init_from = cfg.training, cfg.checkpoint.init_from
-        mc = model_config_for_init(init_from, cfg.model.pad_vocab_to_multiple_of) if init_from else cfg.model
+        arch = architecture_source(cfg)
+        mc = model_config_for_init(arch, cfg.model.pad_vocab_to_multiple_of) if arch else cfg.model
         mc.validate()
         require(t.seq_len <= mc.max_seq_len, "training.seq_len", t.seq_len, f"<= model.max_seq_len={mc.max_seq_len}")
         self.model_cfg = mc
@@ -128,6 +141,7 @@ class Trainer:
             cfg.checkpoint, t.run_dir, model_cfg=mc, tokenizer_dir=run_tokenizer_dir(t.tokenizer, init_from)
         )
         latest = self.checkpointer.resume_path()
+        branch = branch_source(cfg, latest)
         dp_rank = self.dp_mesh.get_local_rank()
         if data_factory is None:
             validate_config(cfg.data)
@@ -140,7 +154,7 @@ class Trainer:
                 vocab_size=mc.vocab_size,
                 seed=t.seed,
                 total_steps=t.steps,
-                tokenizer=run_tokenizer_dir(t.tokenizer, init_from, latest),
+                tokenizer=run_tokenizer_dir(t.tokenizer, init_from, latest or (branch and branch.path)),
             )
         else:
             self.data, val_sets = data_factory(dp_rank, self.dims.dp)
@@ -149,23 +163,35 @@ class Trainer:
         layout = StepLayout(cfg, mc, self.dims, self.mesh, self.dp_mesh, self.device, self.param_dtype, self.plan)
         self.module = build_train_module(
             layout,
-            initialize=latest is None and not init_from,
+            initialize=latest is None and branch is None and not init_from,
             source_names=list(self.data.source_names),
             loss_hook=loss_hook,
         )
         self.validator = Validator(self.module, val_sets or {}, t)
+        domains = {name: cfg.data.domain_of(name) for name in val_sets or {}}
+        self.report = ForgettingReport(domains, t.run_dir, rank=self.rank, eval_at_start=t.eval_at_start)
         self.lr_schedule = build_lr_schedule(cfg.lr, t.steps)
         self.lr = 0.0
         """The learning rate of the latest step."""
 
         self.step, self.skipped, self.resumed_from = 0, [], None
+        self.start_note = fresh_start_note(cfg)
+        """The start-up log's line on where the run starts and the LR schedule in force."""
         if latest is not None:
+            self.start_note = resumed_schedule(cfg, latest)
             self.module.trainable.check_resume(latest, cfg.checkpoint.load_optimizer)
             self._restore_train_state(self.checkpointer.load(latest, self.parts, self.optimizers))
             # A checkpoint of a run that trained the old rows has moments there: new rows only moves none.
             self.module.trainable.zero_masked_moments(self.optimizers)
             self.resumed_from = str(latest)
             log.info("resumed from %s at step %d", latest, self.step)
+        elif branch is not None:
+            self.step, self.skipped, self.start_note = start_branch(
+                branch, cfg, self.module, self.checkpointer, self.data
+            )
+            if "step" in cfg.checkpoint.branch_carry:  # the parent's step 0 is this branch's too
+                state = branch.train_state
+                self.report.load_state_dict(state.get("eval_baseline"), present="eval_baseline" in state)
         elif init_from:
             load_initial_weights(init_from, self.parts, mc)
         self.checkpointer.track(self.parts, self.optimizers, self.train_state, t.steps)
@@ -213,6 +239,7 @@ class Trainer:
             self.plan.microbatches,
             t.micro_batch_size,
         )
+        log.info("%s", self.start_note)
         if data_plan is not None:
             log.info("%s", data_plan)
         if (trainable := self.module.trainable.describe()) is not None:
@@ -233,11 +260,14 @@ class Trainer:
             "world_size": self.world_size,
             "layout": self.dims.describe(),
             "trainable": self.module.trainable.state(),
+            "lr": schedule_record(self.cfg),  # a resume is held to it (cptron.train.branch)
+            "eval_baseline": self.report.state_dict(),  # step-0 held-out losses
         }
 
     def _restore_train_state(self, state: dict) -> None:
         self.step = int(state["step"])
         self.skipped = list(state.get("skipped_steps", []))
+        self.report.load_state_dict(state.get("eval_baseline"), present="eval_baseline" in state)
         self.data.load_state_dict(state["data"])
         saved_seed = state.get("rng", {}).get("seed", self.cfg.training.seed)
         if saved_seed != self.cfg.training.seed:
@@ -306,6 +336,7 @@ class Trainer:
             if self.step == t.steps:
                 self._record_eval(self.validator.maybe_evaluate(self.step, final=True), result, metrics)
                 self.checkpointer.maybe_save(self.step, final=True)
+                self.report.finish(self.step, self.data.drawn())
         result.last_step = self.step
         return result
 
@@ -395,7 +426,7 @@ class Trainer:
     def _record_eval(self, losses: Optional[dict[str, float]], result: TrainResult, metrics: RunMetrics) -> None:
         if losses is not None:
             result.eval_losses[self.step] = losses
-            metrics.evaluation(self.step, losses)
+            metrics.evaluation(self.step, losses, self.report.evaluation(self.step, losses))
 
 
 def nonfinite_description(loss: float, norm: float) -> str:

@@ -174,9 +174,11 @@ def test_new_rows_only_resume_equals_uninterrupted_run(tmp_path):
 
 
 def test_resume_with_another_frozen_set(tmp_path):
-    checkpoint = CheckpointConfig(interval=0, save_final=True, resume=True)
+    # Stopped at step 2 of 3, not a 2-step run extended: a resume keeps the cosine schedule's length.
+    checkpoint = CheckpointConfig(interval=2, save_final=True, resume=True)
     run_distributed(
-        train, 1, str(tmp_path), ParallelConfig(), dict(frozen=["layers.0.*"]), steps=2, checkpoint=checkpoint
+        train, 1, str(tmp_path), ParallelConfig(), dict(frozen=["layers.0.*"]), steps=3, checkpoint=checkpoint,
+        stop_at=2,
     )
     refused = run_distributed(train, 1, str(tmp_path), ParallelConfig(), {}, steps=3, checkpoint=checkpoint)[0]
     assert isinstance(refused, str) and refused.startswith("optim.frozen is invalid for this resume"), refused
@@ -236,8 +238,9 @@ def test_new_rows_from_vocab_extension_json_of_init_from(extended_hf_dir, tmp_pa
 def test_new_rows_only_after_a_full_run_keeps_old_rows_exact(tmp_path):
     """The checkpoint of a run that trained every row holds AdamW moments for the old rows: switching
     to new rows only must not let that momentum move them."""
-    checkpoint = CheckpointConfig(interval=0, save_final=True, resume=True)
-    run_distributed(train, 1, str(tmp_path), ParallelConfig(), {}, steps=2, checkpoint=checkpoint)
+    # Stopped at step 2 of 4 (a resume keeps the cosine schedule's length), every row trained so far.
+    checkpoint = CheckpointConfig(interval=2, save_final=True, resume=True)
+    run_distributed(train, 1, str(tmp_path), ParallelConfig(), {}, steps=4, checkpoint=checkpoint, stop_at=2)
     losses, before, after, with_state = run_distributed(
         train, 1, str(tmp_path), ParallelConfig(), NEW_ROWS_ONLY, steps=4, checkpoint=checkpoint
     )[0]

@@ -147,7 +147,7 @@ def test_a_new_registry_entry_needs_no_other_change(monkeypatch):
 
 
 def test_builtin_registry():
-    assert set(SCHEDULES) == {"cosine", "linear", "constant", "wsd"}
+    assert set(SCHEDULES) == {"cosine", "linear", "constant", "wsd", "infinite"}
 
 
 def test_phase_validation():
@@ -167,7 +167,7 @@ def test_phase_validation():
 
 @pytest.mark.parametrize("fields,total,message", [
     (dict(schedule="step"), 10,
-     "lr.schedule='step' is invalid: expected one of ['constant', 'cosine', 'linear', 'wsd']"),
+     "lr.schedule='step' is invalid: expected one of ['constant', 'cosine', 'infinite', 'linear', 'wsd']"),
     (dict(warmup_steps=-1), 10, "lr.warmup_steps=-1 is invalid: expected an integer >= 0"),
     (dict(decay_steps=0), 10, "lr.decay_steps=0 is invalid: expected None or an integer >= 1"),
     (dict(schedule="constant", decay_steps=5), 10,
