@@ -25,7 +25,6 @@ figures depend only on the seed; the run takes about 10 minutes on 2 cores.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 import sys
@@ -91,15 +90,6 @@ def run_config(run_dir: Path, steps: int, data: Path, langs: list[str], *, lr: d
     return cfg
 
 
-def eval_losses(run_dir: Path) -> dict[int, dict[str, float]]:
-    out: dict[int, dict[str, float]] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if row.get("kind") == "eval":
-            out[row["step"]] = {k.removeprefix("val/"): v for k, v in row.items() if k.startswith("val/")}
-    return out
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default="runs/bench-replay", help="where everything is written (replaced)")
@@ -116,6 +106,7 @@ def main() -> int:
     t0 = time.time()
     sys.path.insert(0, str(REPO))
     from cptron.testing.fixtures import train_bpe_tokenizer
+    from cptron.train.plot_runs import eval_losses
 
     tok = work / "tokenizer"
     train_bpe_tokenizer(tok, vocab_size=MODEL["vocab_size"])

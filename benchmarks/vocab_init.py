@@ -32,7 +32,6 @@ the run takes about 5 minutes on 2 cores.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 import sys
@@ -98,15 +97,6 @@ def write_yaml(path: Path, cfg: dict) -> str:
     return str(path)
 
 
-def eval_losses(run_dir: Path) -> dict[int, dict[str, float]]:
-    out: dict[int, dict[str, float]] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if row.get("kind") == "eval":
-            out[row["step"]] = {k.removeprefix("val/"): v for k, v in row.items() if k.startswith("val/")}
-    return out
-
-
 def tokens_per_char(tokenizer_dir: Path, text_file: Path) -> float:
     from tokenizers import Tokenizer
 
@@ -136,6 +126,8 @@ def continue_on_german(work: Path, name: str, init_from: Path, data: Path, steps
     cfg["checkpoint"]["init_from"] = str(init_from)
     cfg["model"] = {"pad_vocab_to_multiple_of": 64}
     cli("train", write_yaml(work / f"{name}.yaml", cfg))
+    from cptron.train.plot_runs import eval_losses
+
     return eval_losses(run_dir)
 
 

@@ -51,14 +51,6 @@ def torchrun(nproc: int) -> tuple[str, ...]:
     return ("-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "cptron.cli")
 
 
-def eval_losses(run_dir: Path) -> dict[int, dict[str, float]]:
-    out: dict[int, dict[str, float]] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if row.get("kind") == "eval":
-            out[row["step"]] = {k.removeprefix("val/"): v for k, v in row.items() if k.startswith("val/")}
-    return out
-
 
 def generate(hf_dir: Path, prompts: list[str], new_tokens: int = 16) -> list[str]:
     """Greedy continuations by transformers from the exported model and its tokenizer."""
@@ -90,6 +82,7 @@ def main() -> int:
     t0 = time.time()
 
     from cptron.testing.fixtures import BIBLE_DIR, bible_text, train_bpe_tokenizer
+    from cptron.train.plot_runs import eval_losses
 
     en_text, de_text = str(BIBLE_DIR / "web.txt"), str(BIBLE_DIR / "elberfelder.txt")
     tok = train_bpe_tokenizer(work / "tokenizer-en", vocab_size=2048, texts=bible_text("en"))

@@ -122,6 +122,15 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return records
 
 
+def eval_losses(run_dir: str | Path) -> dict[int, dict[str, float]]:
+    """Step -> {validation set: held-out loss} of a run's evaluations (its metrics.jsonl, checked)."""
+    return {
+        r["step"]: {k.removeprefix("val/"): v for k, v in r.items() if k.startswith("val/")}
+        for r in read_metrics(run_dir)
+        if r.get("kind") == "eval"
+    }
+
+
 def _malformed(record) -> str:
     """What is wrong with one record, or ""."""
     if not isinstance(record, dict):
