@@ -40,7 +40,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def cli(*args: str, launcher: tuple[str, ...] = ("-m", "cptron.cli")) -> None:
-    print("\n$ " + ("cptron" if launcher[-1] == "cptron.cli" else "torchrun ...") + " " + " ".join(args), flush=True)
+    shown = "cptron" if launcher == ("-m", "cptron.cli") else "torchrun " + " ".join(launcher[2:])
+    print(f"\n$ {shown} " + " ".join(args), flush=True)
     rc = subprocess.run([sys.executable, *launcher, *args], cwd=REPO).returncode
     if rc != 0:
         raise SystemExit(f"quickstart: the command above failed with exit code {rc}")
@@ -49,7 +50,6 @@ def cli(*args: str, launcher: tuple[str, ...] = ("-m", "cptron.cli")) -> None:
 def torchrun(nproc: int) -> tuple[str, ...]:
     """`python -m torch.distributed.run` (torchrun) on this machine, `nproc` processes, `cptron.cli` as the module."""
     return ("-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "cptron.cli")
-
 
 
 def generate(hf_dir: Path, prompts: list[str], new_tokens: int = 16) -> list[str]:

@@ -28,7 +28,7 @@ def test_the_main_job_tells_the_whole_story(tmp_path):
     out = proc.stdout
     assert "German tokens per word:" in out and "after `vocab extend`" in out
     assert "forgetting" in out and "learning" in out
-    assert "torchrun ... train" in out  # the CPT stage ran under torchrun
+    assert "$ torchrun --standalone --nproc_per_node=2 -m cptron.cli train" in out  # CPT under torchrun
     assert "'Und Gott sprach:' ->" in out and "'And God said,' ->" in out
     for png in ("curves.png", "lr.png"):
         assert (work / png).stat().st_size > 10_000, png

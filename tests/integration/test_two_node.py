@@ -18,6 +18,7 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -219,7 +220,9 @@ def test_two_nodes_train_like_one_process_and_survive_a_dead_node(two_nodes, tmp
                 p.wait()
     log_a = (tmp_path / "a1.log").read_text()
     assert status_a not in (0, 75), log_a[-3000:]
-    lost = [line for line in log_a.splitlines() if "lost 2 peer rank(s)" in line]
+    # Both of node b's ranks fall silent; a loaded machine may see one's heartbeat time out before the
+    # other's, so a line may name one or both, but only ranks at node b's address.
+    lost = [line for line in log_a.splitlines() if re.search(r"lost [12] peer rank\(s\)", line)]
     assert lost and all(b.addr in line and a.addr not in line for line in lost), log_a[-3000:]
     assert waited < PEER_TIMEOUT_MIN * 60 + 20, f"node a took {waited:.0f} s to give up"
     reached = max(train_losses(run_dir))
