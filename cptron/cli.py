@@ -39,7 +39,7 @@ from cptron.models.llama import build_model
 from cptron.train.checkpointer import TrainCheckpointer
 from cptron.train.config import JobConfig
 from cptron.train.initial_weights import model_config_for_init, run_tokenizer_dir
-from cptron.train.lr_plot import LRPlotConfig, run_lr_plot
+from cptron.train.lr_plot import LRPlotConfig, lr_plot_arguments, run_lr_plot
 from cptron.train.plot_runs import PlotConfig, plot_arguments, run_plot
 from cptron.vocab.extend import VocabExtendConfig, run_vocab_extend
 from cptron.vocab.init import VocabInitConfig, run_vocab_init
@@ -327,6 +327,7 @@ DESCRIPTIONS: dict[tuple[str, ...], str] = {
 # them into --field options, and whether a positional YAML config file is still read after that.
 ARGUMENT_FORMS: dict[tuple[str, ...], tuple[Callable[[list[str]], list[str]], bool]] = {
     ("plot",): (plot_arguments, False),
+    ("lr-plot",): (lr_plot_arguments, True),
 }
 
 

@@ -206,6 +206,20 @@ def _parent_from_yaml(path: Path, field: str) -> _Parent:
     return _Parent(parent.lr, parent.training.steps, parent.optim.lr, Path(parent.training.run_dir).name or str(path))
 
 
+def lr_plot_arguments(argv: list[str]) -> list[str]:
+    """`-o FILE` (as `cptron plot` takes it) as --output FILE; every other argument as it is."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "-o":
+            require(i + 1 < len(argv), "-o", "", "the PNG file to write")
+            out += ["--output", argv[i + 1]]
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def run_lr_plot(cfg: LRPlotConfig) -> Path:
     """`cptron lr-plot`: write the figure to cfg.output and say where."""
     out = Path(cfg.output)
@@ -216,4 +230,4 @@ def run_lr_plot(cfg: LRPlotConfig) -> Path:
     return out
 
 
-__all__ = ["Curve", "LRPlotConfig", "lr_figure", "run_lr_plot"]
+__all__ = ["Curve", "LRPlotConfig", "lr_figure", "lr_plot_arguments", "run_lr_plot"]

@@ -110,6 +110,11 @@ def test_cli_help_run_and_errors(tmp_path, capsys):
     out = tmp_path / "plots" / "lr.png"
     assert main(["lr-plot", str(tmp_path / "train.yaml"), "--output", str(out)]) == 0
     assert out.stat().st_size > 10_000
+    short = tmp_path / "short.png"  # -o, as `cptron plot` takes it, with overrides after it
+    assert main(["lr-plot", str(tmp_path / "train.yaml"), "-o", str(short), "--training.steps", "800"]) == 0
+    assert short.stat().st_size > 10_000
+    assert main(["lr-plot", str(tmp_path / "train.yaml"), "-o"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
 
     assert main(["lr-plot", str(tmp_path / "train.yaml"), "--lr.anneal_start", "800"]) == 2
     err = capsys.readouterr().err
