@@ -169,6 +169,10 @@ def test_device_mesh_with_named_dims_at_four_ranks():
 
 
 def _raise_on_rank_one(rank, world_size):
+    # Every rank's gloo connections are up before rank 1 fails: otherwise a loaded machine can let the
+    # other ranks finish and close theirs while rank 1 is still connecting, and rank 1 then fails in
+    # connectFullMesh ("Connection closed by peer") instead of here (seen once in CI).
+    dist.barrier()
     if rank == 1:
         raise ValueError("rank one was given a bad shard")
     return rank
