@@ -41,9 +41,10 @@ setup(
         # (0.16.1 is the last release that installs on Python 3.11); ruff is the formatter and linter that
         # tests/unit/test_lint.py runs over the package (ruff.toml). deepspeed is only its launcher, for
         # tests/integration/test_deepspeed_launcher.py: a pure-Python wheel (no op is built unless DS_BUILD_OPS=1),
-        # about 10 s to install, and it keeps the installed torch.
-        "dev": ["pytest>=8", "psutil", "hypothesis", "mistral-common", "pyarrow", "tensorboard", "wandb",
-                "megatron-core==0.16.1", "ruff", "deepspeed==0.19.8"],
+        # about 10 s to install, and it keeps the installed torch. pytest-rerunfailures reruns a test once
+        # only when a forked rank died by a signal in torch's native code (pytest.ini says which).
+        "dev": ["pytest>=8", "pytest-rerunfailures>=14", "psutil", "hypothesis", "mistral-common", "pyarrow",
+                "tensorboard", "wandb", "megatron-core==0.16.1", "ruff", "deepspeed==0.19.8"],
         # The deepspeed launcher (launch/deepspeed.sh); cptron uses none of its ops: DS_BUILD_OPS=0.
         "deepspeed": ["deepspeed"],
     },
