@@ -33,6 +33,9 @@ setup(
     extras_require={
         # Parquet input for `cptron data tokenize`.
         "parquet": ["pyarrow"],
+        # Word vectors trained here (`cptron vocab vectors`) and read from fastText .bin / gensim files;
+        # the .vec text and word2vec binary formats need nothing beyond numpy.
+        "vectors": ["gensim>=4.3"],
         # Metric sinks beyond stdout/JSONL.
         "tensorboard": ["tensorboard"],
         "wandb": ["wandb"],
@@ -42,9 +45,10 @@ setup(
         # tests/unit/test_lint.py runs over the package (ruff.toml). deepspeed is only its launcher, for
         # tests/integration/test_deepspeed_launcher.py: a pure-Python wheel (no op is built unless DS_BUILD_OPS=1),
         # about 10 s to install, and it keeps the installed torch. pytest-rerunfailures reruns a test once
-        # only when a forked rank died by a signal in torch's native code (pytest.ini says which).
+        # only when a forked rank died by a signal in torch's native code (pytest.ini says which). gensim trains
+        # the `cptron vocab vectors` tests' vectors and writes the fastText/word2vec binaries the loader tests read.
         "dev": ["pytest>=8", "pytest-rerunfailures>=14", "psutil", "hypothesis", "mistral-common", "pyarrow",
-                "tensorboard", "wandb", "megatron-core==0.16.1", "ruff", "deepspeed==0.19.8"],
+                "tensorboard", "wandb", "megatron-core==0.16.1", "ruff", "deepspeed==0.19.8", "gensim>=4.3"],
         # The deepspeed launcher (launch/deepspeed.sh); cptron uses none of its ops: DS_BUILD_OPS=0.
         "deepspeed": ["deepspeed"],
     },

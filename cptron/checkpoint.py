@@ -418,9 +418,10 @@ def load_model(path: str | os.PathLike, device="cpu", dtype: Optional[torch.dtyp
 
     cfg = model_config_from_meta(read_meta(path), path)
     stored = tensor_metadata(path)
-    first = stored.get(MODEL_PREFIX + "tok_embeddings.weight")
+    key = "tok_embeddings.weight" if cfg.embedding_rank is None else "tok_embeddings.coordinates.weight"
+    first = stored.get(MODEL_PREFIX + key)
     if first is None:
-        raise CheckpointError(f"checkpoint {path} holds no model weights ({MODEL_PREFIX}tok_embeddings.weight)")
+        raise CheckpointError(f"checkpoint {path} holds no model weights ({MODEL_PREFIX}{key})")
     model = build_model(cfg, seed=None, device=device, dtype=dtype or first[1])
     params = dict(model.named_parameters())
     load_state(path, {"model": params})

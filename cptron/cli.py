@@ -9,6 +9,7 @@
     cptron plot            loss curves of runs (training per source, validation per set, forgetting) in one PNG
     cptron vocab extend    tokenizer + target-language tokens (SentencePiece or byte-level BPE) and a fertility report
     cptron vocab init      HF model resized to an extended tokenizer: old rows bit-exact, new rows initialized
+    cptron vocab vectors   word vectors trained on text: monolingual, a tokenizer's tokens, or multilingual from aligned text
 
 `cptron <command> --help` lists every field with its docstring and default.
 """
@@ -35,7 +36,8 @@ from cptron.data.tokenize import TokenizeConfig, run_tokenize
 from cptron.errors import ConfigError, CptronError, require
 from cptron.hf import compare_export, convert_cptron_to_hf, convert_hf_to_cptron, parse_size, tokenizer_files
 from cptron.models.config import ModelConfig
-from cptron.models.llama import build_model
+from cptron.models.factorized import describe_parameters
+from cptron.models.llama import Transformer, build_model
 from cptron.train.checkpointer import TrainCheckpointer
 from cptron.train.config import JobConfig
 from cptron.train.initial_weights import model_config_for_init, run_tokenizer_dir
@@ -43,6 +45,7 @@ from cptron.train.lr_plot import LRPlotConfig, lr_plot_arguments, run_lr_plot
 from cptron.train.plot_runs import PlotConfig, plot_arguments, run_plot
 from cptron.vocab.extend import VocabExtendConfig, run_vocab_extend
 from cptron.vocab.init import VocabInitConfig, run_vocab_init
+from cptron.vocab.vectors_train import VocabVectorsConfig, run_vocab_vectors
 
 log = logging.getLogger("cptron")
 
@@ -65,9 +68,11 @@ class InitConfig:
     """Directory whose tokenizer files are carried in the checkpoint (copied into an HF export)."""
     overwrite: bool = False
     """Replace `output` if it exists."""
+    dry_run: bool = False
+    """Print the parameter counts (embedding and head, factorized vs full) and write nothing; the model is built on the meta device only."""
 
     def validate(self) -> None:
-        require(bool(self.output), "output", self.output, "a directory path")
+        require(self.dry_run or bool(self.output), "output", self.output, "a directory path")
         require(
             self.tokenizer is None or Path(self.tokenizer).is_dir(),
             "tokenizer",
@@ -88,6 +93,10 @@ class HFToCptronConfig:
     """Pad embedding/output rows to a multiple of this (e.g. 128 for tensor parallelism); removed on export."""
     dtype: DType = "auto"
     """Dtype of the stored weights; auto keeps each tensor's dtype."""
+    embedding_rank: Optional[int] = None
+    """Store the input embedding factorized at this rank (embedding_factors.safetensors when its rank matches, else truncated SVD); None keeps it full."""
+    factorize_head: bool = False
+    """Store the LM head factorized too (needs embedding_rank)."""
     overwrite: bool = False
     """Replace `output` if it exists."""
     progress: bool = True
@@ -95,6 +104,18 @@ class HFToCptronConfig:
 
     def validate(self) -> None:
         require(bool(self.input), "input", self.input, "an HF model directory")
+        require(
+            self.embedding_rank is None or self.embedding_rank >= 1,
+            "embedding_rank",
+            self.embedding_rank,
+            "None or an integer >= 1",
+        )
+        require(
+            not self.factorize_head or self.embedding_rank is not None,
+            "factorize_head",
+            self.factorize_head,
+            "false unless embedding_rank is set",
+        )
         require(Path(self.input).is_dir(), "input", self.input, "an existing directory")
         require(bool(self.output), "output", self.output, "a directory path")
         require(
@@ -163,12 +184,18 @@ class VerifyConfig:
 
 
 def run_init(cfg: InitConfig) -> None:
+    if cfg.dry_run:
+        cfg.model.validate()
+        with torch.device("meta"):  # counted from the modules themselves, nothing allocated
+            counted = sum(p.numel() for p in Transformer(cfg.model).parameters())
+        print(f"{cfg.model.preset or cfg.model.family}: {describe_parameters(cfg.model)}; counted {counted:,}")
+        return
     dtype = getattr(torch, cfg.dtype)
     model = build_model(cfg.model, seed=cfg.seed, dtype=dtype)
     log.info(
-        "initialized %s model (%s parameters, %s) with seed %d on cpu",
+        "initialized %s model (%s, %s) with seed %d on cpu",
         cfg.model.preset or cfg.model.family,
-        f"{cfg.model.num_params():,}",
+        describe_parameters(cfg.model),
         cfg.dtype,
         cfg.seed,
     )
@@ -187,6 +214,8 @@ def run_hf_to_cptron(cfg: HFToCptronConfig) -> None:
         dtype=cfg.dtype,
         overwrite=cfg.overwrite,
         progress=cfg.progress,
+        embedding_rank=cfg.embedding_rank,
+        factorize_head=cfg.factorize_head,
     )
     log.info("wrote cptron checkpoint %s", out)
 
@@ -312,6 +341,7 @@ COMMANDS: dict[tuple[str, ...], tuple[type, Callable]] = {
     ("plot",): (PlotConfig, run_plot),
     ("vocab", "extend"): (VocabExtendConfig, run_vocab_extend),
     ("vocab", "init"): (VocabInitConfig, run_vocab_init),
+    ("vocab", "vectors"): (VocabVectorsConfig, run_vocab_vectors),
 }
 
 # The description of a command whose config class describes another command: `data plan` reads

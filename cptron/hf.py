@@ -14,8 +14,10 @@ bit-identically.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -38,6 +40,14 @@ from cptron.hf_config import (
     json_type_name,
     model_config_from_hf,
 )
+from cptron.hf_factors import (
+    FACTORS,
+    FACTORS_FILE,
+    dense_config,
+    factorized_matrices,
+    hf_embedding_factors,
+    materialize,
+)
 from cptron.models.config import ModelConfig
 from cptron.models.llama import Transformer
 
@@ -58,7 +68,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 # Tensors some HF checkpoints carry that are derived, not learned.
 _DERIVED_HF_TENSORS = re.compile(r"rotary_emb\.inv_freq$")
-_PADDED = ("tok_embeddings.weight", "output.weight")
+_PADDED = ("tok_embeddings.weight", "output.weight", "tok_embeddings.coordinates.weight", "output.coordinates.weight")
 
 
 def tokenizer_files(directory: Path) -> list[Path]:
@@ -158,16 +168,22 @@ def convert_hf_to_cptron(
     dtype: Optional[str] = None,
     overwrite: bool = False,
     progress: bool = True,
+    embedding_rank: Optional[int] = None,
+    factorize_head: bool = False,
 ) -> Path:
-    """Convert an HF model directory into a cptron checkpoint directory; returns `out`."""
+    """Convert an HF model directory into a cptron checkpoint directory; returns `out`. With
+    `embedding_rank` the embedding (and with `factorize_head` the head) is stored factorized
+    (see `hf_embedding_factors`)."""
     hf_dir, out = Path(hf_dir), Path(out)
     if out.exists() and not overwrite:
         raise ConversionError(f"{out} already exists; pass --overwrite to replace it")
     hf_config = _read_json(hf_dir / "config.json")
     cfg = model_config_from_hf(hf_config, pad_vocab_to_multiple_of)
+    cfg = dataclasses.replace(cfg, embedding_rank=embedding_rank, factorize_head=factorize_head)
+    cfg.validate()
     target_dtype = dtype_from_name(dtype)
     files = hf_weight_map(hf_dir)
-    expected = expected_parameters(cfg)
+    expected = expected_parameters(dense_config(cfg))
 
     sources: dict[str, tuple[str, Path]] = {}  # cptron name -> (hf name, file)
     for hf_name, path in files.items():
@@ -220,6 +236,11 @@ def convert_hf_to_cptron(
                         f"expected {list(hf_want)} from config.json"
                     )
                 state[name] = torch.empty(want, dtype=target_dtype or src_dtype, device="meta")
+    factors = hf_embedding_factors(hf_dir, cfg, files)
+    for dense in factorized_matrices(cfg):
+        dt = state.pop(dense).dtype
+        for name in FACTORS[dense][:2]:
+            state[name] = torch.empty(factors[name].shape, dtype=target_dtype or dt, device="meta")
 
     log.info(
         "converting %s (%s, %d layers, %s parameters) from %d file(s) to %s, dtype %s",
@@ -236,6 +257,9 @@ def convert_hf_to_cptron(
 
     def fetch(flat_key: str) -> torch.Tensor:
         name = flat_key[len(ckpt.MODEL_PREFIX) :]
+        if name in factors:
+            bar.update(1)
+            return factors[name].to(state[name].dtype)
         hf_name, path = sources[name]
         t = reader.get(path, hf_name).to(state[name].dtype)
         if name in _PADDED and cfg.padded_vocab_size > cfg.vocab_size:
@@ -321,9 +345,7 @@ def convert_cptron_to_hf(
     cfg = ckpt.model_config_from_meta(meta, src)
     stored = ckpt.tensor_metadata(src)
     target_dtype = dtype_from_name(dtype)
-    expected = expected_parameters(cfg)
-    items = []
-    for name, shape in expected.items():
+    for name, shape in expected_parameters(cfg).items():
         key = ckpt.MODEL_PREFIX + name
         if key not in stored:
             raise ConversionError(f"checkpoint {src} lacks tensor {key!r}")
@@ -332,9 +354,16 @@ def convert_cptron_to_hf(
                 f"checkpoint {src}: tensor {key!r} has shape {list(stored[key][0])}, "
                 f"expected {list(shape)} from its model config"
             )
+    # Factorized matrices are exported materialized (P @ B), as transformers expects them.
+    factorized = factorized_matrices(cfg)
+    dense_shapes = expected_parameters(dense_config(cfg))
+    sources = {n: list(FACTORS[n][:2]) if n in factorized else [n] for n in dense_shapes}
+    items = []
+    for name, keys in sources.items():
+        shape = dense_shapes[name]
         rows = cfg.vocab_size if name in _PADDED else shape[0]
-        dt = target_dtype or stored[key][1]
-        items.append((name, rows * (shape.numel() // max(shape[0], 1)) * dt.itemsize))
+        dt = target_dtype or stored[ckpt.MODEL_PREFIX + keys[0]][1]
+        items.append((name, rows * (math.prod(shape) // max(shape[0], 1)) * dt.itemsize))
     shards = _plan_shards(items, parse_size(max_shard_size))
     log.info(
         "exporting %s (%s, %d layers) to %s as %s in %d shard(s)",
@@ -354,16 +383,19 @@ def convert_cptron_to_hf(
     tmp.mkdir(parents=True)
     out_dtypes = set()
     weight_map = {}
+    factors: dict[str, torch.Tensor] = {}
     bar = tqdm(total=len(items), desc="cptron-to-hf", unit="tensor", disable=not progress)
     for i, group in enumerate(shards):
         fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         state = {
-            n: torch.empty(stored[ckpt.MODEL_PREFIX + n][0], dtype=stored[ckpt.MODEL_PREFIX + n][1]) for n in group
+            k: torch.empty(stored[ckpt.MODEL_PREFIX + k][0], dtype=stored[ckpt.MODEL_PREFIX + k][1])
+            for n in group
+            for k in sources[n]
         }
         ckpt.load_state(src, {"model": state})
         tensors = {}
         for n in group:
-            t = state.pop(n)
+            t = state.pop(n) if n not in factorized else materialize(state, n, cfg.vocab_size, factors)
             if n in _PADDED:
                 t = t[: cfg.vocab_size]
             t = t.to(target_dtype) if target_dtype is not None else t
@@ -374,6 +406,8 @@ def convert_cptron_to_hf(
         save_file(tensors, tmp / fname, metadata={"format": "pt"})
         del tensors
     bar.close()
+    if factors:  # re-importing at the same rank then starts from these factors exactly, not from an SVD
+        save_file(factors, tmp / FACTORS_FILE, metadata={"format": "pt", "rank": str(cfg.embedding_rank)})
     if len(shards) > 1:
         total = sum(b for _, b in items)
         (tmp / "model.safetensors.index.json").write_text(
@@ -460,6 +494,9 @@ def compare_export(
     theirs = hf_model(tokens).logits
     rounding = (model(tokens)[..., :vocab] - theirs).abs().max().item()
     for name, p in model.named_parameters():
+        # Factors have no HF tensor of their own: the export rounds their product, not them.
+        if name.endswith((".coordinates.weight", ".basis.weight")):
+            continue
         dtype = dtypes.get(cptron_to_hf_name(name))
         if dtype is not None and dtype != p.dtype:
             p.copy_(p.to(dtype))

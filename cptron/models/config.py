@@ -57,6 +57,10 @@ class ModelConfig:
     """Longest sequence the model is meant for (HF max_position_embeddings)."""
     tie_embeddings: bool = False
     """Share the input embedding matrix with the output projection."""
+    embedding_rank: Optional[int] = None
+    """Factorize the input embedding as coordinates (vocab x r) @ basis (r x dim) at this rank r (OFA, Liu et al. 2023); None keeps the full matrix."""
+    factorize_head: bool = False
+    """Factorize the LM head likewise (logits = (h basis^T) coordinates^T); needs embedding_rank, and tied models need it."""
     qkv_bias: bool = False
     """Add a bias to the q/k/v projections (Qwen2)."""
     sliding_window: Optional[int] = None
@@ -89,11 +93,20 @@ class ModelConfig:
         attn = d * q + 2 * d * kv + q * d + (q + 2 * kv if self.qkv_bias else 0)
         mlp = 3 * d * self.ffn_hidden_dim
         total = self.n_layers * (attn + mlp + 2 * d) + d
-        emb = self.padded_vocab_size * d
+        emb, head = self.embedding_params()
         if include_embedding:
             total += emb
-        total += 0 if self.tie_embeddings else emb
-        return total
+        return total + head
+
+    def embedding_params(self) -> tuple[int, int]:
+        """(input embedding parameters, LM head parameters not shared with it): coordinates plus basis
+        where factorized, else the padded vocabulary times dim; a tied head adds 0."""
+        full = self.padded_vocab_size * self.dim
+        r = self.embedding_rank
+        factorized = full if r is None else self.padded_vocab_size * r + r * self.dim
+        if self.tie_embeddings:
+            return factorized, 0
+        return factorized, factorized if self.factorize_head else full
 
     def validate(self) -> None:
         """Raise ConfigError naming the first field whose value is impossible."""
@@ -157,6 +170,25 @@ class ModelConfig:
             f"None for model.family={self.family!r} (sliding windows need family 'mistral')",
         )
         require(self.init_std > 0, "model.init_std", self.init_std, "a float > 0")
+        require(
+            self.embedding_rank is None or 1 <= self.embedding_rank <= self.dim,
+            "model.embedding_rank",
+            self.embedding_rank,
+            f"None or an integer in [1, model.dim={self.dim}]",
+        )
+        require(
+            not self.factorize_head or self.embedding_rank is not None,
+            "model.factorize_head",
+            self.factorize_head,
+            "false unless model.embedding_rank is set",
+        )
+        # Tied models share coordinates and basis: a full head cannot be one parameter with them.
+        require(
+            not (self.tie_embeddings and self.embedding_rank is not None and not self.factorize_head),
+            "model.factorize_head",
+            self.factorize_head,
+            "true when model.tie_embeddings and model.embedding_rank are both set",
+        )
 
 
 def _llama3_rope(factor: float) -> dict:

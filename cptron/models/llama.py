@@ -7,7 +7,8 @@ attention (Ainslie et al. 2023) and a SwiGLU MLP (Shazeer 2020).
 Conventions that other modules rely on:
 - Parameter names are `tok_embeddings`, `layers.<i>.attention.{wq,wk,wv,wo}`,
   `layers.<i>.attention_norm`, `layers.<i>.feed_forward.{w1,w2,w3}` (gate, down, up),
-  `layers.<i>.ffn_norm`, `norm`, `output`. `layers` is a ModuleDict keyed by the
+  `layers.<i>.ffn_norm`, `norm`, `output`; with `model.embedding_rank` the embedding (and with
+  `model.factorize_head` the head) holds `coordinates` and `basis` (cptron.models.factorized). `layers` is a ModuleDict keyed by the
   layer index, so a pipeline stage can delete the blocks it does not own and keep
   the original names (and thus checkpoint keys).
 - q/k projections use the half-split rotary layout of Hugging Face checkpoints
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cptron._torch_compat import WRAPPER_NAME_SEGMENTS, ConversionHookModule
-from cptron.models import flex
+from cptron.models import factorized, flex
 from cptron.models.config import ModelConfig
 
 # ----------------------------------------------------------------------------- RoPE
@@ -226,12 +227,12 @@ class Transformer(ConversionHookModule):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        self.tok_embeddings: Optional[nn.Embedding] = nn.Embedding(cfg.padded_vocab_size, cfg.dim)
+        # nn.Embedding/nn.Linear, or their factorized forms (cptron.models.factorized) with model.embedding_rank.
+        self.tok_embeddings: Optional[nn.Module] = factorized.build_embedding(cfg)
         self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg) for i in range(cfg.n_layers)})
         self.norm: Optional[RMSNorm] = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output: Optional[nn.Linear] = nn.Linear(cfg.dim, cfg.padded_vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.output.weight = self.tok_embeddings.weight
+        self.output: Optional[nn.Module] = factorized.build_head(cfg)
+        factorized.tie(self, cfg)
         self.register_buffer("rope_inv_freq", rope_inv_freq(cfg), persistent=False)
         # The attention kernel is a runtime choice, not architecture (not in cfg,
         # so not in checkpoints or HF exports): the trainer sets it on every part.
@@ -273,8 +274,7 @@ class Transformer(ConversionHookModule):
 
     def _after_conversion(self) -> None:
         # Moving off the meta device creates new parameters per module: re-tie.
-        if self.cfg.tie_embeddings and self.output is not None and self.tok_embeddings is not None:
-            self.output.weight = self.tok_embeddings.weight
+        factorized.tie(self, self.cfg)
         # Keep the rotary frequencies in fp32 whatever dtype the weights move to:
         # recomputing them is exact, casting them to bf16 is not.
         self.rope_inv_freq = rope_inv_freq(self.cfg).to(self.rope_inv_freq.device)
@@ -289,8 +289,13 @@ class Transformer(ConversionHookModule):
         the same full tensor, so any layout initializes identically.
         A tied output weight is seeded under its canonical name, tok_embeddings.weight,
         so a last pipeline stage holding only `output` matches the first stage.
+        Factorized embeddings draw coordinates with init_std and a basis with 1/sqrt(r), so
+        that P @ B has entries of std init_std, as the full matrix would.
         """
         depth_std = self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers)
+        tied = factorized.tied_parameters(self.cfg)
+        vocab_rows = factorized.vocab_row_parameters(self.cfg)
+        bases = factorized.basis_parameters(self.cfg)
         for name, p in self.named_parameters():
             name = canonical_param_name(name)
             leaf = name.rsplit(".", 2)
@@ -300,12 +305,13 @@ class Transformer(ConversionHookModule):
             if name.endswith(".bias"):
                 _fill_param(p, lambda shape: torch.zeros(shape))
                 continue
-            if name == "output.weight" and self.cfg.tie_embeddings:
-                name = "tok_embeddings.weight"
+            name = tied.get(name, name)
             std = depth_std if leaf[-2] in ("wo", "w2") else self.cfg.init_std
+            if name in bases:
+                std = 1.0 / math.sqrt(self.cfg.embedding_rank)
             gen = torch.Generator(device="cpu").manual_seed(_param_seed(seed, name))
 
-            def draw(shape, gen=gen, std=std, padded=name in ("tok_embeddings.weight", "output.weight")):
+            def draw(shape, gen=gen, std=std, padded=name in vocab_rows):
                 full = torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
                 if padded:
                     full[self.cfg.vocab_size :] = 0.0  # padded rows are not tokens

@@ -21,9 +21,10 @@ import logging
 import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
+    ParallelStyle,
     PrepareModuleInput,
     RowwiseParallel,
     SequenceParallel,
@@ -32,6 +33,7 @@ from torch.distributed.tensor.parallel import (
 
 from cptron._torch_compat import checkpoint_wrapper
 from cptron.errors import ConfigError
+from cptron.models.factorized import FactorizedEmbedding, FactorizedHead
 from cptron.parallel.dims import ParallelConfig, ParallelDims
 
 log = logging.getLogger("cptron.parallel")
@@ -80,13 +82,17 @@ def apply_tensor_parallel(
     instead of an all-reduce), and the embedding and output are vocab-parallel."""
     seq = Shard(1) if sequence_parallel else Replicate()
     top: dict[str, object] = {}
-    if model.tok_embeddings is not None:
+    if isinstance(model.tok_embeddings, FactorizedEmbedding):
+        top.update(_factorized_embedding_plan(model.tok_embeddings, seq))
+    elif model.tok_embeddings is not None:
         # Row-wise on the embedding = each rank owns a vocabulary slice and
         # contributes zeros for ids outside it; the sum gives the lookup.
         top["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=seq)
     if model.norm is not None and sequence_parallel:
         top["norm"] = SequenceParallel()
-    if model.output is not None:
+    if isinstance(model.output, FactorizedHead):
+        top.update(_factorized_head_plan(seq, loss_parallel))
+    elif model.output is not None:
         # With loss parallelism the logits stay vocab-sharded (a DTensor) and the
         # cross-entropy runs on shards (cptron.train.loss), never gathering
         # [batch, seq, vocab] on one rank.
@@ -118,6 +124,58 @@ def apply_tensor_parallel(
             plan["attention_norm"] = SequenceParallel()
             plan["ffn_norm"] = SequenceParallel()
         parallelize_module(block, tp_mesh, plan)
+
+
+def _factorized_embedding_plan(embedding: FactorizedEmbedding, seq) -> dict[str, object]:
+    """P vocabulary-sharded, B replicated: each rank gathers its vocabulary slice of the r-wide
+    coordinate rows (zeros elsewhere) and the all-reduce (reduce-scatter under SP) sums r-wide rows,
+    not H-wide embeddings; then every rank projects its rows by B, a replicated DTensor
+    (`ReplicateParallel`): under SP each rank's rows are its sequence slice and autograd sums B's
+    gradient over the TP ranks; without SP every rank holds all rows and the same full gradient."""
+    embedding.vocab_parallel = True  # run the lookup as its two halves, the reduction between them
+    plan: dict[str, object] = {
+        "tok_embeddings.coordinates": RowwiseParallel(input_layouts=Replicate(), output_layouts=seq)
+    }
+    plan["tok_embeddings.basis"] = ReplicateParallel(seq)
+    return plan
+
+
+def _factorized_head_plan(seq, loss_parallel: bool) -> dict[str, object]:
+    """h B^T on every rank (on its sequence slice under SP: the all-gather then carries r-wide rows),
+    then the scores against the vocabulary-sharded coordinates, column-parallel as a full head."""
+    plan: dict[str, object] = {
+        "output.coordinates": ColwiseParallel(
+            input_layouts=seq,
+            output_layouts=Shard(-1) if loss_parallel else Replicate(),
+            use_local_output=not loss_parallel,
+        )
+    }
+    plan["output.basis"] = ReplicateParallel(seq)
+    return plan
+
+
+class ReplicateParallel(ParallelStyle):
+    """A module computed on every TP rank from its own rows: parameters become replicated DTensors,
+    a plain input is read as `layout` (Shard(1): this rank's sequence slice) and the output is
+    returned as a plain tensor in the same layout. Autograd then sums the parameters' gradients over
+    the ranks where the input is sharded, and keeps the one full gradient where it is replicated.
+    (torch's SequenceParallel is this for Shard(1) only; the AdamW of a part wants every parameter
+    of a TP-parallelized part to be a DTensor, so the replicated case needs it too.)"""
+
+    def __init__(self, layout):
+        super().__init__()
+        self.layout = layout
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def input_fn(mod, inputs, mesh):
+            return tuple(
+                x if isinstance(x, DTensor) else DTensor.from_local(x, mesh, (self.layout,), run_check=False)
+                for x in inputs
+            )
+
+        return distribute_module(
+            module, device_mesh, input_fn=input_fn, output_fn=lambda mod, out, mesh: out.to_local()
+        )
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str, every: int) -> None:

@@ -284,6 +284,13 @@ def build_stage_modules(
     """
     if len(layer_ranges) != n_stages:
         raise ValueError(f"layer_ranges has {len(layer_ranges)} entries, expected one per stage ({n_stages})")
+    # TiedEmbeddingSync keeps one tied weight in step across stages, not a factorized pair.
+    if n_stages > 1 and model_cfg.tie_embeddings and model_cfg.embedding_rank is not None:
+        raise invalid(
+            "model.embedding_rank",
+            model_cfg.embedding_rank,
+            "None with model.tie_embeddings under pipeline parallelism (tied factorized embeddings need parallel.pp=1)",
+        )
     if sorted(set(stage_ids)) != sorted(stage_ids) or not all(0 <= s < n_stages for s in stage_ids):
         raise ValueError(f"stage_ids={stage_ids} is invalid: expected distinct stage indices in [0, {n_stages})")
     with torch.device(device):

@@ -10,6 +10,7 @@ resharded, with a vocabulary padded to another multiple re-gridded.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ from cptron.distributed import barrier, local_errors, local_shard_region, raise_
 from cptron.errors import CheckpointError, CptronError
 from cptron.hf import expected_parameters, hf_weight_map, tokenizer_files
 from cptron.hf_config import cptron_to_hf_name, hf_to_cptron_name, json_type_name, model_config_from_hf
+from cptron.hf_factors import dense_config, hf_embedding_factors
 from cptron.models.config import ModelConfig
 from cptron.train.model_state import PADDED, ModelPartsState, copy_duplicates
 
@@ -42,6 +44,8 @@ _STRUCTURAL = (
     "vocab_size",
     "tie_embeddings",
     "qkv_bias",
+    "embedding_rank",
+    "factorize_head",
 )
 # Fields that change the function but not the shapes (context extension changes rope on purpose).
 _BEHAVIOURAL = (
@@ -97,9 +101,13 @@ def is_cptron_checkpoint(path: Path) -> bool:
     return (path / ckpt.META_FILE).is_file()
 
 
-def model_config_for_init(path: str | os.PathLike, pad_vocab_to_multiple_of: int) -> ModelConfig:
+def model_config_for_init(
+    path: str | os.PathLike, pad_vocab_to_multiple_of: int, factorization: Optional[ModelConfig] = None
+) -> ModelConfig:
     """The architecture of the initial weights: an HF directory's config.json or a cptron
-    checkpoint's cptron.json, with the run's vocabulary padding."""
+    checkpoint's cptron.json, with the run's vocabulary padding. An HF model has full embeddings:
+    it takes model.embedding_rank and model.factorize_head from `factorization` (the run's model
+    section), and is factorized as it loads; a cptron checkpoint keeps its own."""
     path = Path(path)
     if is_cptron_checkpoint(path):
         return ckpt.model_config_from_meta(
@@ -107,7 +115,13 @@ def model_config_for_init(path: str | os.PathLike, pad_vocab_to_multiple_of: int
         )
     if (path / "config.json").is_file():
         try:
-            return model_config_from_hf(json.loads((path / "config.json").read_text()), pad_vocab_to_multiple_of)
+            cfg = model_config_from_hf(json.loads((path / "config.json").read_text()), pad_vocab_to_multiple_of)
+            if factorization is not None:
+                cfg = dataclasses.replace(
+                    cfg, embedding_rank=factorization.embedding_rank, factorize_head=factorization.factorize_head
+                )
+                cfg.validate()
+            return cfg
         except (CptronError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{path / 'config.json'}: {e}") from e
     raise CheckpointError(
@@ -186,13 +200,18 @@ def _load_hf_weights(hf_dir: Path, parts: list[nn.Module], model_cfg: ModelConfi
 
     def read_all() -> ModelPartsState:
         check_compatible(
-            model_config_for_init(hf_dir, model_cfg.pad_vocab_to_multiple_of), model_cfg, str(hf_dir / "config.json")
+            model_config_for_init(hf_dir, model_cfg.pad_vocab_to_multiple_of, model_cfg),
+            model_cfg,
+            str(hf_dir / "config.json"),
         )
         try:
             files = hf_weight_map(hf_dir)
         except CptronError as e:
             raise CheckpointError(str(e)) from e
-        expected = expected_parameters(model_cfg)
+        expected = expected_parameters(dense_config(model_cfg))
+        # Factorized: every rank reads the full matrices and factorizes them (deterministic, the same
+        # everywhere), or reads embedding_factors.safetensors, then takes its own region.
+        factors = hf_embedding_factors(hf_dir, model_cfg, files)
         for hf_name, file in files.items():  # a tensor the model has no place for is not dropped silently
             name = hf_to_cptron_name(hf_name)
             if (name is None and hf_name.endswith("rotary_emb.inv_freq")) or (tied and name == "output.weight"):
@@ -204,6 +223,9 @@ def _load_hf_weights(hf_dir: Path, parts: list[nn.Module], model_cfg: ModelConfi
             handles: dict[Path, Any] = {}
             for stored in state.stored_per_part():
                 for fqn, target in stored.items():
+                    if fqn in factors:  # coordinates padded with zero rows already
+                        _fill(target, lambda region, t=factors[fqn]: t[region], None)
+                        continue
                     hf_name = cptron_to_hf_name(fqn)
                     file = files.get(hf_name)
                     if file is None:

@@ -26,10 +26,12 @@ from cptron.distributed import get_rank
 from cptron.errors import CheckpointError
 
 OPTIMIZER_PREFIX = "optimizer."
-PADDED = ("tok_embeddings.weight", "output.weight")
+PADDED = ("tok_embeddings.weight", "output.weight", "tok_embeddings.coordinates.weight", "output.coordinates.weight")
 """Parameters whose rows are the padded vocabulary."""
 _FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
 _TIED_ALIAS, _TIED_CANONICAL = "output.weight", "tok_embeddings.weight"
+# A tied factorized head (cptron.models.factorized) shares both factors; stored once each, too (pp=1 only).
+_TIED_FACTORS = {f"output.{h}.weight": f"tok_embeddings.{h}.weight" for h in ("coordinates", "basis")}
 
 
 class ModelPartsState:
@@ -46,6 +48,9 @@ class ModelPartsState:
         stored = dict(full)
         if self.tied and _TIED_ALIAS in stored:
             stored.setdefault(_TIED_CANONICAL, stored.pop(_TIED_ALIAS))
+        for alias, canonical in _TIED_FACTORS.items() if self.tied else ():
+            if alias in stored and canonical in stored:
+                stored.pop(alias)
         return full, stored
 
     def stored_per_part(self) -> list[dict[str, torch.Tensor]]:
@@ -104,6 +109,9 @@ class ModelPartsState:
         for part, (full, stored) in zip(self.parts, self._states, strict=True):
             if self.tied and _TIED_ALIAS in full:
                 full[_TIED_ALIAS] = stored[_TIED_CANONICAL]
+            for alias, canonical in _TIED_FACTORS.items() if self.tied else ():
+                if alias in full and canonical in stored:
+                    full[alias] = stored[canonical]
             set_model_state_dict(part, full)
         for part, opt, osd in zip(self.parts, optimizers, optimizer_states, strict=True) if optimizer_states else ():
             set_optimizer_state_dict(part, opt, osd, options=_FLAT)

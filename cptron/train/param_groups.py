@@ -98,6 +98,15 @@ def resolve_trainable(cfg: OptimizerConfig, model_cfg: ModelConfig, init_from: O
     for i, pattern in enumerate(cfg.frozen):
         frozen.update(_matching(names, pattern, f"optim.frozen[{i}]", model_cfg))
     rows = None
+    # New rows of a factorized embedding are new coordinates in a basis every token shares: masking
+    # rows of P alone is not "old rows unchanged" once B trains. optim.frozen works by name instead.
+    if cfg.train_new_rows_only and model_cfg.embedding_rank is not None:
+        raise invalid(
+            "optim.train_new_rows_only",
+            True,
+            f"false with model.embedding_rank={model_cfg.embedding_rank} (freeze factors by name with optim.frozen, "
+            "e.g. tok_embeddings.basis.weight)",
+        )
     if cfg.train_new_rows_only:
         start = cfg.new_rows_from
         field = "optim.new_rows_from"

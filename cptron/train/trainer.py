@@ -36,6 +36,7 @@ from cptron.data.interface import BatchSource
 from cptron.distributed import setup_distributed
 from cptron.errors import ConfigError, NonFiniteLossError, require
 from cptron.models.config import ModelConfig
+from cptron.models.factorized import describe_parameters
 from cptron.parallel.dims import build_mesh, mixed_precision_dtype, resolve_parallel_dims
 from cptron.parallel.parallelize import describe_parallelism
 from cptron.train.branch import (
@@ -128,7 +129,7 @@ class Trainer:
     def _set_up(self, cfg: JobConfig, data_factory, loss_hook: Optional[LossHook]) -> None:
         t, init_from = cfg.training, cfg.checkpoint.init_from
         arch = architecture_source(cfg)
-        mc = model_config_for_init(arch, cfg.model.pad_vocab_to_multiple_of) if arch else cfg.model
+        mc = model_config_for_init(arch, cfg.model.pad_vocab_to_multiple_of, cfg.model) if arch else cfg.model
         mc.validate()
         require(t.seq_len <= mc.max_seq_len, "training.seq_len", t.seq_len, f"<= model.max_seq_len={mc.max_seq_len}")
         self.model_cfg = mc
@@ -214,8 +215,8 @@ class Trainer:
             return
         mc, t = self.model_cfg, self.cfg.training
         log.info(
-            "model: %s params (%d layers, dim %d, vocab %d padded to %d)",
-            f"{mc.num_params():,}",
+            "model: %s (%d layers, dim %d, vocab %d padded to %d)",
+            describe_parameters(mc),
             mc.n_layers,
             mc.dim,
             mc.vocab_size,

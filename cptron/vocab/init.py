@@ -4,7 +4,8 @@ Owns reading the base model and the two tokenizers (checking that the new one ex
 rewriting the input embedding and the LM head with their new rows, and writing the output directory:
 shards holding neither tensor are copied file by file, the shard(s) holding them are rewritten tensor
 by tensor at the byte level (old rows copied bit-exact, new rows appended), so an 8B model is never
-loaded whole. The methods and their statistics live in `cptron.vocab.init_methods`.
+loaded whole. The methods and their statistics live in `cptron.vocab.init_methods`; the word-vector methods
+(wechsel, focus, ofa, convex) make a `RowPlan` once (`cptron.vocab.wordvec_init`), applied here to each matrix.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import json
 import logging
 import shutil
 import struct
+from contextlib import contextmanager
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Literal, NamedTuple, Optional
 
@@ -26,6 +29,8 @@ from cptron import checkpoint as ckpt
 from cptron.errors import ConversionError, CptronError, require
 from cptron.hf import TOKENIZER_FILES, _read_json, hf_weight_map
 from cptron.vocab.init_methods import METHODS, new_rows, subword_pieces
+from cptron.vocab.row_plan import RowPlan, apply_plan
+from cptron.vocab.wordvec_init import WORDVEC_METHODS, PlanInputs, plan_rows, validate_method_fields
 
 log = logging.getLogger("cptron.vocab")
 
@@ -49,27 +54,66 @@ class VocabInitConfig:
     """HF model directory: config.json, model.safetensors or a sharded index, and its tokenizer."""
     tokenizer: str = ""
     """Extended tokenizer directory (tokenizer.json, as `cptron vocab extend` writes it): every base token keeps its id."""
-    method: Literal["random", "mean", "multivariate", "subword-mean"] = "mean"
-    """New rows: random N(0, initializer_range), mean of the old rows, multivariate N(mu, 1e-5 Sigma), or subword-mean."""
+    method: Literal["random", "mean", "multivariate", "subword-mean", "wechsel", "focus", "ofa", "convex"] = "mean"
+    """New rows: random N(0, init std), mean, multivariate N(mu, 1e-5 Sigma), subword-mean, wechsel, focus, ofa, convex."""
     output: str = ""
     """HF model directory to write."""
     pad_vocab_to_multiple_of: int = 1
     """Round the new row count up to a multiple of this (e.g. 128 for tensor parallelism); padding rows get the method's rows."""
     seed: int = 0
-    """Seed of the random and multivariate rows; each tensor draws from (seed, tensor name)."""
+    """Seed of every random draw (random, multivariate and fallback rows: from (seed, tensor name); convex sampling)."""
     chunk_rows: int = 4096
     """Rows read at a time for the statistics (fp32 memory per chunk: chunk_rows x hidden x 4 bytes)."""
     overwrite: bool = False
     """Replace `output` if it exists."""
     progress: bool = True
     """Show a progress bar."""
+    source_vectors: str = ""
+    """wechsel: source-language (the base's) word vectors: fastText .vec/.bin, word2vec binary."""
+    target_vectors: str = ""
+    """wechsel: target-language word vectors (may be the same multilingual file, with the languages set)."""
+    dictionary: str = ""
+    """wechsel: bilingual dictionary, 'source<TAB or space>target' a line; empty: words spelled alike."""
+    multilingual_vectors: str = ""
+    """ofa: multilingual word vectors with language-prefixed words (eng:god, deu:gott)."""
+    source_language: str = ""
+    """Language prefix of the base's words in the vectors (e.g. eng); ofa needs it, wechsel uses it when set."""
+    target_language: str = ""
+    """Language prefix of the new tokens' words in the vectors (e.g. deu); ofa needs it, wechsel uses it when set."""
+    token_vectors: str = ""
+    """focus: token-level auxiliary vectors keyed by the extended tokenizer's token strings."""
+    max_words: int = 200000
+    """wechsel/ofa: most word vectors used per language, the file's first (most frequent); 0: all."""
+    neighbours: int = 10
+    """wechsel/ofa: nearest old tokens each new token combines."""
+    temperature: float = 0.1
+    """wechsel/ofa: weights are softmax(cosine / temperature) over the neighbours."""
+    ofa_rank: int = 0
+    """ofa: rank r of the embedding factorization (0: the hidden size, i.e. full rank)."""
+    ofa_output: Literal["materialized", "factorized"] = "materialized"
+    """ofa: ordinary weights only, or also embedding_factors.safetensors for model.embedding_rank."""
+    texts: list[str] = dataclass_field(default_factory=list)
+    """convex: target-language text files or globs (jsonl 'text', parquet, or one document a line)."""
+    convex_steps: int = 300
+    """convex: Adam steps of the skip-gram training of the weights."""
+    convex_batch: int = 512
+    """convex: (center, context) pairs per step."""
+    convex_lr: float = 0.1
+    """convex: Adam learning rate of the weight logits."""
+    convex_window: int = 3
+    """convex: context tokens on each side of a new token."""
+    convex_negatives: int = 5
+    """convex: negative samples per pair, from the unigram^0.75 distribution."""
+    convex_candidates: int = 16
+    """convex: old rows a new token may combine, besides its own pieces: the most similar to their mean."""
 
     def validate(self) -> None:
         require(bool(self.base), "base", self.base, "an HF model directory")
         require(Path(self.base).is_dir(), "base", self.base, "an existing directory")
         require(bool(self.tokenizer), "tokenizer", self.tokenizer, "an extended tokenizer directory")
         require(Path(self.tokenizer).is_dir(), "tokenizer", self.tokenizer, "an existing directory")
-        require(self.method in METHODS, "method", self.method, f"one of {', '.join(METHODS)}")
+        methods = METHODS + WORDVEC_METHODS
+        require(self.method in methods, "method", self.method, f"one of {', '.join(methods)}")
         require(bool(self.output), "output", self.output, "a directory path")
         for field, other in (("base", self.base), ("tokenizer", self.tokenizer)):
             require(
@@ -85,6 +129,7 @@ class VocabInitConfig:
             "an integer >= 1",
         )
         require(self.chunk_rows >= 1, "chunk_rows", self.chunk_rows, "an integer >= 1")
+        validate_method_fields(self)
 
 
 class Vocabularies(NamedTuple):
@@ -288,10 +333,9 @@ def _check_matrix(path: Path, name: str, n_old: int, config_vocab: Optional[int]
     return shape[1], _ST_DTYPES[code]
 
 
-def _tail_rows(
-    cfg: VocabInitConfig, path: Path, name: str, n_old: int, k: int, std: float, pieces: Optional[list[list[int]]]
-) -> torch.Tensor:
-    """The k rows after n_old of tensor `name`, in its dtype.
+@contextmanager
+def open_rows(path: Path, name: str):
+    """(read_rows, hidden size, dtype) of tensor `name` in `path`.
 
     Rows are read with plain file reads, not through a memory map: the mapped pages of a whole embedding
     would count against the process's memory (and a container's limit) although a chunk is all it needs."""
@@ -309,9 +353,52 @@ def _tail_rows(
                 raise ConversionError(f"{path} ends inside tensor {name!r}")
             return torch.frombuffer(buf, dtype=dtype).view(stop - start, d)
 
+        yield read_rows, d, dtype
+
+
+def _tail_rows(
+    cfg: VocabInitConfig,
+    path: Path,
+    name: str,
+    n_old: int,
+    k: int,
+    std: float,
+    pieces: Optional[list[list[int]]],
+    plan: Optional[RowPlan] = None,
+    factors: Optional[dict] = None,
+) -> torch.Tensor:
+    """The k rows after n_old of tensor `name`, in its dtype; a word-vector method's `plan` is applied to
+    this tensor's own old rows (ofa also puts the tensor's factors in `factors`)."""
+    with open_rows(path, name) as (read_rows, d, dtype):
         generator = torch.Generator().manual_seed(_tensor_seed(cfg.seed, name))
-        out, _ = new_rows(cfg.method, k, read_rows, n_old, d, cfg.chunk_rows, generator, std, pieces)
+        if plan is None:
+            out, _ = new_rows(cfg.method, k, read_rows, n_old, d, cfg.chunk_rows, generator, std, pieces)
+        elif cfg.method == "ofa":
+            from cptron.vocab.ofa import ofa_rows
+
+            factorized = cfg.ofa_output == "factorized"
+            out, factor, facts = ofa_rows(
+                plan, read_rows, n_old, d, cfg.chunk_rows, generator, cfg.ofa_rank, factorized, cfg.progress
+            )
+            plan.details.setdefault("matrices", {})[name] = facts
+            if factor is not None and factors is not None:
+                factors[name] = factor
+        else:
+            out = apply_plan(plan, read_rows, n_old, d, cfg.chunk_rows, generator)
     return out.to(dtype)
+
+
+def word_vector_plan(
+    cfg: VocabInitConfig, vocab: Vocabularies, k: int, files: dict[str, Path]
+) -> tuple[RowPlan, PlanInputs]:
+    """The plan of a word-vector method (cptron.vocab.wordvec_init) for the k rows after the old ones."""
+    new_tok = _load_tokenizer_json(Path(cfg.tokenizer) / "tokenizer.json")
+    tokens = vocab.new_tokens + [None] * (k - len(vocab.new_tokens))
+    in_model = vocab.in_model + [False] * (k - len(vocab.in_model))
+    inputs = PlanInputs(
+        vocab.n_old, tokens, in_model, vocab.old_tokenizer, new_tok, lambda: open_rows(files[EMBED], EMBED)
+    )
+    return plan_rows(cfg, inputs), inputs
 
 
 def run_vocab_init(cfg: VocabInitConfig) -> Path:
@@ -375,14 +462,27 @@ def run_vocab_init(cfg: VocabInitConfig) -> Path:
             lost,
             sum(t is not None for t in tokens),
         )
-    tails = {name: _tail_rows(cfg, files[name], name, vocab.n_old, k, float(std), pieces) for name in matrices}
+    plan, inputs, factors = None, None, {}
+    if cfg.method in WORDVEC_METHODS:
+        plan, inputs = word_vector_plan(cfg, vocab, k, files)
+    tails = {
+        name: _tail_rows(cfg, files[name], name, vocab.n_old, k, float(std), pieces, plan, factors) for name in matrices
+    }
 
     tmp, _ = ckpt.side_dirs(out)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        _write_output(cfg, base, tok_dir, tmp, files, tails, vocab, rows, drop, config)
+        extra = None
+        if plan is not None:  # which old tokens made the new rows: counts, method facts, examples
+            old_names = {i: t for t, i in vocab.old_tokenizer.get_vocab(with_added_tokens=True).items()}
+            extra = {"init": plan.report(inputs.tokens, old_names)}
+        _write_output(cfg, base, tok_dir, tmp, files, tails, vocab, rows, drop, config, extra)
+        if factors:
+            from cptron.vocab.ofa import write_factors
+
+            write_factors(tmp, factors)
         ckpt.replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -402,6 +502,7 @@ def _write_output(
     rows: int,
     drop: set[str],
     config: dict,
+    extra: Optional[dict] = None,
 ) -> None:
     shards = sorted(set(files.values()))
     rewritten = {files[name] for name in list(tails) + list(drop)}
@@ -450,5 +551,6 @@ def _write_output(
         "tokenizer": str(tok_dir),
         "seed": cfg.seed,
         "tie_word_embeddings": bool(config.get("tie_word_embeddings", False)),
+        **(extra or {}),
     }
     (tmp / VOCAB_EXTENSION_FILE).write_text(json.dumps(report, indent=2) + "\n")

@@ -547,7 +547,7 @@ def test_new_ids_inside_the_base_range_are_refused_and_gaps_are_copied(toks, tmp
 
 
 @pytest.mark.parametrize("field, value", [
-    ("method", "wechsel"), ("pad_vocab_to_multiple_of", "0"), ("chunk_rows", "0"), ("base", "/nonexistent"),
+    ("method", "word2vec"), ("pad_vocab_to_multiple_of", "0"), ("chunk_rows", "0"), ("base", "/nonexistent"),
 ])
 def test_invalid_fields_exit_2(field, value, toks, bases, tmp_path, capsys):
     args = {"base": str(bases["tied"]), "tokenizer": str(toks / "new"), "output": str(tmp_path / "out"), field: value}
