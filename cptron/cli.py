@@ -5,6 +5,7 @@
     cptron data tokenize   text (jsonl, jsonl.gz, parquet, txt) -> Megatron .bin/.idx token shards
     cptron data plan       a train config's data: sources, mixture per stage, samples and epochs (builds the index cache)
     cptron train           continual pretraining with any mix of TP/SP, PP and sharded DP (torchrun for >1 process)
+    cptron plan            each rank's memory for a train config (params, grads, optimizer, activations), and layouts that fit
     cptron lr-plot         the LR of a train config per step, phases marked (and a branch's parent schedule) in a PNG
     cptron plot            loss curves of runs (training per source, validation per set, forgetting) in one PNG
     cptron vocab extend    tokenizer + target-language tokens (SentencePiece or byte-level BPE) and a fertility report
@@ -42,6 +43,7 @@ from cptron.train.checkpointer import TrainCheckpointer
 from cptron.train.config import JobConfig
 from cptron.train.initial_weights import model_config_for_init, run_tokenizer_dir
 from cptron.train.lr_plot import LRPlotConfig, lr_plot_arguments, run_lr_plot
+from cptron.train.memory_plan import PlanConfig, run_plan
 from cptron.train.plot_runs import PlotConfig, plot_arguments, run_plot
 from cptron.vocab.extend import VocabExtendConfig, run_vocab_extend
 from cptron.vocab.init import VocabInitConfig, run_vocab_init
@@ -338,6 +340,7 @@ COMMANDS: dict[tuple[str, ...], tuple[type, Callable]] = {
     ("data", "plan"): (JobConfig, run_data_plan),
     ("train",): (JobConfig, run_train),
     ("lr-plot",): (LRPlotConfig, run_lr_plot),
+    ("plan",): (PlanConfig, run_plan),
     ("plot",): (PlotConfig, run_plot),
     ("vocab", "extend"): (VocabExtendConfig, run_vocab_extend),
     ("vocab", "init"): (VocabInitConfig, run_vocab_init),

@@ -44,6 +44,10 @@ class ParallelConfig:
     """With tp > 1: compute cross-entropy on vocab-sharded logits without gathering them."""
     fsdp_reshard_after_forward: bool = True
     """True: ZeRO-3 (free gathered params after forward). False: keep them until backward (ZeRO-2-like, faster, more memory)."""
+    offload: Literal["none", "all"] = "none"
+    """CPU offload (FSDP2 CPUOffloadPolicy, ZeRO-Offload style): all keeps this rank's sharded fp32 parameters, gradients and AdamW state in CPU memory and runs the optimizer step on CPU (works without data parallelism too: FSDP2 then wraps a 1-rank mesh); an optimizer-only mode is not offered, FSDP2 offloads the three together."""
+    offload_pin_memory: bool = True
+    """With offload=all on CUDA: pin the CPU copies (faster copies that overlap compute, but the memory is locked); ignored on CPU, where pinning needs an accelerator."""
     mixed_precision: Literal["auto", "float32", "bfloat16"] = "auto"
     """Compute dtype of params in forward/backward (master weights and grad reduction stay fp32); auto: bfloat16 on cuda, float32 on cpu."""
     activation_checkpoint: Literal["none", "full", "selective"] = "none"

@@ -58,11 +58,33 @@ def parallelize_llama(
         apply_activation_checkpointing(model, cfg.activation_checkpoint, cfg.ac_every)
     if cfg.compile:
         apply_compile(model)
-    if dims.dp > 1 or param_dtype != torch.float32:
+    if fsdp_enabled(dims, cfg, param_dtype):
         apply_fsdp(
-            model, fsdp_mesh(mesh, dims), param_dtype=param_dtype, reshard_after_forward=cfg.fsdp_reshard_after_forward
+            model,
+            fsdp_mesh(mesh, dims),
+            param_dtype=param_dtype,
+            reshard_after_forward=cfg.fsdp_reshard_after_forward,
+            offload=cfg.offload,
+            pin_memory=cfg.offload_pin_memory,
         )
     return model
+
+
+def fsdp_enabled(dims: ParallelDims, cfg: ParallelConfig, param_dtype: torch.dtype) -> bool:
+    """FSDP2 wraps the model for data parallelism, for mixed precision (fp32 master weights),
+    and for CPU offload, which FSDP2 provides (over a 1-rank mesh without data parallelism)."""
+    return dims.dp > 1 or param_dtype != torch.float32 or cfg.offload != "none"
+
+
+def offload_pins(cfg: ParallelConfig, device_type: str) -> bool:
+    """Whether offloaded copies are pinned: pinning needs an accelerator, so never on CPU."""
+    return cfg.offload != "none" and cfg.offload_pin_memory and device_type != "cpu"
+
+
+def materialize_device(cfg: ParallelConfig, device: torch.device) -> torch.device:
+    """Where a part's parameters are materialized: FSDP2's CPU offload wants them on CPU
+    (its lazy init checks), buffers (rotary frequencies) go to `device` afterwards."""
+    return torch.device("cpu") if cfg.offload != "none" else device
 
 
 def fsdp_mesh(mesh: DeviceMesh, dims: ParallelDims) -> DeviceMesh:
@@ -193,22 +215,37 @@ def apply_compile(model: nn.Module) -> None:
         model.layers[name] = torch.compile(block, fullgraph=True)
 
 
-def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype, reshard_after_forward: bool) -> None:
+def apply_fsdp(
+    model: nn.Module,
+    mesh: DeviceMesh,
+    *,
+    param_dtype: torch.dtype,
+    reshard_after_forward: bool,
+    offload: str = "none",
+    pin_memory: bool = True,
+) -> None:
     """FSDP2 per block, then the root (embedding, final norm, output).
+
+    With offload="all", FSDP2's CPUOffloadPolicy keeps the sharded parameters, their gradients
+    and (since the optimizer sees CPU parameters) the AdamW state in CPU memory, the ZeRO-Offload
+    split of Ren et al. 2021 (arXiv:2101.06840): each unit is copied to the device just before
+    its all-gather and its reduced gradient back right after the reduce-scatter.
 
     Gradients are reduced in fp32 whatever the compute dtype. The gradient
     divide factor is 1: cptron's loss is already normalized by the global token
     count, so the data-parallel reduction must sum, not average."""
     # On use: importing FSDP2 costs about 0.7 s, and runs without data parallelism never need it.
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    policy = CPUOffloadPolicy(pin_memory=pin_memory and mesh.device_type != "cpu")
+    kw = {"mp_policy": mp, "offload_policy": policy if offload == "all" else OffloadPolicy()}
     blocks = list(model.layers.values())
     for i, block in enumerate(blocks):
         # The last block's parameters are needed again first in backward:
         # keeping them gathered saves one all-gather per step.
-        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward and i < len(blocks) - 1)
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward and i < len(blocks) - 1, **kw)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, **kw)
     if not hasattr(model, "set_force_sum_reduction_for_comms"):
         raise ConfigError(
             f"torch {torch.__version__} is too old for sharded data parallelism: cptron needs "
@@ -227,16 +264,35 @@ def describe_parallelism(
     parts = [dims.describe(), f"device={device.type}", f"compute dtype={str(param_dtype).removeprefix('torch.')}"]
     if dims.tp > 1:
         parts.append(f"sequence_parallel={cfg.sequence_parallel} loss_parallel={cfg.loss_parallel}")
-    if dims.dp > 1 or param_dtype != torch.float32:
+    if fsdp_enabled(dims, cfg, param_dtype):
         parts.append(
             "FSDP2 "
             + ("ZeRO-3" if cfg.fsdp_reshard_after_forward else "ZeRO-2-like")
             + (" (HSDP)" if dims.dp_replicate > 1 else "")
         )
+        parts.append(describe_offload(cfg, device))
     if dims.pp > 1:
         parts.append(f"pipeline {cfg.pp_schedule} x {cfg.pp_stages_per_rank} stage(s)/rank")
     parts.append(f"activation_checkpoint={cfg.activation_checkpoint} compile={cfg.compile}")
     return ", ".join(parts)
+
+
+def describe_offload(cfg: ParallelConfig, device: torch.device) -> str:
+    """What lives where, for the start-up log."""
+    if cfg.offload == "none":
+        return f"offload=none: sharded parameters, gradients and AdamW state on {device.type}"
+    where = (
+        "pinned CPU memory"
+        if offload_pins(cfg, device.type)
+        else "CPU memory (not pinned: pinning needs an accelerator)"
+        if device.type == "cpu"
+        else "CPU memory (not pinned: parallel.offload_pin_memory=false)"
+    )
+    return (
+        f"offload=all: sharded fp32 parameters, gradients and AdamW state in {where}, optimizer step on CPU; "
+        f"gathered compute parameters and activations on {device.type}"
+        + (" (the device is the CPU: offload changes no placement, only the copies)" if device.type == "cpu" else "")
+    )
 
 
 def model_parts_params(parts: list[nn.Module]) -> list[nn.Parameter]:

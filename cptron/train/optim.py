@@ -169,14 +169,25 @@ def global_grad_norm(
     # A rank whose stages are all frozen has no gradient, yet joins the pp reduction on its device.
     params = (p for part in parts for p in part.parameters())
     device = device or (plain[0].device if plain else next((p.device for p in params), torch.device("cpu")))
+    # Under CPU offload the gradients' DTensors live in CPU memory on a cuda mesh: the norm is
+    # reduced (and later clipped against) on the mesh's device, where its collectives run.
+    meshes = [mesh for mesh, _ in groups]
+    device = torch.device(meshes[0].device_type) if meshes and meshes[0].device_type != device.type else device
     sq = torch.zeros((), dtype=torch.float32, device=device)
     for grads in groups.values():
-        sq = sq + get_total_norm(grads).float().full_tensor() ** 2
+        sq = sq + _to_mesh_device(get_total_norm(grads).float()).full_tensor() ** 2
     if plain:
-        sq = sq + get_total_norm(plain).float() ** 2
+        sq = sq + get_total_norm(plain).float().to(device) ** 2
     if pp_group is not None and dist.get_world_size(pp_group) > 1:
         dist.all_reduce(sq, group=pp_group)
     return sq.sqrt()
+
+
+def _to_mesh_device(t: DTensor) -> DTensor:
+    local = t.to_local()
+    if local.device.type == t.device_mesh.device_type:
+        return t
+    return DTensor.from_local(local.to(t.device_mesh.device_type), t.device_mesh, t.placements, run_check=False)
 
 
 @torch.no_grad()

@@ -35,7 +35,7 @@ from cptron.models.flex import check_attention_support
 from cptron.models.llama import Transformer
 from cptron.parallel import pipeline as pl
 from cptron.parallel.dims import ParallelDims
-from cptron.parallel.parallelize import parallelize_llama
+from cptron.parallel.parallelize import fsdp_enabled, materialize_device, parallelize_llama
 from cptron.train.config import JobConfig
 from cptron.train.loss import cross_entropy_sum, cross_entropy_sum_and_rows, loss_parallel_context
 from cptron.train.optim import build_optimizers, clip_gradients, global_grad_norm
@@ -94,7 +94,7 @@ def plan_microbatches(cfg: JobConfig, dims: ParallelDims, param_dtype: torch.dty
             f"parallel.pp_microbatches={mb} is invalid: each rank has {n_micro} "
             f"microbatches of {t.micro_batch_size} sequences per step, expected a divisor"
         )
-    fsdp_on = dims.dp > 1 or param_dtype != torch.float32
+    fsdp_on = fsdp_enabled(dims, pcfg, param_dtype)
     pl.check_pipeline_schedule(
         pcfg.pp_schedule,
         dims.pp,
@@ -379,7 +379,8 @@ class PipelineTrainModule(TrainModule):
         """What pipeline stages pass along: doc_ids (all zero for a batch without
         documents: one document per row), or plain positions without document masking."""
         if not self.cfg.training.document_masking:
-            return torch.arange(b.tokens.shape[1]).expand_as(b.tokens)
+            # Contiguous: pipeline stages send it to their peers, and gloo and NCCL take no strided views.
+            return torch.arange(b.tokens.shape[1]).expand_as(b.tokens).contiguous()
         return b.doc_ids if b.doc_ids is not None else torch.zeros_like(b.tokens)
 
 
@@ -409,9 +410,13 @@ def build_train_module(
         part.attention_impl = t.attention
         trainable.freeze(part)
         parallelize_llama(part, mesh, dims, pcfg, param_dtype=layout.param_dtype)
-        part.to_empty(device=device)
+        part.to_empty(device=materialize_device(pcfg, device))
         if initialize:
             part.init_weights(t.seed)
+        if materialize_device(pcfg, device) != device:  # CPU offload: the buffers compute on the device
+            for module in part.modules():
+                for name, buf in module.named_buffers(recurse=False):
+                    module._buffers[name] = buf.to(device)
         part.train()
     common = dict(trainable=trainable, source_names=source_names, loss_hook=loss_hook)
     if dims.pp > 1:

@@ -52,6 +52,7 @@ from cptron.train.checkpointer import TrainCheckpointer
 from cptron.train.config import JobConfig
 from cptron.train.initial_weights import load_initial_weights, model_config_for_init, run_tokenizer_dir
 from cptron.train.lr import apply_lr, build_lr_schedule
+from cptron.train.memory_check import MemoryCheck
 from cptron.train.metrics import RunMetrics
 from cptron.train.optim import resolve_adamw_implementation
 from cptron.train.report import ForgettingReport
@@ -162,6 +163,8 @@ class Trainer:
         # Weights that a checkpoint will overwrite are not initialized first:
         # initialization builds each full tensor on every rank, which is slow at 8B.
         layout = StepLayout(cfg, mc, self.dims, self.mesh, self.dp_mesh, self.device, self.param_dtype, self.plan)
+        pp_rank = self.mesh["pp"].get_local_rank() if self.dims.pp > 1 else 0
+        self.memory_check = MemoryCheck(cfg, self.world_size, self.device, mc, pp_rank, t.steps)
         self.module = build_train_module(
             layout,
             initialize=latest is None and branch is None and not init_from,
@@ -387,6 +390,7 @@ class Trainer:
             loss, norm, stepped = self.train_step(batch)
         index = self.step  # TrainResult's keys are 0-based; the log counts completed updates
         self.step += 1
+        self.memory_check.after_step(self.step)
         if not stepped:
             self._skip(index, loss, norm)
         result.losses[index], result.grad_norms[index] = loss, norm
