@@ -5,8 +5,54 @@ Install torch first (`pip install torch==2.13.0` on CPU machines), then
 so an installed CPU build is kept. The floor is 2.8: FSDP2's gradient divide
 factor and forced-sum reduction (exact gradients under any data-parallel size)
 first appear there; tests run on 2.13.
+
+The CUDA extension of csrc/ (the fused factorized-embedding lookup) is built when a CUDA toolkit
+and a CUDA build of torch are importable at build time (on GPU machines: `pip install
+--no-build-isolation -e .`, so that the build sees the installed torch); CPTRON_BUILD_CUDA=0 forces
+it off, =1 makes a missing toolkit or CPU-only torch an error. Without it cptron JIT-builds the
+same sources on a GPU machine at first use, or runs the pure-PyTorch reference.
 """
+import importlib.util
+import os
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+
+def cuda_extension_args() -> dict:
+    """ext_modules and cmdclass for setup(): empty unless the extension can and should be built."""
+    flag = os.environ.get("CPTRON_BUILD_CUDA", "auto")
+    if flag not in ("0", "1", "auto"):
+        raise SystemExit(f"CPTRON_BUILD_CUDA={flag!r} is invalid: expected 0, 1 or auto")
+    if flag == "0":
+        return {}
+    why_not = None
+    if importlib.util.find_spec("torch") is None:
+        why_not = "torch is not importable at build time (use --no-build-isolation)"
+    else:
+        import torch
+        from torch.utils import cpp_extension
+
+        if torch.version.cuda is None:
+            why_not = f"torch {torch.__version__} is a CPU-only build"
+        elif cpp_extension.CUDA_HOME is None:
+            why_not = "no CUDA toolkit (nvcc) found"
+    if why_not is not None:
+        if flag == "1":
+            raise SystemExit(f"CPTRON_BUILD_CUDA=1 but the CUDA extension cannot be built: {why_not}")
+        return {}
+    # csrc build settings live in cptron/kernels/build.py; loaded by path so cptron is not imported here.
+    spec = importlib.util.spec_from_file_location("cptron_build", Path(__file__).parent / "cptron/kernels/build.py")
+    cfg = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cfg)
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", ";".join(cfg.ARCHS))
+    ext = cpp_extension.CUDAExtension(
+        cfg.EXTENSION_NAME,
+        sources=[f"csrc/{name}" for name in cfg.BINDING_SOURCES + cfg.KERNEL_SOURCES],
+        extra_compile_args={"cxx": cfg.CXX_FLAGS, "nvcc": cfg.NVCC_FLAGS},
+    )
+    return {"ext_modules": [ext], "cmdclass": {"build_ext": cpp_extension.BuildExtension}}
+
 
 setup(
     name="cptron",
@@ -53,4 +99,5 @@ setup(
         "deepspeed": ["deepspeed"],
     },
     entry_points={"console_scripts": ["cptron=cptron.cli:main"]},
+    **cuda_extension_args(),
 )
