@@ -134,6 +134,24 @@ def subword_pieces(
     return out
 
 
+def gather_rows(read_rows: RowReader, ids: Sequence[int], chunk_rows: int) -> dict[int, torch.Tensor]:
+    """{id: fp32 row} of the given ids, reading only the chunks that hold one."""
+    needed = sorted(set(ids))
+    rows: dict[int, torch.Tensor] = {}
+    if not needed:
+        return rows
+    end = needed[-1] + 1
+    for start in range(0, end, chunk_rows):
+        stop = min(start + chunk_rows, end)
+        lo, hi = bisect.bisect_left(needed, start), bisect.bisect_left(needed, stop)
+        if lo == hi:
+            continue
+        chunk = read_rows(start, stop).to(torch.float32)
+        for i in needed[lo:hi]:
+            rows[i] = chunk[i - start].clone()
+    return rows
+
+
 def subword_mean_rows(
     pieces: Sequence[Sequence[int]], read_rows: RowReader, chunk_rows: int, fallback: Callable[[], torch.Tensor]
 ) -> tuple[torch.Tensor, int]:
@@ -143,18 +161,7 @@ def subword_mean_rows(
     count. A token without usable pieces (and a padding row) gets `fallback()`, the mean of the old rows.
 
     Only the chunks holding a needed piece are read, and only the needed rows are kept."""
-    needed = sorted({i for p in pieces for i in p})
-    rows: dict[int, torch.Tensor] = {}
-    if needed:
-        end = needed[-1] + 1
-        for start in range(0, end, chunk_rows):
-            stop = min(start + chunk_rows, end)
-            lo, hi = bisect.bisect_left(needed, start), bisect.bisect_left(needed, stop)
-            if lo == hi:
-                continue
-            chunk = read_rows(start, stop).to(torch.float32)
-            for i in needed[lo:hi]:
-                rows[i] = chunk[i - start].clone()
+    rows = gather_rows(read_rows, [i for p in pieces for i in p], chunk_rows)
     out, fallbacks, mean = [], 0, None
     for p in pieces:
         if not p:

@@ -13,7 +13,6 @@ form.
 
 from __future__ import annotations
 
-import bisect
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cptron.vocab.canonical import Scheme, canonical_token, is_bare_prefix, word_pieces
-from cptron.vocab.init_methods import RowReader
+from cptron.vocab.init_methods import RowReader, gather_rows
 from cptron.vocab.neighbours import unit_rows
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -153,24 +152,6 @@ def token_vectors_from_words(
 
 
 # ------------------------------------------------------------------ applying a plan to a matrix
-
-
-def gather_rows(read_rows: RowReader, ids: Sequence[int], chunk_rows: int) -> dict[int, torch.Tensor]:
-    """{id: fp32 row} of the given ids, reading only the chunks that hold one."""
-    needed = sorted(set(ids))
-    rows: dict[int, torch.Tensor] = {}
-    if not needed:
-        return rows
-    end = needed[-1] + 1
-    for start in range(0, end, chunk_rows):
-        stop = min(start + chunk_rows, end)
-        lo, hi = bisect.bisect_left(needed, start), bisect.bisect_left(needed, stop)
-        if lo == hi:
-            continue
-        chunk = read_rows(start, stop).to(torch.float32)
-        for i in needed[lo:hi]:
-            rows[i] = chunk[i - start].clone()
-    return rows
 
 
 def mean_std(read_rows: RowReader, n_rows: int, chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
