@@ -28,7 +28,6 @@ Conventions that other modules rely on:
 
 from __future__ import annotations
 
-import hashlib
 import math
 from typing import Optional
 
@@ -39,6 +38,7 @@ from torch import nn
 from cptron._torch_compat import WRAPPER_NAME_SEGMENTS, ConversionHookModule
 from cptron.models import factorized, flex
 from cptron.models.config import ModelConfig
+from cptron.models.init import InitStats, initialize_parameters
 
 # ----------------------------------------------------------------------------- RoPE
 
@@ -280,52 +280,13 @@ class Transformer(ConversionHookModule):
         self.rope_inv_freq = rope_inv_freq(self.cfg).to(self.rope_inv_freq.device)
 
     @torch.no_grad()
-    def init_weights(self, seed: int) -> None:
-        """Initialize every parameter as a function of (seed, parameter name) only.
-
-        Each parameter draws from its own generator, so the result does not depend
-        on module order, on which pipeline stage holds the parameter, or on the
-        device. A DTensor parameter (FSDP2/TP sharded) receives its own slice of
-        the same full tensor, so any layout initializes identically.
-        A tied output weight is seeded under its canonical name, tok_embeddings.weight,
-        so a last pipeline stage holding only `output` matches the first stage.
-        Factorized embeddings draw coordinates with init_std and a basis with 1/sqrt(r), so
-        that P @ B has entries of std init_std, as the full matrix would.
-        """
-        depth_std = self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers)
-        tied = factorized.tied_parameters(self.cfg)
-        vocab_rows = factorized.vocab_row_parameters(self.cfg)
-        bases = factorized.basis_parameters(self.cfg)
-        for name, p in self.named_parameters():
-            name = canonical_param_name(name)
-            leaf = name.rsplit(".", 2)
-            if name.endswith("norm.weight"):
-                _fill_param(p, lambda shape: torch.ones(shape))
-                continue
-            if name.endswith(".bias"):
-                _fill_param(p, lambda shape: torch.zeros(shape))
-                continue
-            name = tied.get(name, name)
-            std = depth_std if leaf[-2] in ("wo", "w2") else self.cfg.init_std
-            if name in bases:
-                std = 1.0 / math.sqrt(self.cfg.embedding_rank)
-            gen = torch.Generator(device="cpu").manual_seed(_param_seed(seed, name))
-
-            def draw(shape, gen=gen, std=std, padded=name in vocab_rows):
-                full = torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
-                if padded:
-                    full[self.cfg.vocab_size :] = 0.0  # padded rows are not tokens
-                return full
-
-            _fill_param(p, draw)
-
-
-def _fill_param(p: torch.Tensor, make_full) -> None:
-    """Copy make_full(global shape) into `p`; a DTensor takes only its local slice."""
-    from cptron.distributed import local_shard_region  # lazily: it imports torch.distributed.tensor
-
-    local, region = local_shard_region(p)
-    local.copy_(make_full(tuple(p.shape))[region].to(local.dtype))
+    def init_weights(self, seed: int) -> InitStats:
+        """Initialize every parameter as a function of (seed, parameter name) only
+        (cptron.models.init): not of module order, of which pipeline stage holds the parameter,
+        of the device, or of the layout. A DTensor parameter (FSDP2/TP sharded) draws only the
+        tiles of its own shard, so no rank builds a full tensor it does not hold."""
+        params = ((canonical_param_name(n), p) for n, p in self.named_parameters())
+        return initialize_parameters(params, self.cfg, seed)
 
 
 def canonical_param_name(name: str) -> str:
@@ -334,11 +295,6 @@ def canonical_param_name(name: str) -> str:
     for seg in WRAPPER_NAME_SEGMENTS:
         name = name.replace(seg, "")
     return name
-
-
-def _param_seed(seed: int, name: str) -> int:
-    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def build_model(
