@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared GPU check: install cptron into the machine's own Python (no network:
-# no deps, no build isolation), report the device, run the gpu-marked tests (cptron vs
-# transformers on CUDA, fp32 and bf16, packed documents) and then the whole suite.
+# no deps, no build isolation), report the device, check torch's APIs (cptron.torch_apis),
+# run the gpu-marked tests (cptron vs transformers on CUDA, fp32 and bf16, packed
+# documents) and then the whole suite.
 # Usage: bash benchmarks/gpu_check.sh   (on a machine with CUDA; prints everything)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +20,8 @@ import torch, transformers
 print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
       f"cuda {torch.version.cuda}, device {torch.cuda.get_device_name(0)}")
 PY
+echo "== torch APIs cptron uses"
+$PY -m cptron.torch_apis
 echo "== gpu-marked tests"
 $PY -m pytest -q -m gpu -p no:cacheprovider 2>&1 | tail -5
 gpu_rc=${PIPESTATUS[0]}

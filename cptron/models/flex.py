@@ -1,4 +1,4 @@
-"""FlexAttention for packed documents and sliding windows (`training.attention: flex`).
+"""FlexAttention for packed documents and sliding windows (`training.attention`: auto or flex).
 
 FlexAttention (Dong et al. 2024, "Flex Attention: A Programming Model for
 Generating Optimized Attention Kernels") runs attention over a block-sparse
@@ -12,6 +12,9 @@ still computes, and no T x T mask is ever built.
 indices (O(B * (T / block)^2) work), instead of evaluating `mask_mod` on every
 (query, key) pair as `torch.nn.attention.flex_attention.create_block_mask`
 does (that materializes B x T x T tensors unless it is itself compiled).
+
+Which kernel runs (`resolve_attention`): `training.attention=auto`, the default, takes flex
+on CUDA when attention is masked and SDPA everywhere else; sdpa and flex force one.
 
 Where the kernel comes from, per device:
 - CUDA and other accelerators: `torch.compile(flex_attention)`, compiled once
@@ -31,6 +34,7 @@ Where the kernel comes from, per device:
 from __future__ import annotations
 
 import importlib
+import logging
 import math
 from collections.abc import Callable
 from typing import Optional
@@ -47,6 +51,7 @@ ATTENTION_IMPLEMENTATIONS = ("sdpa", "flex")
 DEFAULT_BLOCK_SIZE = 128
 
 _compiled_flex_attention: Optional[Callable] = None
+log = logging.getLogger(__name__)
 
 
 def document_mask_mod(segments: Optional[torch.Tensor], sliding_window: Optional[int]):
@@ -168,6 +173,37 @@ def _compiled() -> Callable:
         # give the specialized kernels.
         _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
     return _compiled_flex_attention
+
+
+def attention_is_masked(document_masking: bool, sliding_window: Optional[int], seq_len: int) -> bool:
+    """Whether attention needs a mask beyond causal: packed documents, or a window shorter than
+    the sequence (`cptron.models.llama.attention_mask_for` returns None otherwise)."""
+    return document_masking or (sliding_window is not None and sliding_window < seq_len)
+
+
+def resolve_attention(attention: str, device_type: str, masked: bool) -> str:
+    """The kernel `training.attention` stands for: "auto" is flex on CUDA when attention is
+    masked (block-diagonal documents keep a flash-like, tile-skipping kernel instead of SDPA's
+    dense boolean-mask path) and sdpa otherwise: plain causal attention runs SDPA's flash
+    kernel, and on CPU flex has only a dense reference that is slower than the SDPA mask."""
+    if attention != "auto":
+        return attention
+    return "flex" if device_type == "cuda" and masked else "sdpa"
+
+
+def choose_attention(attention: str, device: torch.device, masked: bool, compiled: bool = False) -> str:
+    """Resolve `training.attention` on `device` and check that the kernel runs there (see
+    `check_attention_support`). An explicit choice that cannot run fails at start-up; "auto" falls
+    back to sdpa with a warning when flex cannot run, so the default never stops a run."""
+    impl = resolve_attention(attention, device.type, masked)
+    try:
+        check_attention_support(impl, device, compiled=compiled)
+    except ConfigError as e:
+        if attention != "auto" or impl == "sdpa":
+            raise
+        log.warning("training.attention=auto: FlexAttention cannot run here, using SDPA with a boolean mask: %s", e)
+        return "sdpa"
+    return impl
 
 
 def check_attention_support(attention: str, device: torch.device, compiled: bool = False) -> None:

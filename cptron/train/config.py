@@ -34,8 +34,8 @@ class TrainingConfig:
     """Seed of the initialization and of the data order."""
     document_masking: bool = True
     """Attend only within each packed document and restart positions per document; false: plain causal attention over the window (Megatron's default; lets SDPA use the flash kernel on GPU)."""
-    attention: Literal["sdpa", "flex"] = "sdpa"
-    """Kernel for masked attention (packed documents, sliding window): sdpa with a boolean mask, or flex (FlexAttention block-sparse mask, compiled on GPU); plain causal attention always uses SDPA's causal kernel."""
+    attention: Literal["auto", "sdpa", "flex"] = "auto"
+    """Kernel for masked attention (packed documents, sliding window): sdpa with a boolean mask, flex (FlexAttention block-sparse mask, compiled on GPU), or auto: flex on CUDA, sdpa on CPU; plain causal attention always uses SDPA's causal kernel."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train; auto: cuda when available, else cpu."""
     eval_every: int = 0

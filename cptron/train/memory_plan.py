@@ -40,6 +40,7 @@ import torch
 
 from cptron.errors import ConfigError, CptronError, require
 from cptron.models.config import ModelConfig
+from cptron.models.flex import resolve_attention
 from cptron.parallel import pipeline as pl
 from cptron.parallel.dims import ParallelDims, mixed_precision_dtype, resolve_parallel_dims
 from cptron.parallel.parallelize import fsdp_enabled
@@ -181,7 +182,7 @@ def estimate_memory(
             # FSDP2 keeps the last block gathered after forward (cptron's choice: it is needed first in backward);
             # without reshard_after_forward every unit, the root included, stays gathered until its backward.
             kept += sum(block_units[-1:]) if pcfg.fsdp_reshard_after_forward else sum(block_units) + root
-            stage_acts, recompute = _stage_activations(cfg, mc, dims, dtype, ranges[s], s == n_stages - 1)
+            stage_acts, recompute = _stage_activations(cfg, mc, dims, dtype, ranges[s], s == n_stages - 1, device_type)
             acts += stage_acts * _in_flight(pcfg, dims, mb, r, len(stages))
             if recompute:
                 phases["recomputed block"] = max(phases.get("recomputed block", 0), int(recompute * tokens))
@@ -242,7 +243,7 @@ def _trainable(cfg: JobConfig, shapes: dict) -> set[str]:
 
 
 def _stage_activations(
-    cfg: JobConfig, mc: ModelConfig, dims: ParallelDims, dtype: torch.dtype, layers: range, last: bool
+    cfg: JobConfig, mc: ModelConfig, dims: ParallelDims, dtype: torch.dtype, layers: range, last: bool, device_type: str
 ) -> tuple[float, float]:
     """(bytes per token one microbatch of this stage keeps for backward, bytes per token of one block
     recomputed in backward under activation checkpointing)."""
@@ -250,7 +251,7 @@ def _stage_activations(
     e, d, f = dtype.itemsize, mc.dim, mc.ffn_hidden_dim
     kv = mc.kv_heads * mc.head_size
     seq_split = dims.tp if dims.tp > 1 and pcfg.sequence_parallel else 1
-    masked = t.document_masking and t.attention == "sdpa"
+    masked = t.document_masking and resolve_attention(t.attention, device_type, masked=True) == "sdpa"
     # RMSNorm: its fp32 input and the cast normalized output (sequence-split), and its output as the next
     # linears see it (all-gathered over the sequence under sequence parallelism).
     norm = d * (4 + e) / seq_split + d * e

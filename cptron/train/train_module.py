@@ -31,7 +31,7 @@ from torch.distributed.tensor import DTensor
 from cptron.data.interface import IGNORE_INDEX, Batch
 from cptron.errors import ConfigError, CptronError
 from cptron.models.config import ModelConfig
-from cptron.models.flex import check_attention_support
+from cptron.models.flex import attention_is_masked, choose_attention
 from cptron.models.llama import Transformer
 from cptron.parallel import pipeline as pl
 from cptron.parallel.dims import ParallelDims
@@ -395,7 +395,8 @@ def build_train_module(
     cfg, model_cfg, dims, mesh, device = layout.cfg, layout.model_cfg, layout.dims, layout.mesh, layout.device
     pcfg, t = cfg.parallel, cfg.training
     trainable = resolve_trainable(cfg.optim, model_cfg, cfg.checkpoint.init_from)
-    check_attention_support(t.attention, device, compiled=pcfg.compile)
+    masked = attention_is_masked(t.document_masking, model_cfg.sliding_window, t.seq_len)
+    attention = choose_attention(t.attention, device, masked, compiled=pcfg.compile)  # the trainer logs it
     if dims.pp > 1:
         n_stages = dims.pp * pcfg.pp_stages_per_rank
         ranges = pl.split_layers(model_cfg.n_layers, n_stages, pcfg.pp_layers_per_stage)
@@ -407,7 +408,7 @@ def build_train_module(
         with torch.device("meta"):
             parts = [Transformer(model_cfg)]
     for part in parts:
-        part.attention_impl = t.attention
+        part.attention_impl = attention
         trainable.freeze(part)
         parallelize_llama(part, mesh, dims, pcfg, param_dtype=layout.param_dtype)
         part.to_empty(device=materialize_device(pcfg, device))

@@ -37,6 +37,7 @@ from cptron.distributed import setup_distributed
 from cptron.errors import ConfigError, NonFiniteLossError, require
 from cptron.models.config import ModelConfig
 from cptron.models.factorized import describe_parameters
+from cptron.models.flex import resolve_attention
 from cptron.parallel.dims import build_mesh, mixed_precision_dtype, resolve_parallel_dims
 from cptron.parallel.parallelize import describe_parallelism
 from cptron.train.branch import (
@@ -233,7 +234,7 @@ class Trainer:
         log.info(
             "optimizer: AdamW (%s); attention: %s",
             resolve_adamw_implementation(self.cfg.optim, self.device),
-            attention_description(t.document_masking, self.device, mc, t.attention),
+            attention_description(t.document_masking, self.device, mc, self.parts[0].attention_impl, t.attention),
         )
         log.info(
             "batch: %d sequences x %d tokens per step = %d ranks x %d microbatches x %d",
@@ -446,10 +447,19 @@ def nonfinite_description(loss: float, norm: float) -> str:
 
 
 def attention_description(
-    document_masking: bool, device: torch.device, mc: ModelConfig, attention: str = "sdpa"
+    document_masking: bool, device: torch.device, mc: ModelConfig, attention: str = "sdpa", requested: str = ""
 ) -> str:
-    """The attention kernel a run uses, for the start-up log."""
-    if attention == "flex" and (document_masking or mc.sliding_window is not None):
+    """The attention kernel a run uses, for the start-up log; `attention` is the kernel the model
+    runs (`requested` "auto" is resolved here, and the log says it chose)."""
+    masked = document_masking or mc.sliding_window is not None
+    if attention == "auto":
+        attention, requested = resolve_attention("auto", device.type, masked), "auto"
+    chosen = " [training.attention=auto]" if requested == "auto" else ""
+    return _attention_kernel(document_masking, device, mc, attention, masked) + chosen
+
+
+def _attention_kernel(document_masking: bool, device: torch.device, mc: ModelConfig, attention: str, masked: bool):
+    if attention == "flex" and masked:
         masks = (["document"] if document_masking else []) + (
             [f"sliding-window ({mc.sliding_window} tokens)"] if mc.sliding_window is not None else []
         )

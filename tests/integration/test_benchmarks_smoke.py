@@ -48,24 +48,36 @@ def test_train_step_rejects_bad_arguments():
     assert "--rounds=0 is invalid: expected an integer >= 1" in proc.stderr
 
 
-def test_gpu_train_dry_run_validates_the_four_configurations():
-    proc = run(["benchmarks/gpu_train.py", "--dry-run"], timeout=60)
+def test_gpu_train_dry_run_checks_torch_and_validates_every_configuration():
+    proc = run(["benchmarks/gpu_train.py", "--dry-run", "--configs", "all"], timeout=90)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    valid = [line for line in proc.stdout.splitlines() if line.rstrip().endswith(": valid")]
-    assert len(valid) == 4, proc.stdout
-    assert {line.split()[0] for line in valid} == {"eager", "eager+ac", "compile", "compile+ac"}
-    assert all("dtype=bfloat16" in line and "params=1,235,814,400" in line for line in valid), proc.stdout
+    assert re.search(r"torch API check: all \d+ torch APIs cptron uses are present", proc.stdout), proc.stdout
+    valid = {line.split()[0]: line for line in proc.stdout.splitlines() if line.rstrip().endswith(": valid")}
+    assert set(valid) == {"eager", "eager+ac", "compile", "compile+ac", "compile+docs", "eager+docs",
+                          "compile+docs-sdpa", "hf"}, proc.stdout
+    assert all("dtype=bfloat16" in line and "params=1,235,814,400" in line for line in valid.values()), proc.stdout
+    # On CUDA, training.attention=auto takes flex for packed documents and SDPA's causal kernel otherwise.
+    assert "attention=flex " in valid["compile+docs"] and "attention=flex " in valid["eager+docs"]
+    assert "attention=sdpa " in valid["compile+docs-sdpa"]
+    assert "attention=sdpa-causal" in valid["compile"] and "attention=sdpa-causal" in valid["hf"]
+    m = re.search(r"flex computes (\d+) of the 528 causal 32x32 tiles", proc.stdout)
+    assert m and 0 < int(m.group(1)) < 528, proc.stdout
 
 
 def test_gpu_train_runs_its_code_path_on_cpu():
     proc = run(["benchmarks/gpu_train.py", "--device", "cpu", "--preset", "tiny", "--seq-len", "32",
-                "--configs", "eager,eager+ac", "--warmup", "1", "--steps", "1", "--peak-tflops", "1"])
+                "--configs", "eager+docs,hf", "--doc-len", "8", "--warmup", "1", "--steps", "1",
+                "--peak-tflops", "1"])
     # Exit 0: both configurations ran and MFU has a peak (the goal itself is not asserted on CPU).
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = [line for line in proc.stdout.splitlines() if re.match(r"(eager|eager\+ac)\s+False\s+(none|full)\s", line)]
-    assert len(rows) == 2, proc.stdout
-    assert all(re.search(r"\d+\.\d%", row) for row in rows), rows
-    assert re.search(r"best MFU: \d+\.\d% \(eager(\+ac)?\), goal >= 55%: (PASS|MISS)$", proc.stdout.strip()), \
+    rows = {m.group(1): m.group(0) for m in re.finditer(r"^(eager\+docs|hf) +(sdpa|sdpa-causal) .*$", proc.stdout,
+                                                        re.MULTILINE)}
+    assert set(rows) == {"eager+docs", "hf"}, proc.stdout
+    assert all(re.search(r"\d+\.\d%", row) for row in rows.values()), rows
+    # cptron/transformers ratio in the cptron row; the masked config's unmasked twin did not run.
+    assert re.search(r"% +n/a +\d+\.\d\dx +- ", rows["eager+docs"]), rows
+    assert "attention SDPA with a boolean block-diagonal causal mask" in proc.stdout  # CPU keeps SDPA
+    assert re.search(r"best cptron MFU: \d+\.\d% \(eager\+docs\), goal >= 55%: (PASS|MISS)$", proc.stdout.strip()), \
         proc.stdout
 
 
