@@ -170,11 +170,13 @@ class ModelConfig:
             f"None for model.family={self.family!r} (sliding windows need family 'mistral')",
         )
         require(self.init_std > 0, "model.init_std", self.init_std, "a float > 0")
+        # The bound by model.dim is `check_embedding_rank`: with checkpoint.init_from the run's model
+        # section gives the rank but the initial weights give the width, so it is checked once both are known.
         require(
-            self.embedding_rank is None or 1 <= self.embedding_rank <= self.dim,
+            self.embedding_rank is None or self.embedding_rank >= 1,
             "model.embedding_rank",
             self.embedding_rank,
-            f"None or an integer in [1, model.dim={self.dim}]",
+            "None or an integer >= 1",
         )
         require(
             not self.factorize_head or self.embedding_rank is not None,
@@ -188,6 +190,15 @@ class ModelConfig:
             "model.factorize_head",
             self.factorize_head,
             "true when model.tie_embeddings and model.embedding_rank are both set",
+        )
+
+    def check_embedding_rank(self) -> None:
+        """A factorization of rank above the width saves nothing: refuse it (the width is final here)."""
+        require(
+            self.embedding_rank is None or self.embedding_rank <= self.dim,
+            "model.embedding_rank",
+            self.embedding_rank,
+            f"None or an integer in [1, model.dim={self.dim}]",
         )
 
 
@@ -308,4 +319,5 @@ def model_config_from_preset(name: str, **overrides) -> ModelConfig:
             raise ConfigError(f"model.{key} is not a field of ModelConfig: expected one of {sorted(fields)}")
     cfg = dataclasses.replace(PRESETS[name], **overrides)
     cfg.validate()
+    cfg.check_embedding_rank()
     return cfg

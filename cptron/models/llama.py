@@ -226,6 +226,7 @@ class Transformer(ConversionHookModule):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         cfg.validate()
+        cfg.check_embedding_rank()
         self.cfg = cfg
         # nn.Embedding/nn.Linear, or their factorized forms (cptron.models.factorized) with model.embedding_rank.
         self.tok_embeddings: Optional[nn.Module] = factorized.build_embedding(cfg)

@@ -73,7 +73,7 @@ class JobConfig:
     """Continually pretrain a Llama-family model (any mix of tensor/sequence, pipeline and sharded data parallelism)."""
 
     model: ModelConfig = field(default_factory=lambda: ModelConfig.from_preset("tiny"))
-    """Architecture; ignored (taken from the checkpoint) when checkpoint.init_from is set, except pad_vocab_to_multiple_of."""
+    """Architecture; taken from the checkpoint when checkpoint.init_from is set, except pad_vocab_to_multiple_of (and embedding_rank, factorize_head for an HF directory)."""
     training: TrainingConfig = field(default_factory=TrainingConfig)
     """Batch, run length, evaluation, non-finite policy."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -99,6 +99,8 @@ class JobConfig:
             f"a multiple of training.micro_batch_size={t.micro_batch_size}",
         )
         require(math.isfinite(self.optim.lr), "optim.lr", self.optim.lr, "a finite number")
+        if not self.checkpoint.init_from and not self.checkpoint.branch_from:  # the model section is the architecture
+            self.model.check_embedding_rank()
         o = self.optim
         require(
             not o.train_new_rows_only or o.new_rows_from > 0 or bool(self.checkpoint.init_from),

@@ -121,6 +121,7 @@ def model_config_for_init(
                     cfg, embedding_rank=factorization.embedding_rank, factorize_head=factorization.factorize_head
                 )
                 cfg.validate()
+                cfg.check_embedding_rank()
             return cfg
         except (CptronError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{path / 'config.json'}: {e}") from e

@@ -197,3 +197,27 @@ def test_new_rows_only_is_refused_and_frozen_factors_are_named():
         resolve_trainable(OptimizerConfig(train_new_rows_only=True, new_rows_from=10), cfg)
     plan = resolve_trainable(OptimizerConfig(frozen=["tok_embeddings.basis.weight"]), cfg)
     assert plan.frozen == {"tok_embeddings.basis.weight"}
+
+
+def test_a_run_from_an_hf_model_takes_the_rank_from_its_model_section_and_the_width_from_the_weights(tmp_path):
+    """The model section's width (default 64) is not the architecture when checkpoint.init_from is an HF
+    directory: a rank above it but within the HF model's width is valid, one above that is refused."""
+    from cptron.config import parse_config
+    from cptron.train.config import JobConfig
+    from cptron.train.initial_weights import model_config_for_init
+
+    wide = tiny(dim=128, n_heads=4)
+    model = build_model(wide, seed=0)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    ckpt.write_checkpoint(tmp_path / "cp", {"model": params}, {"model": config_to_dict(wide), "step": 0})
+    convert_cptron_to_hf(tmp_path / "cp", tmp_path / "hf", progress=False)
+    job = parse_config(
+        JobConfig,
+        ["--checkpoint.init_from", str(tmp_path / "hf"), "--model.embedding_rank", "100", "--model.factorize_head", "true"],
+    )
+    assert model_config_for_init(tmp_path / "hf", 64, job.model).embedding_rank == 100
+    job.model.embedding_rank = 129
+    with pytest.raises(Exception, match=r"model.embedding_rank=129 is invalid: expected None or an integer in \[1, model.dim=128\]"):
+        model_config_for_init(tmp_path / "hf", 64, job.model)
+    with pytest.raises(ConfigError, match="model.embedding_rank=100"):  # without init_from the section is the model
+        parse_config(JobConfig, ["--model.embedding_rank", "100"])
