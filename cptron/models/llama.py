@@ -238,15 +238,26 @@ class Transformer(ConversionHookModule):
         # The attention kernel is a runtime choice, not architecture (not in cfg,
         # so not in checkpoints or HF exports): the trainer sets it on every part.
         self.attention_impl = "sdpa"
+        # How a forward given labels computes the loss from the final hidden states and the head
+        # without the full logits (the trainer's chunked loss, cptron.train.chunked_loss): called as
+        # head_loss(h, self.output, labels). Inside forward, so that FSDP2 holds the head's gathered
+        # weights while it runs; a runtime choice like attention_impl, never in checkpoints.
+        self.head_loss = None
 
     def forward(
-        self, tokens: torch.Tensor, doc_ids: Optional[torch.Tensor] = None, positions: Optional[torch.Tensor] = None
-    ) -> torch.Tensor:
+        self,
+        tokens: torch.Tensor,
+        doc_ids: Optional[torch.Tensor] = None,
+        positions: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+    ):
         """`tokens`: token ids [B, T] (or hidden states [B, T, dim] on a stage without
         embeddings). `doc_ids` [B, T]: document of each token in a packed sequence;
         positions then restart per document and attention is block-diagonal causal.
         `positions` [B, T] overrides the position ids. A stage without embeddings
-        under sequence parallelism must pass doc_ids or positions (they fix T)."""
+        under sequence parallelism must pass doc_ids or positions (they fix T).
+        With `labels` [B, T] (and `head_loss` set) a model with a head returns
+        `head_loss(h, self.output, labels)` instead of the logits."""
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         # The sequence length comes from the token ids, or on a later pipeline stage
         # from doc_ids/positions: under sequence parallelism the hidden states this
@@ -271,6 +282,10 @@ class Transformer(ConversionHookModule):
             h = self.norm(h)
         if self.output is None:
             return h
+        if labels is not None:
+            if self.head_loss is None:
+                raise ValueError("forward was given labels but the model has no head_loss to compute the loss with")
+            return self.head_loss(h, self.output, labels)
         return self.output(h)
 
     def _after_conversion(self) -> None:

@@ -21,8 +21,10 @@ The pieces, in the order the trainer uses them:
 Each stage takes `(x, ids)`: token ids (first stage) or hidden states, and the
 per-token `ids` (document ids of packed sequences, or positions). A non-last
 stage returns `(h, ids)` so the next stage can rebuild rotary positions and the
-attention mask; the last stage returns logits. `ids` is an integer tensor and
-never requires grad: torch's runtime sends no gradient for it.
+attention mask; the last stage returns logits, or with the chunked loss (the
+`stage_labels` of pipeline_train_step) what `Transformer.head_loss` returns.
+`ids` is an integer tensor and never requires grad: torch's runtime sends no
+gradient for it.
 
 Schedules (names as in `ParallelConfig.pp_schedule`): GPipe (Huang et al. 2019),
 1F1B (Narayanan et al. 2019, PipeDream-Flush), interleaved 1F1B (Narayanan et
@@ -253,11 +255,14 @@ class StageTransformer(Transformer):
     def is_last(self) -> bool:
         return self.stage_index == self.n_stages - 1
 
-    def forward(self, x: Tensor, ids: Tensor):
+    def forward(self, x: Tensor, ids: Tensor, labels: Tensor | None = None):
+        # `labels` reach every stage of a rank (torch passes keyword arguments to all); only the
+        # last, with a head, computes the loss from them (Transformer.head_loss).
+        labels = labels if self.is_last else None
         if self.ids_are_doc_ids:
-            out = super().forward(x, doc_ids=ids)
+            out = super().forward(x, doc_ids=ids, labels=labels)
         else:
-            out = super().forward(x, positions=ids)
+            out = super().forward(x, positions=ids, labels=labels)
         return out if self.is_last else (out, ids)
 
     def extra_repr(self) -> str:
@@ -473,7 +478,7 @@ def build_pipeline_schedule(
     )
 
 
-def _step_inputs(runtime: PipelineRuntime, mode: str, tokens, ids, labels):
+def _step_inputs(runtime: PipelineRuntime, mode: str, tokens, ids, labels, stage_labels=None):
     args: tuple = ()
     given = {}
     if runtime.has_first_stage:
@@ -487,6 +492,8 @@ def _step_inputs(runtime: PipelineRuntime, mode: str, tokens, ids, labels):
             raise ValueError("this rank holds the last pipeline stage: labels are required")
         target = labels
         given.update(labels=labels)
+        if stage_labels is not None:
+            given.update(stage_labels=stage_labels)
     for name, t in given.items():
         if t.dim() < 1 or t.shape[0] % runtime.n_microbatches:
             raise ValueError(
@@ -505,19 +512,27 @@ def _step_inputs(runtime: PipelineRuntime, mode: str, tokens, ids, labels):
 
 
 def pipeline_train_step(
-    runtime: PipelineRuntime, tokens: Tensor | None, ids: Tensor | None, labels: Tensor | None
+    runtime: PipelineRuntime,
+    tokens: Tensor | None,
+    ids: Tensor | None,
+    labels: Tensor | None,
+    stage_labels: Tensor | None = None,
 ) -> Tensor | None:
     """Forward and backward of every microbatch of the batch; gradients accumulate into .grad.
 
     tokens/ids [B, T] are needed on the rank holding the first stage, labels on
     the rank holding the last (other ranks may pass None); B is split into
-    n_microbatches equal microbatches. Returns the sum of the microbatch losses
-    (detached) where this rank holds the last stage, else None.
+    n_microbatches equal microbatches. `stage_labels` [B, T], given on the rank
+    holding the last stage, go to that stage's forward as `labels` (the chunked
+    loss computes the loss inside it); `labels` still go to the loss function.
+    Returns the sum of the microbatch losses (detached) where this rank holds
+    the last stage, else None.
     """
-    args, target = _step_inputs(runtime, "train", tokens, ids, labels)
+    args, target = _step_inputs(runtime, "train", tokens, ids, labels, stage_labels)
     losses: list[Tensor] = []
+    kwargs = {} if stage_labels is None else {"labels": stage_labels}
     # return_outputs=False: the last stage would otherwise keep every microbatch's logits.
-    runtime.schedule.step(*args, target=target, losses=losses, return_outputs=False)
+    runtime.schedule.step(*args, target=target, losses=losses, return_outputs=False, **kwargs)
     missing = [name for m in runtime.modules for name, p in m.named_parameters() if p.requires_grad and p.grad is None]
     if missing:
         raise RuntimeError(
@@ -529,18 +544,24 @@ def pipeline_train_step(
 
 
 def pipeline_eval_step(
-    runtime: PipelineRuntime, tokens: Tensor | None, ids: Tensor | None, labels: Tensor | None
+    runtime: PipelineRuntime,
+    tokens: Tensor | None,
+    ids: Tensor | None,
+    labels: Tensor | None,
+    stage_labels: Tensor | None = None,
 ) -> Tensor | None:
-    """Forward only (no autograd graph, no gradients), summing the microbatch losses as in training.
+    """Forward only (no autograd graph, no gradients), summing the microbatch losses as in training
+    (`stage_labels` as in pipeline_train_step).
 
     Uses the schedule's own eval(). Switching between training and eval makes
     torch re-run its shape inference once (one extra forward of the first
     microbatch, and forward+backward when switching back).
     """
-    args, target = _step_inputs(runtime, "eval", tokens, ids, labels)
+    args, target = _step_inputs(runtime, "eval", tokens, ids, labels, stage_labels)
     losses: list[Tensor] = []
+    kwargs = {} if stage_labels is None else {"labels": stage_labels}
     with torch.no_grad():
-        runtime.schedule.eval(*args, target=target, losses=losses, return_outputs=False)
+        runtime.schedule.eval(*args, target=target, losses=losses, return_outputs=False, **kwargs)
     return _summed(runtime, losses)
 
 

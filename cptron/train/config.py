@@ -52,6 +52,10 @@ class TrainingConfig:
     """Stop this invocation after this much wall time from its start, set-up included (checked after each step): save a checkpoint and exit with code 75 so the same command resumes, e.g. a few minutes under a SLURM job's limit; 0: no limit."""
     tokenizer: Optional[str] = None
     """Tokenizer directory carried into every checkpoint (so an HF export has it); default: the init model's."""
+    loss_impl: Literal["auto", "plain", "chunked"] = "auto"
+    """Cross-entropy path: plain (a microbatch's full logits, then the loss), chunked (output projection and loss in chunks of tokens, forward and backward, so the fp32 logits never exist whole), or auto: chunked from 2**25 logits per microbatch and rank (128 MiB in fp32) when a microbatch has more tokens than one chunk."""
+    loss_chunk_tokens: int = 0
+    """Tokens per chunk of the chunked loss (0: 512)."""
 
     def validate(self) -> None:
         require(bool(self.run_dir), "training.run_dir", self.run_dir, "a directory path")
@@ -60,6 +64,12 @@ class TrainingConfig:
         require(self.eval_every >= 0, "training.eval_every", self.eval_every, "an integer >= 0")
         require(self.eval_batches >= 0, "training.eval_batches", self.eval_batches, "an integer >= 0")
         require(self.max_skipped_steps >= 0, "training.max_skipped_steps", self.max_skipped_steps, "an integer >= 0")
+        require(
+            self.loss_chunk_tokens >= 0,
+            "training.loss_chunk_tokens",
+            self.loss_chunk_tokens,
+            "an integer >= 0 (0: auto)",
+        )
         require(
             self.time_limit_minutes >= 0 and self.time_limit_minutes != float("inf"),
             "training.time_limit_minutes",

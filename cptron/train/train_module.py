@@ -36,6 +36,7 @@ from cptron.models.llama import Transformer
 from cptron.parallel import pipeline as pl
 from cptron.parallel.dims import ParallelDims
 from cptron.parallel.parallelize import fsdp_enabled, materialize_device, parallelize_llama
+from cptron.train.chunked_loss import ChunkedHeadLoss, resolve_loss_path
 from cptron.train.config import JobConfig
 from cptron.train.loss import cross_entropy_sum, cross_entropy_sum_and_rows, loss_parallel_context
 from cptron.train.optim import build_optimizers, clip_gradients, global_grad_norm
@@ -140,6 +141,22 @@ class TrainModule(abc.ABC):
         self.dp_group = layout.dp_mesh.get_group()
         self.pp_group = layout.mesh["pp"].get_group() if dims.pp > 1 else None
         self.loss_parallel = dims.tp > 1 and self.cfg.parallel.loss_parallel
+        t = self.cfg.training
+        local_vocab = self.model_cfg.padded_vocab_size // dims.tp  # the head is vocabulary-sharded under TP
+        self.loss_path = resolve_loss_path(
+            t.loss_impl, t.loss_chunk_tokens, t.micro_batch_size * t.seq_len, local_vocab
+        )
+        if self.loss_path.chunk_tokens is not None:
+            pcfg = self.cfg.parallel
+            head_loss = ChunkedHeadLoss(
+                self.model_cfg.vocab_size,
+                self.loss_path.chunk_tokens,
+                pcfg.sequence_parallel,
+                repeat_backward=dims.pp > 1 and pcfg.pp_schedule in pl.SPLIT_BACKWARD_SCHEDULES,
+            )
+            for part in parts:
+                part.head_loss = head_loss
+        log.info("loss: %s; evaluation uses the same path", self.loss_path.describe())
         self.loss_hook = loss_hook
         self.sources = SourceLosses(source_names, self.device) if source_names else None
         self.last_loss = 0.0
@@ -171,15 +188,20 @@ class TrainModule(abc.ABC):
 
     def microbatch_loss(
         self,
-        logits: torch.Tensor,
+        logits,
         labels: torch.Tensor,
         scale: Optional[torch.Tensor] = None,
         step: int = 0,
         with_rows: bool = False,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(loss, per-row loss sums when `with_rows`) of one microbatch: its token-summed cross-entropy,
-        times `scale` and through the loss hook in training (scale given), plain in evaluation."""
-        if with_rows:
+        times `scale` and through the loss hook in training (scale given), plain in evaluation.
+        `logits` are the model's logits, or on the chunked path the (loss sum, per-token losses) the
+        model computed from `model_labels(labels)`."""
+        if isinstance(logits, tuple):
+            loss, per_token = logits
+            rows = per_token.sum(1) if with_rows else None
+        elif with_rows:
             loss, rows = cross_entropy_sum_and_rows(logits, labels, self.model_cfg.vocab_size)
         else:
             loss, rows = cross_entropy_sum(logits, labels, self.model_cfg.vocab_size), None
@@ -249,6 +271,10 @@ class TrainModule(abc.ABC):
 
     # -------------------------------------------------------------- helpers
 
+    def model_labels(self, labels: torch.Tensor) -> Optional[torch.Tensor]:
+        """The labels the model's forward takes: on the chunked path it computes the loss itself."""
+        return labels if self.loss_path.chunk_tokens is not None else None
+
     def _global_tokens(self, batch: Batch) -> torch.Tensor:
         n = (batch.labels != IGNORE_INDEX).sum().to(self.device, torch.float32)
         dist.all_reduce(n, group=self.dp_group)
@@ -274,8 +300,8 @@ class PlainTrainModule(TrainModule):
             if hasattr(model, "set_requires_gradient_sync"):
                 # Reduce-scatter gradients once, after the last microbatch.
                 model.set_requires_gradient_sync(i == self.plan.microbatches - 1)
-            logits = model(b.tokens, doc_ids=self._doc_ids(b))
-            loss, rows = self.microbatch_loss(logits, b.labels, scale, step, with_rows=self.sources is not None)
+            out = model(b.tokens, doc_ids=self._doc_ids(b), labels=self.model_labels(b.labels))
+            loss, rows = self.microbatch_loss(out, b.labels, scale, step, with_rows=self.sources is not None)
             if rows is not None:
                 self.sources.add(rows, b.labels, b.sources)
             loss.backward()
@@ -284,7 +310,8 @@ class PlainTrainModule(TrainModule):
     def _eval_loss_sum(self, batch: Batch) -> torch.Tensor:
         total = torch.zeros((), device=self.device)
         for b in self._pieces(batch):
-            total += self.microbatch_loss(self.parts[0](b.tokens, doc_ids=self._doc_ids(b)), b.labels)[0]
+            out = self.parts[0](b.tokens, doc_ids=self._doc_ids(b), labels=self.model_labels(b.labels))
+            total += self.microbatch_loss(out, b.labels)[0]
         return total
 
 
@@ -332,7 +359,7 @@ class PipelineTrainModule(TrainModule):
         self._step_context: Optional[tuple[torch.Tensor, int]] = None
         self._microbatch_rows: dict[int, tuple] = {}
 
-    def _loss_fn(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _loss_fn(self, logits, labels: torch.Tensor) -> torch.Tensor:
         if self._step_context is None:  # evaluation
             return self.microbatch_loss(logits, labels)[0]
         scale, step = self._step_context
@@ -352,7 +379,7 @@ class PipelineTrainModule(TrainModule):
             for b in self._pieces(batch):
                 labels = tag_labels(b.labels, b.sources) if self.sources is not None else b.labels
                 self._microbatch_rows = {}
-                out = pl.pipeline_train_step(self.pipeline, b.tokens, self._ids(b), labels)
+                out = pl.pipeline_train_step(self.pipeline, b.tokens, self._ids(b), labels, self._stage_labels(b))
                 if self.sources is not None and self.pipeline.has_last_stage:
                     self.sources.add_pipeline_step(self._microbatch_rows, self.pipeline.n_microbatches)
                 if out is not None:
@@ -363,7 +390,7 @@ class PipelineTrainModule(TrainModule):
     def _eval_loss_sum(self, batch: Batch) -> torch.Tensor:
         total = torch.zeros((), device=self.device)
         for b in self._pieces(batch):
-            s = pl.pipeline_eval_step(self.pipeline, b.tokens, self._ids(b), b.labels)
+            s = pl.pipeline_eval_step(self.pipeline, b.tokens, self._ids(b), b.labels, self._stage_labels(b))
             if s is not None:
                 total += s
         return total
@@ -374,6 +401,9 @@ class PipelineTrainModule(TrainModule):
 
     def _norm_skip(self) -> tuple:
         return tuple(self.tied_sync.duplicates) if self.tied_sync is not None else ()
+
+    def _stage_labels(self, b: Batch) -> Optional[torch.Tensor]:
+        return self.model_labels(b.labels) if self.pipeline.has_last_stage else None
 
     def _ids(self, b: Batch) -> torch.Tensor:
         """What pipeline stages pass along: doc_ids (all zero for a batch without
