@@ -283,7 +283,7 @@ def build_stage_modules(
     """The stages `stage_ids` (this rank's), built on `device` (meta by default, uninitialized).
 
     Materialize with `to_empty(device=...)` and `init_weights(seed)`: each
-    parameter is drawn from a generator seeded by (seed, parameter name) and the
+    parameter is drawn from generators seeded by (seed, parameter name, tile) and the
     depth-scaled std uses model_cfg.n_layers, so a stage initializes exactly as
     the same parameters of the full model do.
     """

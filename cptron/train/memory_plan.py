@@ -16,7 +16,8 @@ pipeline rank; the other ranks of a pipeline rank hold the same) the plan counts
   2022 ("Reducing Activation Recomputation in Large Transformer Models") count Megatron's; with
   activation checkpointing a wrapped block keeps only its input, and one block is recomputed at a
   time in backward; times the microbatches the pipeline schedule keeps in flight;
-- transients: the loss over the logits (the logits, the fp32 log-softmax, their gradients), and
+- transients: the loss over the logits (the logits, the fp32 log-softmax, their gradients; on the
+  chunked path one chunk's and the gradients it holds), and
   the FSDP2 units all-gathered in compute dtype (the root's embedding and output stay gathered for
   the step, one block is prefetched, the last one kept for backward).
 
@@ -44,6 +45,7 @@ from cptron.models.flex import resolve_attention
 from cptron.parallel import pipeline as pl
 from cptron.parallel.dims import ParallelDims, mixed_precision_dtype, resolve_parallel_dims
 from cptron.parallel.parallelize import fsdp_enabled
+from cptron.train.chunked_loss import resolve_loss_path
 from cptron.train.config import JobConfig
 
 GB = 10**9
@@ -55,6 +57,9 @@ LOSS_TENSORS = 4.5
 cross-entropy's scratch), as measured on CPU."""
 LOSS_PARALLEL_TENSORS = 6.0
 """The same under loss parallelism, whose sharded log-softmax keeps more intermediates."""
+CHUNK_TENSORS = 1.5
+"""The chunked loss's peak in fp32 chunk-logit-sized tensors, beside the fp32 head gradient and the
+hidden-state gradient it holds from forward to backward (benchmarks/loss_memory.py at 128k x 2048, CPU)."""
 
 
 @dataclass
@@ -273,9 +278,26 @@ def _stage_activations(
     return keep, recompute
 
 
+def _chunked_loss(cfg: JobConfig, mc: ModelConfig, dims: ParallelDims, tokens: int) -> Optional[int]:
+    """Tokens per chunk when the run takes the chunked loss path (training.loss_impl), else None."""
+    t = cfg.training
+    return resolve_loss_path(t.loss_impl, t.loss_chunk_tokens, tokens, mc.padded_vocab_size // dims.tp).chunk_tokens
+
+
+def _chunked_held(mc: ModelConfig, dims: ParallelDims, tokens: int) -> int:
+    """What the chunked loss holds from forward to backward: the fp32 head gradient (the head's own
+    rows; coordinates of a factorized head) and the hidden states' gradient."""
+    width = mc.embedding_rank if mc.factorize_head else mc.dim
+    return int(4 * (mc.padded_vocab_size / dims.tp * width + tokens * mc.dim))
+
+
 def _loss_bytes(cfg: JobConfig, mc: ModelConfig, dims: ParallelDims, e: int, tokens: int) -> int:
     """The loss's peak over one microbatch's logits (LOSS_TENSORS fp32 copies of them; the logits and
-    their gradient in compute dtype count by their size)."""
+    their gradient in compute dtype count by their size), or over one chunk's on the chunked path."""
+    chunk = _chunked_loss(cfg, mc, dims, tokens)
+    if chunk is not None:
+        local = mc.padded_vocab_size / dims.tp
+        return int(CHUNK_TENSORS * min(chunk, tokens) * local * 4) + _chunked_held(mc, dims, tokens)
     lp = dims.tp > 1 and cfg.parallel.loss_parallel
     split = dims.tp if lp else 1
     padded, real = mc.padded_vocab_size / split, mc.vocab_size / split
@@ -284,7 +306,10 @@ def _loss_bytes(cfg: JobConfig, mc: ModelConfig, dims: ParallelDims, e: int, tok
 
 
 def _held_logits(cfg: JobConfig, mc: ModelConfig, dims: ParallelDims, e: int, tokens: int) -> int:
-    """One microbatch's logits and fp32 log-softmax, kept until its backward."""
+    """One microbatch's logits and fp32 log-softmax, kept until its backward (the chunked path: its
+    gradients)."""
+    if _chunked_loss(cfg, mc, dims, tokens) is not None:
+        return _chunked_held(mc, dims, tokens)
     split = dims.tp if dims.tp > 1 and cfg.parallel.loss_parallel else 1
     return int(tokens * (mc.padded_vocab_size * e + mc.vocab_size * 4) / split)
 

@@ -95,3 +95,17 @@ def test_device_memory_is_required_without_a_gpu():
     with pytest.raises(ConfigError, match="device_memory='eighty'"):
         default_device_memory("eighty", "cuda")
     assert default_device_memory("80GB", "cuda") == 80 * GB
+
+
+def test_the_chunked_loss_path_is_planned_by_its_chunks_not_the_full_logits():
+    cfg = plan_config(LLAMA3_8B)
+    cfg.training.loss_impl = "plain"
+    plain = estimate_memory(cfg, 8, "cuda").ranks[0]
+    cfg.training.loss_impl = "auto"  # 8192 x 128256 logits per microbatch: auto takes the chunked path
+    chunked = estimate_memory(cfg, 8, "cuda").ranks[0]
+    assert plain.transient_of == chunked.transient_of == "loss"
+    logits = 8192 * 128256 * 4
+    assert plain.transient > 3 * logits  # the fp32 logits, their log-softmax and gradients
+    # 512-token chunks: the fp32 head gradient it holds and a fresh gradient of the head dominate instead
+    head_gradient = 128256 * 4096 * 4
+    assert 2 * head_gradient < chunked.transient < 2 * head_gradient + logits / 4 < plain.transient / 3
