@@ -11,18 +11,40 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import pickle
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from cptron.models.config import model_config_from_preset
 from cptron.parallel.dims import ParallelConfig
-from cptron.testing.distributed import run_distributed
 from cptron.testing.training import PackedSource, make_train_config
 from cptron.train.memory_plan import estimate_memory
 from cptron.train.trainer import Trainer
 
 TOLERANCE = 0.15
+REPO = Path(__file__).resolve().parents[2]
+
+
+def in_fresh_parent(fn_name: str, world_size: int, tmp_path: Path, *args):
+    """run_distributed(fn_name of this module, ...) from a new interpreter. Ranks forked from the pytest
+    process inherit the heap that earlier tests freed: reusing it costs no RSS, so their peaks read low by
+    an amount that depends on which tests ran before (34 MB for a 700 MB run after a parent that had freed
+    1.3 GB of small tensors; malloc_trim in the rank over-corrects by up to 50 MB)."""
+    result = tmp_path / f"{fn_name}-{world_size}.pkl"
+    code = (
+        "import pickle, sys; from tests.distributed import test_memory_plan as m; "
+        "from cptron.testing.distributed import run_distributed; "
+        "name, world, out, args = pickle.loads(sys.stdin.buffer.read()); "
+        "open(out, 'wb').write(pickle.dumps(run_distributed(getattr(m, name), world, *args, timeout=300)))"
+    )
+    payload = pickle.dumps((fn_name, world_size, str(result), args))
+    proc = subprocess.run([sys.executable, "-c", code], input=payload, capture_output=True, cwd=REPO, check=False)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-4000:]
+    return pickle.loads(result.read_bytes())
 
 
 def _status_kib(field: str) -> int:
@@ -80,7 +102,7 @@ CASES = [
 def test_plan_matches_measured_peaks(tmp_path, capsys):
     rows = []
     for i, (name, world, parallel, kwargs) in enumerate(CASES):
-        measured = run_distributed(measure, world, str(tmp_path / str(i)), parallel, kwargs, timeout=300)
+        measured = in_fresh_parent("measure", world, tmp_path, str(tmp_path / str(i)), parallel, kwargs)
         plan = estimate_memory(job(str(tmp_path), parallel, **kwargs), world, "cpu")
         for rank, got in enumerate(measured):
             est = plan.ranks[plan.dims.pp * rank // world].total
@@ -93,20 +115,21 @@ def test_plan_matches_measured_peaks(tmp_path, capsys):
     assert not bad, bad
 
 
-def test_trainer_logs_each_ranks_peak_beside_the_estimate(tmp_path):
-    def train(rank, world_size, run_dir):
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # as in `measure`: RSS follows live memory
-        lines = []
-        handler = logging.Handler()
-        handler.emit = lambda record: lines.append(record.getMessage())
-        logging.getLogger("cptron.train").addHandler(handler)
-        logging.getLogger("cptron.train").setLevel(logging.INFO)
-        cfg = job(run_dir, ParallelConfig(dp_shard=2), vocab=32000, seq=256, batch=8)
-        cfg.training.steps = 3
-        Trainer(cfg, data_factory=lambda r, n: (PackedSource(256, 8, r, n), {})).run()
-        return [line for line in lines if line.startswith("memory after step")]
+def train_and_log_memory(rank, world_size, run_dir):
+    ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # as in `measure`: RSS follows live memory
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logging.getLogger("cptron.train").addHandler(handler)
+    logging.getLogger("cptron.train").setLevel(logging.INFO)
+    cfg = job(run_dir, ParallelConfig(dp_shard=2), vocab=32000, seq=256, batch=8)
+    cfg.training.steps = 3
+    Trainer(cfg, data_factory=lambda r, n: (PackedSource(256, 8, r, n), {})).run()
+    return [line for line in lines if line.startswith("memory after step")]
 
-    results = run_distributed(train, 2, str(tmp_path))
+
+def test_trainer_logs_each_ranks_peak_beside_the_estimate(tmp_path):
+    results = in_fresh_parent("train_and_log_memory", 2, tmp_path, str(tmp_path / "run"))
     assert results[1] == [], "rank 0 logs for every rank"
     (line,) = results[0]
     assert "memory after step 3: peak RSS growth since the model was built per rank" in line
