@@ -39,14 +39,18 @@ from cptron.vocab.init_methods import RowReader
 from cptron.vocab.row_plan import (
     RowPlan,
     empty_plan,
+    fill_fallback_and_padding,
     gather_rows,
-    mean_std,
-    normal_fit_rows,
     set_copy,
     shared_tokens,
-    token_vectors_from_words,
 )
-from cptron.vocab.wordvec_init import PlanInputs, plan_from_neighbours, read_vectors, select_words
+from cptron.vocab.wordvec_init import (
+    PlanInputs,
+    old_and_new_token_vectors,
+    plan_from_neighbours,
+    read_vectors,
+    select_words,
+)
 
 log = logging.getLogger("cptron.vocab")
 
@@ -66,25 +70,8 @@ def ofa_plan(cfg, inputs: PlanInputs) -> RowPlan:
         old_canonical, inputs.tokens, inputs.in_model, detect_scheme(inputs.new_tokenizer)
     ).items():
         set_copy(plan, row, old_id)
-    old = token_vectors_from_words(
-        inputs.old_tokenizer,
-        detect_scheme(inputs.old_tokenizer),
-        source.words,
-        source.vectors,
-        0,
-        inputs.n_old,
-        progress=cfg.progress,
-        desc=f"ofa: {cfg.source_language} words",
-    )
-    new = token_vectors_from_words(
-        inputs.new_tokenizer,
-        detect_scheme(inputs.new_tokenizer),
-        target.words,
-        target.vectors,
-        inputs.n_old,
-        inputs.n_old + inputs.n_tokens,
-        progress=cfg.progress,
-        desc=f"ofa: {cfg.target_language} words",
+    old, new = old_and_new_token_vectors(
+        inputs, source.words, source.vectors, target.words, target.vectors, cfg.progress, "ofa"
     )
     plan_from_neighbours(plan, inputs, old, new, cfg.neighbours, cfg.temperature, cfg.progress)
     plan.details.update(old_tokens_with_vectors=len(old[0]), neighbours=cfg.neighbours, temperature=cfg.temperature)
@@ -158,14 +145,7 @@ def ofa_rows(
         if kind in ("copied", "combined"):
             stacked = torch.stack([old_coords[int(i)] for i in plan.sources[row]])
             coords[row] = (plan.weights[row][:, None] * stacked).sum(0)
-    drawn = [row for row, kind in enumerate(plan.kinds) if kind == "fallback"]
-    padding = [row for row, kind in enumerate(plan.kinds) if kind == "padding"]
-    if drawn or padding:
-        mean, std = mean_std(read_coordinates, n_old, chunk_rows)
-        if drawn:
-            coords[drawn] = normal_fit_rows(mean, std, len(drawn), generator)
-        if padding:
-            coords[padding] = mean
+    fill_fallback_and_padding(coords, plan, read_coordinates, n_old, chunk_rows, generator)
     out = coords @ basis
     for row, kind in enumerate(plan.kinds):
         if kind == "copied":  # the old row itself; its coordinates are the old token's

@@ -196,6 +196,15 @@ def apply_plan(
     for row, kind in enumerate(plan.kinds):
         if kind in ("copied", "combined"):
             out[row] = combine(plan, rows, row)
+    fill_fallback_and_padding(out, plan, read_rows, n_old, chunk_rows, generator)
+    return out
+
+
+def fill_fallback_and_padding(
+    out: torch.Tensor, plan: RowPlan, read_rows: RowReader, n_old: int, chunk_rows: int, generator: torch.Generator
+) -> None:
+    """Fallback rows of `out` drawn from the normal fit of rows [0, n_old) of `read_rows`; padding rows
+    their mean. The statistics are read only when such a row exists."""
     drawn = [r for r, kind in enumerate(plan.kinds) if kind == "fallback"]
     padding = [r for r, kind in enumerate(plan.kinds) if kind == "padding"]
     if drawn or padding:
@@ -204,4 +213,3 @@ def apply_plan(
             out[drawn] = normal_fit_rows(mean, std, len(drawn), generator)
         if padding:
             out[padding] = mean
-    return out

@@ -143,6 +143,34 @@ def plan_from_neighbours(
 # ------------------------------------------------------------------ WECHSEL
 
 
+def old_and_new_token_vectors(
+    inputs: PlanInputs, source_words, source_vectors, target_words, target_vectors, progress: bool, method: str
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """Token vectors of the old vocabulary [0, n_old) from the source words (old tokenizer) and of the new
+    tokens from the target words (extended tokenizer), as `token_vectors_from_words` makes them."""
+    old = token_vectors_from_words(
+        inputs.old_tokenizer,
+        detect_scheme(inputs.old_tokenizer),
+        source_words,
+        source_vectors,
+        0,
+        inputs.n_old,
+        progress=progress,
+        desc=f"{method}: source words",
+    )
+    new = token_vectors_from_words(
+        inputs.new_tokenizer,
+        detect_scheme(inputs.new_tokenizer),
+        target_words,
+        target_vectors,
+        inputs.n_old,
+        inputs.n_old + inputs.n_tokens,
+        progress=progress,
+        desc=f"{method}: target words",
+    )
+    return old, new
+
+
 def read_dictionary(path: str) -> list[tuple[str, str]]:
     """(source word, target word) pairs of a bilingual dictionary: one pair a line, tab- or space-separated;
     blank lines and lines starting with # are skipped."""
@@ -217,25 +245,8 @@ def wechsel_plan(cfg, inputs: PlanInputs) -> RowPlan:
     source = select_words(source_space, cfg.source_language, cfg.max_words, "source_vectors")
     target = select_words(target_space, cfg.target_language, cfg.max_words, "target_vectors")
     aligned, details = align(source, target, cfg.dictionary)
-    old = token_vectors_from_words(
-        inputs.old_tokenizer,
-        detect_scheme(inputs.old_tokenizer),
-        source.words,
-        source.vectors,
-        0,
-        inputs.n_old,
-        progress=cfg.progress,
-        desc="wechsel: source words",
-    )
-    new = token_vectors_from_words(
-        inputs.new_tokenizer,
-        detect_scheme(inputs.new_tokenizer),
-        target.words,
-        aligned,
-        inputs.n_old,
-        inputs.n_old + inputs.n_tokens,
-        progress=cfg.progress,
-        desc="wechsel: target words",
+    old, new = old_and_new_token_vectors(
+        inputs, source.words, source.vectors, target.words, aligned, cfg.progress, "wechsel"
     )
     plan = empty_plan("wechsel", inputs.tokens)
     plan_from_neighbours(plan, inputs, old, new, cfg.neighbours, cfg.temperature, cfg.progress)
