@@ -34,6 +34,8 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
+from cptron.hf_config import cptron_to_hf_name
+from cptron.hf_factors import FACTORS, FACTORS_FILE
 from cptron.vocab.canonical import canonical_vocabulary, detect_scheme
 from cptron.vocab.init_methods import RowReader
 from cptron.vocab.row_plan import (
@@ -54,8 +56,8 @@ from cptron.vocab.wordvec_init import (
 
 log = logging.getLogger("cptron.vocab")
 
-FACTORS_FILE = "embedding_factors.safetensors"
-FACTOR_PREFIX = {"model.embed_tokens.weight": "model.embed_tokens", "lm_head.weight": "lm_head"}
+FACTOR_PREFIX = {cptron_to_hf_name(dense): prefix for dense, (_, _, prefix) in FACTORS.items()}
+"""HF tensor name -> its prefix in FACTORS_FILE (the file `model.embedding_rank` reads, cptron.hf_factors)."""
 
 
 def ofa_plan(cfg, inputs: PlanInputs) -> RowPlan:
