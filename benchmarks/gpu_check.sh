@@ -5,7 +5,7 @@
 # documents) and then the whole suite.
 # Usage: bash benchmarks/gpu_check.sh   (on a machine with CUDA; prints everything)
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 PY=${PYTHON:-python3}
 # The console-script test needs an installed `cptron`; without network the editable
 # install can fail on the machine's setuptools, so that one test is skipped then.

@@ -7,7 +7,7 @@
 # Usage: bash benchmarks/gpu_kernel.sh [gpu_kernel.py args, e.g. --ranks 400 --iters 100]
 # Exit: 0 checks passed, 1 a check or the build failed, 2 no GPU.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 

@@ -10,7 +10,7 @@
 #        bash benchmarks/gpu_train.sh --dry-run     # anywhere: API check, validate the configs
 # Each configuration's full log goes to $OUT (or --log-dir) when set.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # Long sequences allocate activations of many sizes; expandable segments keep the

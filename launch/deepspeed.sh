@@ -75,7 +75,7 @@ launcher=$!
 # The training processes of this node: the children of the per-node launch process, itself a child
 # of the runner (deepspeed -> deepspeed.launcher.launch -> ranks). Started over ssh (pdsh), the ranks
 # live on other machines: the runner gets the signal, and its own handler ends them all unsaved.
-# shellcheck disable=SC2317  # called from the traps below
+# shellcheck disable=SC2317,SC2329  # called from the traps below
 forward() {
     local middle pid sent=0
     echo "deepspeed.sh: received SIG$1: forwarding it to the training processes (they save and exit 75)" >&2
