@@ -39,6 +39,7 @@ from cptron.hf import compare_export, convert_cptron_to_hf, convert_hf_to_cptron
 from cptron.models.config import ModelConfig
 from cptron.models.factorized import describe_parameters
 from cptron.models.llama import Transformer, build_model
+from cptron.train.branch import architecture_source, plan_branch_data
 from cptron.train.checkpointer import TrainCheckpointer
 from cptron.train.config import JobConfig
 from cptron.train.initial_weights import model_config_for_init, run_tokenizer_dir
@@ -295,8 +296,10 @@ def run_data_plan(cfg: JobConfig) -> str:
     """Print what a training config's data section will feed the run, from its newest checkpoint if any."""
     t = cfg.training
     init_from = cfg.checkpoint.init_from
-    model_cfg = model_config_for_init(init_from, cfg.model.pad_vocab_to_multiple_of) if init_from else cfg.model
+    arch = architecture_source(cfg)  # init_from; for a branch its own newest checkpoint, else its source
+    model_cfg = model_config_for_init(arch, cfg.model.pad_vocab_to_multiple_of, cfg.model) if arch else cfg.model
     latest = TrainCheckpointer(cfg.checkpoint, t.run_dir, model_cfg=model_cfg).resume_path()
+    branch = Path(cfg.checkpoint.branch_from) if cfg.checkpoint.branch_from and latest is None else None
     loader, validation = build_data_loaders(
         cfg.data,
         seq_len=t.seq_len,
@@ -306,12 +309,14 @@ def run_data_plan(cfg: JobConfig) -> str:
         vocab_size=model_cfg.vocab_size,
         seed=t.seed,
         total_steps=t.steps,
-        tokenizer=run_tokenizer_dir(t.tokenizer, init_from, latest),
+        tokenizer=run_tokenizer_dir(t.tokenizer, init_from, latest or branch),
     )
     lines = []
     if latest is not None:
         loader.load_state_dict(ckpt.read_meta(latest)["train_state"]["data"])
         lines.append(f"resuming from {latest} (step {loader.step})")
+    elif branch is not None:
+        lines.append(plan_branch_data(cfg, loader))
     lines.append(loader.describe_plan(t.steps))
     for name in validation:
         meta = loader.sources[loader.names.index(name)].meta

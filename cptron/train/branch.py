@@ -260,6 +260,25 @@ def start_branch(
     return step, skipped, note
 
 
+def plan_branch_data(cfg: JobConfig, data: BatchSource) -> Optional[str]:
+    """For `cptron data plan` of a branch that has no checkpoint of its own yet (one process, no
+    collectives): move `data` to where the branch will start, by the rules `start_branch` follows,
+    and return the line that says so; None without checkpoint.branch_from."""
+    if cfg.checkpoint.branch_from is None:
+        return None
+    check_branch_location(cfg)
+    source = _read_source(cfg)
+    carry = cfg.checkpoint.branch_carry
+    step = source.step if "step" in carry else 0
+    _carry_data(source, cfg, data, step)
+    kept = [_CARRIED[c] for c in ("data", "step") if c in carry]
+    return (
+        f"branching from {source.path} at step {source.step}: "
+        + (", ".join(kept) + " carried" if kept else "no data position or step counter carried")
+        + f"; the branch starts at step {step}"
+    )
+
+
 def _carry_data(source: BranchSource, cfg: JobConfig, data: BatchSource, step: int) -> None:
     saved = source.train_state["data"] if "data" in cfg.checkpoint.branch_carry else None
     mixture = isinstance(data, MixtureLoader)
@@ -298,6 +317,7 @@ def _moved(state: dict, step: int, global_batch_size: int) -> dict:
 
 __all__ = [
     "BranchSource",
+    "plan_branch_data",
     "architecture_source",
     "branch_source",
     "check_branch_location",

@@ -292,3 +292,32 @@ def test_a_branch_that_carries_the_step_keeps_the_parents_step_0_losses(parent, 
         assert step == K and branched == base  # forgetting is measured from the parent's base
     else:
         assert step == 0 and branched is None  # the branch's own step-0 evaluation sets it
+
+
+def test_data_plan_of_a_branch_starts_where_the_branch_will(parent, capsys):
+    """`cptron data plan` of a branch config (no checkpoint of its own yet) plans from the source's data
+    position and step per checkpoint.branch_carry, as the branch's trainer will start."""
+    from cptron.cli import run_data_plan
+
+    def plan(name, **kw):
+        cfg = _config(parent["root"] / name, parent["paths"], branch_from=parent["source"], **kw)
+        text = run_data_plan(cfg)
+        assert not (parent["root"] / name).exists(), "data plan wrote into the branch's run directory"
+        return text
+
+    before = tree_hashes(parent["run"])
+    full = plan("plan-full")
+    assert f"branching from {parent['source']} at step {K}: data position, step counter carried" in full
+    assert f"the branch starts at step {K}" in full and f"steps {K}..8" in full
+    fresh = plan("plan-fresh", branch_carry=["weights", "optimizer"])
+    assert "no data position or step counter carried; the branch starts at step 0" in fresh
+    assert "steps 0..8" in fresh
+    data_only = plan("plan-data", branch_carry=["weights", "data"])
+    assert "data position carried; the branch starts at step 0" in data_only
+    # The carried positions show in the epochs each source reaches: the same 8 steps drawn after the
+    # K steps the source took reach further than from the beginning.
+    def epochs(text):
+        return {line.split()[0]: float(line.split("; ")[1].split()[0])
+                for line in text.splitlines() if "epochs of it by the end" in line}
+    assert all(epochs(data_only)[n] > epochs(fresh)[n] for n in ("old", "new")), (data_only, fresh)
+    assert tree_hashes(parent["run"]) == before
