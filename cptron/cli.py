@@ -34,6 +34,7 @@ from cptron import checkpoint as ckpt
 from cptron.config import config_to_dict, dump_yaml, parse_config
 from cptron.data.build import build_data_loaders
 from cptron.data.tokenize import TokenizeConfig, run_tokenize
+from cptron.deepspeed_config import DEEPSPEED_COMMANDS, DEEPSPEED_HELP, parse_with_deepspeed_config
 from cptron.errors import ConfigError, CptronError, require
 from cptron.hf import compare_export, convert_cptron_to_hf, convert_hf_to_cptron, parse_size, tokenizer_files
 from cptron.models.config import ModelConfig
@@ -457,7 +458,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         if forms is not None:
             rest = forms(rest)
         description = _description(path, cls)
-        cfg = parse_config(cls, rest, prog=prog, description=description, allow_positional_yaml=positional_yaml)
+        if path in DEEPSPEED_COMMANDS:  # --deepspeed_config ds.json: its values between the YAML file and the options
+            _setup_logging()  # before parsing, which logs each value taken from the file
+            description += "\n\n" + DEEPSPEED_HELP
+            cfg = parse_with_deepspeed_config(cls, rest, prog=prog, description=description)
+        else:
+            cfg = parse_config(cls, rest, prog=prog, description=description, allow_positional_yaml=positional_yaml)
         _setup_logging()
         runner(cfg)
     except CptronError as e:

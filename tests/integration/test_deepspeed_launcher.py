@@ -1,10 +1,12 @@
 """`cptron train` under the deepspeed launcher: the `--local_rank` it adds is accepted, and two processes
-started by `deepspeed` (through launch/deepspeed.sh) train like one. The real run needs the deepspeed
-package (`pip install -e .[dev]` brings it; DS_BUILD_OPS=0, no op is built or JIT-compiled)."""
+started by `deepspeed` (through launch/deepspeed.sh, with a --deepspeed_config carrying the batch sizes)
+train like one. The real run needs the deepspeed package (`pip install -e .[dev]` brings it; DS_BUILD_OPS=0,
+no op is built or JIT-compiled)."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import socket
 import subprocess
@@ -69,6 +71,9 @@ def free_port() -> int:
 def test_two_processes_through_the_deepspeed_launcher_match_one(tmp_path, tmp_path_factory):
     want = reference_losses(tmp_path_factory, steps=STEPS)
     config = write_tiny_run(tmp_path, steps=STEPS)
+    # The job's DeepSpeed config carries the batch sizes: 8 = 2 per rank x 2 accumulated x 2 ranks.
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_batch_size": 8, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2}))
     env = quiet_env(GPUS_PER_NODE="2", MASTER_PORT=str(free_port()), DS_BUILD_OPS="0")
     out = subprocess.run(
         [
@@ -78,6 +83,9 @@ def test_two_processes_through_the_deepspeed_launcher_match_one(tmp_path, tmp_pa
             str(tmp_path / "run"),
             "--parallel.dp_shard",
             "2",
+            "--deepspeed",
+            "--deepspeed_config",
+            str(ds),
         ],
         env=env,
         capture_output=True,
@@ -88,5 +96,6 @@ def test_two_processes_through_the_deepspeed_launcher_match_one(tmp_path, tmp_pa
     assert out.returncode == 0, log[-3000:]
     assert "--local_rank=1" in log, "the launcher passed --local_rank, and cptron took it"
     assert "world 2: pp=1 x dp_replicate=1 x dp_shard=2 x tp=1" in log
+    assert "gradient_accumulation_steps=2 -> nothing" in log, "the ds config's batch identity held with 2 ranks"
     assert "Building extension" not in log and "JIT" not in log, "no deepspeed op may be compiled"
     assert_losses_match(train_losses(tmp_path / "run"), want)
