@@ -42,10 +42,13 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without an install
+
+from cptron.testing.scripts import run_cli, tokenize_bible, write_yaml
 
 REPO = Path(__file__).resolve().parent.parent
 METHODS = ("random", "mean", "multivariate", "subword-mean", "wechsel", "focus", "ofa", "convex", "ofa-r16", "ofa-r100")
@@ -60,18 +63,6 @@ MODEL = {
     "pad_vocab_to_multiple_of": 64,
     "max_seq_len": 256,
 }
-
-
-def cli(*args: str, quiet: bool = True) -> str:
-    proc = subprocess.run(
-        [sys.executable, "-m", "cptron.cli", *args], cwd=REPO, capture_output=True, text=True, check=False
-    )
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
-        raise SystemExit(f"cptron {' '.join(args[:2])} failed with exit code {proc.returncode}")
-    if not quiet:
-        print(proc.stdout, end="")
-    return proc.stdout
 
 
 def train_config(run_dir: Path, steps: int, sources: dict[str, Path], replay: bool, eval_every: int) -> dict:
@@ -99,13 +90,6 @@ def train_config(run_dir: Path, steps: int, sources: dict[str, Path], replay: bo
     return cfg
 
 
-def write_yaml(path: Path, cfg: dict) -> str:
-    import yaml
-
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return str(path)
-
-
 def tokens_per_char(tokenizer_dir: Path, text_file: Path) -> float:
     from tokenizers import Tokenizer
 
@@ -113,20 +97,6 @@ def tokens_per_char(tokenizer_dir: Path, text_file: Path) -> float:
     lines = text_file.read_text(encoding="utf-8").splitlines()
     n_tokens = sum(len(e.ids) for e in tok.encode_batch(lines, add_special_tokens=False))
     return n_tokens / sum(len(line) for line in lines)
-
-
-def tokenize(tokenizer_dir: Path, lang: str, prefix: Path) -> None:
-    cli(
-        "data",
-        "tokenize",
-        f"configs/data/bible-{lang}.yaml",
-        "--tokenizer",
-        str(tokenizer_dir / "tokenizer.json"),
-        "--output_prefix",
-        str(prefix),
-        "--progress",
-        "false",
-    )
 
 
 def build_vectors(work: Path, ext_tok: Path, en_text: Path, de_text: Path, methods: list[str]) -> dict[str, Path]:
@@ -143,7 +113,7 @@ def build_vectors(work: Path, ext_tok: Path, en_text: Path, de_text: Path, metho
     paths = {}
     for name, args in jobs.items():
         paths[name] = out / f"{name}.vec"
-        cli("vocab", "vectors", *args, "--output", str(paths[name]))
+        run_cli("vocab", "vectors", *args, "--output", str(paths[name]))
     if "wechsel" in methods:
         paths["dictionary"] = induce_dictionary(paths["aligned"], out / "dictionary-en-de.txt")
     return paths
@@ -209,7 +179,7 @@ def continue_on_german(
     cfg["model"] = {"pad_vocab_to_multiple_of": 64}
     if rank:
         cfg["model"].update(embedding_rank=rank, factorize_head=True)
-    cli("train", write_yaml(work / f"{name}.yaml", cfg))
+    run_cli("train", write_yaml(work / f"{name}.yaml", cfg))
     from cptron.train.plot_runs import eval_losses
 
     return eval_losses(run_dir)
@@ -235,7 +205,6 @@ def main() -> int:
         shutil.rmtree(work)
     work.mkdir(parents=True)
     t0 = time.time()
-    sys.path.insert(0, str(REPO))
     from cptron.testing.fixtures import BIBLE_DIR, bible_text, train_bpe_tokenizer
 
     en_text, de_text = BIBLE_DIR / "web.txt", BIBLE_DIR / "elberfelder.txt"
@@ -243,21 +212,21 @@ def main() -> int:
     print(f"1. English base: BPE tokenizer ({MODEL['vocab_size']} tokens) and {args.base_steps} steps", flush=True)
     base_tok = work / "tokenizer-en"
     train_bpe_tokenizer(base_tok, vocab_size=MODEL["vocab_size"], texts=bible_text("en"))
-    tokenize(base_tok, "en", work / "data-base" / "en" / "bible")
-    tokenize(base_tok, "de", work / "data-base" / "de" / "bible")
+    tokenize_bible("en", base_tok, work / "data-base")
+    tokenize_bible("de", base_tok, work / "data-base")
     cfg = train_config(
         work / "runs" / "base", args.base_steps, {"en": work / "data-base" / "en"}, replay=False, eval_every=0
     )
     cfg["model"], cfg["training"]["tokenizer"] = dict(MODEL), str(base_tok)
     cfg["optim"]["lr"] = 3.0e-3
-    cli("train", write_yaml(work / "base.yaml", cfg))
+    run_cli("train", write_yaml(work / "base.yaml", cfg))
     base_hf = work / "base-hf"
     ckpt = work / "runs" / "base" / "checkpoints" / f"step-{args.base_steps:08d}"
-    cli("convert", "cptron-to-hf", "--input", str(ckpt), "--output", str(base_hf), "--progress", "false")
+    run_cli("convert", "cptron-to-hf", "--input", str(ckpt), "--output", str(base_hf), "--progress", "false")
 
     print(f"2. cptron vocab extend on German (at most {args.new_tokens} new tokens)", flush=True)
     ext_tok = work / "tokenizer-ext"
-    cli(
+    run_cli(
         "vocab",
         "extend",
         "--base",
@@ -272,10 +241,10 @@ def main() -> int:
         str(args.new_tokens),
         "--output",
         str(ext_tok),
-        quiet=False,
+        print_stdout=True,
     )
-    tokenize(ext_tok, "en", work / "data-ext" / "en" / "bible")
-    tokenize(ext_tok, "de", work / "data-ext" / "de" / "bible")
+    tokenize_bible("en", ext_tok, work / "data-ext")
+    tokenize_bible("de", ext_tok, work / "data-ext")
     word_vector_methods = [m for m in methods if m in ("wechsel", "focus") or m.startswith("ofa")]
     if word_vector_methods:
         print("3. cptron vocab vectors: the word vectors of " + ", ".join(word_vector_methods), flush=True)
@@ -288,7 +257,7 @@ def main() -> int:
         print(f"4. cptron vocab init, {method}, then {args.steps} steps on German + 25% English", flush=True)
         out = work / f"init-{method}"
         init = ["--base", str(base_hf), "--tokenizer", str(ext_tok), "--output", str(out), "--progress", "false"]
-        cli("vocab", "init", *init, *init_arguments(method, vectors, de_text))
+        run_cli("vocab", "init", *init, *init_arguments(method, vectors, de_text))
         rank = int(method.removeprefix("ofa-r")) if method.startswith("ofa-r") else 0
         results[method] = continue_on_german(work, method, out, work / "data-ext", args.steps, rank)
         per_char[method] = tokens_per_char(ext_tok, de_text)

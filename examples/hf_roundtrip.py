@@ -1,4 +1,4 @@
-"""Main job until the trainer lands: a real Hugging Face round trip through cptron on CPU.
+"""A real Hugging Face round trip through cptron on CPU (conversion alone; the main job is quickstart.py).
 
 1. Trains a small byte-level BPE tokenizer on the shipped Bible text (data/bible).
 2. Builds a random-initialized Llama-3-style model with transformers (GQA, llama3
@@ -13,8 +13,8 @@ Usage: python examples/hf_roundtrip.py [--workdir runs/hf-roundtrip]
 from __future__ import annotations
 
 import argparse
+import functools
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,19 +23,16 @@ import torch
 import transformers
 
 from cptron.testing.fixtures import bible_text, train_bpe_tokenizer
+from cptron.testing.scripts import run_cli
 
-
-def cli(*args: str) -> None:
-    cmd = [sys.executable, "-m", "cptron.cli", *args]
-    print("\n$ cptron " + " ".join(args), flush=True)
-    subprocess.run(cmd, check=True)
+cli = functools.partial(run_cli, echo=True, script="hf_roundtrip")  # prints each command, exits on failure
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default="runs/hf-roundtrip", help="where the models are written (replaced)")
     args = ap.parse_args()
-    work = Path(args.workdir)
+    work = Path(args.workdir).resolve()  # the commands run from the repository root
     if work.exists():
         shutil.rmtree(work)
     base, ckpt, export = work / "hf-base", work / "cptron-ckpt", work / "hf-export"

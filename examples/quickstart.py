@@ -29,27 +29,18 @@ Usage: python examples/quickstart.py [--workdir runs/quickstart] [--steps N] [--
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from cptron.testing.scripts import CPTRON, run_cli, tokenize_bible, torchrun, write_yaml
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-def cli(*args: str, launcher: tuple[str, ...] = ("-m", "cptron.cli")) -> None:
-    shown = "cptron" if launcher == ("-m", "cptron.cli") else "torchrun " + " ".join(launcher[2:])
-    print(f"\n$ {shown} " + " ".join(args), flush=True)
-    rc = subprocess.run([sys.executable, *launcher, *args], cwd=REPO).returncode
-    if rc != 0:
-        raise SystemExit(f"quickstart: the command above failed with exit code {rc}")
-
-
-def torchrun(nproc: int) -> tuple[str, ...]:
-    """`python -m torch.distributed.run` (torchrun) on this machine, `nproc` processes, `cptron.cli` as the module."""
-    return ("-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "cptron.cli")
+# Every step prints its command (`$ cptron ...`) and streams its output.
+cli = functools.partial(run_cli, echo=True, script="quickstart")
 
 
 def generate(hf_dir: Path, prompts: list[str], new_tokens: int = 16) -> list[str]:
@@ -87,7 +78,7 @@ def main() -> int:
     en_text, de_text = str(BIBLE_DIR / "web.txt"), str(BIBLE_DIR / "elberfelder.txt")
     tok = train_bpe_tokenizer(work / "tokenizer-en", vocab_size=2048, texts=bible_text("en"))
     print(f"tokenizer: byte-level BPE with {len(tok)} tokens, trained on {len(bible_text('en'))} English verses")
-    tokenize("en", work / "tokenizer-en", work / "data-en")
+    tokenize_bible("en", work / "tokenizer-en", work / "data-en", run=cli)
 
     warmup = str(max(1, min(20, args.steps // 10)))  # the presets' 20 steps, fewer in a shortened run
     common = ["--training.steps", str(args.steps), "--lr.warmup_steps", warmup, "--metrics.progress_bar", "off"]
@@ -137,11 +128,11 @@ def main() -> int:
         "--progress",
         "false",
     )
-    tokenize("en", work / "tokenizer-de", work / "data")
-    tokenize("de", work / "tokenizer-de", work / "data")
+    tokenize_bible("en", work / "tokenizer-de", work / "data", run=cli)
+    tokenize_bible("de", work / "tokenizer-de", work / "data", run=cli)
 
     cpt_cfg = _preset(work, "quickstart-cpt.yaml", work / "data")
-    launcher = torchrun(args.nproc) if args.nproc > 1 else ("-m", "cptron.cli")
+    launcher = torchrun(args.nproc) if args.nproc > 1 else CPTRON
     cli(
         "train",
         cpt_cfg,
@@ -186,20 +177,6 @@ def main() -> int:
     return 0
 
 
-def tokenize(lang: str, tokenizer_dir: Path, data: Path) -> None:
-    cli(
-        "data",
-        "tokenize",
-        f"configs/data/bible-{lang}.yaml",
-        "--tokenizer",
-        str(tokenizer_dir / "tokenizer.json"),
-        "--output_prefix",
-        str(data / lang / "bible"),
-        "--progress",
-        "false",
-    )
-
-
 def _preset(work: Path, name: str, data: Path) -> str:
     """configs/train/<name> with its shard directories and initial weights moved into this workdir (the
     presets point at runs/quickstart)."""
@@ -210,9 +187,7 @@ def _preset(work: Path, name: str, data: Path) -> str:
         src["paths"] = [str(data / lang)]
     if cfg.get("checkpoint", {}).get("init_from"):  # runs/quickstart/base-hf-de
         cfg["checkpoint"]["init_from"] = str(work / Path(cfg["checkpoint"]["init_from"]).name)
-    out = work / name
-    out.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return str(out)
+    return write_yaml(work / name, cfg)
 
 
 if __name__ == "__main__":
