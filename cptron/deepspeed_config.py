@@ -523,11 +523,11 @@ def _scheduler(t: DeepSpeedTranslation, data: dict, key: str) -> None:
     else:
         fields.update(_warmup_lrs(t, kind, params, p))
         fields["lr.schedule"] = "constant" if kind == "WarmupLR" else "linear"
-        if kind == "WarmupDecayLR":
-            fields["lr.min_lr_ratio"] = 0.0
+        if kind == "WarmupDecayLR":  # DeepSpeed's linear decay ends where its warmup starts: warmup_min_lr
+            fields["lr.min_lr_ratio"] = fields["lr.warmup_start_ratio"]
     shape = {
         "WarmupLR": "linear warmup, then constant",
-        "WarmupDecayLR": "linear warmup, then linear decay to 0 at the last step (training.steps)",
+        "WarmupDecayLR": "linear warmup, then linear decay to warmup_min_lr at the last step (training.steps)",
         "WarmupCosineLR": "linear warmup, then cosine decay to cos_min_ratio at the last step (training.steps)",
     }[kind]
     t.set(f"{key}.type", kind, dict(sorted(fields.items())), f"{shape}; DeepSpeed's defaults for absent params")

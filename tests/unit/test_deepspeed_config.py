@@ -123,6 +123,21 @@ MAPPINGS = [
             "optim.lr": 4e-4,
         },
     ),
+    (  # DeepSpeed's WarmupDecayLR decays to warmup_min_lr (min + (max - min) x gamma, gamma falling to 0)
+        {
+            "scheduler": {
+                "type": "WarmupDecayLR",
+                "params": {
+                    "warmup_min_lr": 1e-4,
+                    "warmup_max_lr": 4e-4,
+                    "warmup_num_steps": 10,
+                    "total_num_steps": 100,
+                    **LINEAR,
+                },
+            }
+        },
+        {"lr.schedule": "linear", "lr.min_lr_ratio": 0.25, "lr.warmup_start_ratio": 0.25, "optim.lr": 4e-4},
+    ),
     (  # WarmupDecayLR's own default peak, 0.001, as in DeepSpeed
         {"scheduler": {"type": "WarmupDecayLR", "params": {"warmup_num_steps": 10, "total_num_steps": 50, **LINEAR}}},
         {"optim.lr": 0.001, "training.steps": 50},
@@ -440,8 +455,9 @@ def test_a_short_run_trains_with_the_mapped_values(tmp_path, caplog):
         assert main([*argv, "--training.run_dir", str(run), "--training.eval_at_start", "false"]) == 0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     lrs = {r["step"]: r["lr"] for r in rows if r.get("kind") == "train"}
-    # linear warmup from 1e-4 to the peak 1e-3 over 2 steps, then linear decay to 0 at step 4 (total_num_steps)
-    assert lrs == pytest.approx({1: 5.5e-4, 2: 1e-3, 3: 5e-4, 4: 0.0}, abs=1e-12)
+    # linear warmup from 1e-4 to the peak 1e-3 over 2 steps, then linear decay back to warmup_min_lr 1e-4 at
+    # step 4 (total_num_steps), where DeepSpeed's WarmupDecayLR ends too
+    assert lrs == pytest.approx({1: 5.5e-4, 2: 1e-3, 3: 5.5e-4, 4: 1e-4}, abs=1e-12)
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["training"]["global_batch_size"] == 4 and saved["training"]["micro_batch_size"] == 2
     assert (
@@ -475,3 +491,62 @@ def test_every_refused_key_is_named_in_one_line(tmp_path):
     with pytest.raises(ConfigError) as err:
         translate_deepspeed_config(read_deepspeed_config(str(path)), str(path))
     assert "zero_optimization.overlap_comm, zero_optimization.reduce_bucket_size are refused" in str(err.value)
+
+
+def _deepspeed_lrs(kind: str, params: dict, peak: float, steps: int) -> list[float]:
+    """The LR DeepSpeed's own scheduler gives at its iterations (last_batch_iteration) 1, 2, ..., steps."""
+    schedules = pytest.importorskip("deepspeed.runtime.lr_schedules")
+    import torch
+
+    weight = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([weight], lr=peak)
+    scheduler = getattr(schedules, kind)(opt, **params)
+    out = []
+    for iteration in range(1, steps + 1):
+        scheduler.step(iteration)
+        out.append(opt.param_groups[0]["lr"])
+    return out
+
+
+@pytest.mark.parametrize(
+    "kind, params",
+    [
+        ("WarmupLR", {"warmup_min_lr": 1e-4, "warmup_max_lr": 2e-3, "warmup_num_steps": 5}),
+        ("WarmupDecayLR", {"warmup_min_lr": 1e-4, "warmup_max_lr": 2e-3, "warmup_num_steps": 5, "total_num_steps": 17}),
+        ("WarmupDecayLR", {"warmup_max_lr": 2e-3, "warmup_num_steps": 4, "total_num_steps": 9}),
+    ],
+)
+def test_warmup_schedules_equal_deepspeeds_own_from_its_iteration_1(tmp_path, kind, params):
+    """cptron's update u (counting from 1) takes the LR DeepSpeed's scheduler gives at its iteration u: the same
+    curve without DeepSpeed's iteration 0, which runs at warmup_min_lr, while cptron's first update warms up."""
+    from cptron.train.lr import build_lr_schedule
+
+    steps = params.get("total_num_steps", 12)
+    cfg = parse(tmp_path, {"scheduler": {"type": kind, "params": {**params, **LINEAR}}}, "--training.steps", str(steps))
+    schedule = build_lr_schedule(cfg.lr, cfg.training.steps)
+    ours = [cfg.optim.lr * schedule.factor(u) for u in range(steps)]
+    theirs = _deepspeed_lrs(kind, {**params, **LINEAR}, cfg.optim.lr, steps)
+    assert ours == pytest.approx(theirs, rel=1e-9, abs=1e-15)
+
+
+def test_warmup_cosine_ends_where_deepspeeds_does_and_decays_one_update_later(tmp_path):
+    """WarmupCosineLR: the warmup is DeepSpeed's from its iteration 1 (as above); cptron then takes the peak for
+    one update, which DeepSpeed's cosine never does, so its decay is DeepSpeed's one iteration later and both end
+    at cos_min_ratio x lr on the last update."""
+    from cptron.train.lr import build_lr_schedule
+
+    params = {"warmup_min_ratio": 0.1, "warmup_num_steps": 4, "total_num_steps": 15, "cos_min_ratio": 0.05, **LINEAR}
+    cfg = parse(
+        tmp_path,
+        {
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+            "scheduler": {"type": "WarmupCosineLR", "params": params},
+        },
+    )
+    schedule = build_lr_schedule(cfg.lr, cfg.training.steps)
+    ours = [cfg.optim.lr * schedule.factor(u) for u in range(15)]
+    theirs = _deepspeed_lrs("WarmupCosineLR", params, 1e-3, 15)
+    assert ours[:3] == pytest.approx(theirs[:3], rel=1e-9)  # warmup, one update ahead
+    assert ours[3] == pytest.approx(1e-3)  # the peak
+    assert ours[4:] == pytest.approx([theirs[u - 1] for u in range(4, 15)], rel=1e-9)  # the decay, one later
+    assert ours[-1] == pytest.approx(theirs[-1]) == pytest.approx(0.05e-3)
