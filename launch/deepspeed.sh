@@ -12,8 +12,8 @@
 #   HOSTFILE          MPI-style hostfile, one "HOSTNAME slots=GPUS" line per node (see launch/hostfile.example);
 #                     unset: this node alone
 #   NODE_RANK         set it to start each node yourself, one copy of this script per node (srun, or
-#                     without ssh): runs `deepspeed --no_ssh --node_rank NODE_RANK`. Unset with a hostfile
-#                     of several nodes: deepspeed itself starts every node over ssh (pdsh)
+#                     without ssh), with HOSTFILE naming every node: runs `deepspeed --no_ssh --node_rank
+#                     NODE_RANK`. Unset with a hostfile of several nodes: deepspeed starts every node over ssh
 #   GPUS_PER_NODE     --num_gpus: processes on each node (unset: all slots of the hostfile, else every GPU)
 #   MASTER_ADDR       node 0's address (needed with NODE_RANK; else deepspeed asks the first host over ssh)
 #   MASTER_PORT       port of rank 0's store (default 29500)
@@ -49,6 +49,10 @@ if [[ -n "${HOSTFILE:-}" ]]; then
     cmd+=(--hostfile "$HOSTFILE")
 fi
 if [[ -n "${NODE_RANK:-}" ]]; then
+    if [[ -z "${HOSTFILE:-}" ]]; then  # without one, deepspeed's world is this node alone, at 127.0.0.1
+        echo "deepspeed.sh: error: NODE_RANK=$NODE_RANK needs HOSTFILE (every node of the job and its slots)" >&2
+        exit 2
+    fi
     if [[ -z "${MASTER_ADDR:-}" ]]; then
         echo "deepspeed.sh: error: NODE_RANK=$NODE_RANK needs MASTER_ADDR (node 0's address)" >&2
         exit 2

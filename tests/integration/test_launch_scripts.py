@@ -301,6 +301,74 @@ def test_sbatch_stops_requeueing_after_max_requeues(slurm):
     assert not any(line.startswith("scontrol requeue") for line in lines)
 
 
+# srun with its tasks running side by side, each in a process group of its own, which the stub scancel
+# signals whole: as slurmstepd signals every process of the step.
+STUB_SRUN_CONCURRENT = r"""#!/usr/bin/env bash
+nodes=1
+while [[ "$1" == -* ]]; do case "$1" in --nodes=*) nodes="${1#*=}" ;; esac; shift; done
+pids=()
+for ((n = 0; n < nodes; n++)); do
+    SLURM_NODEID=$n setsid "$@" &
+    pids+=($!)
+    echo "$!" >> "$STUB_STEP_GROUPS"
+done
+for pid in "${pids[@]}"; do wait "$pid"; done
+"""
+STUB_SCANCEL = r"""#!/usr/bin/env bash
+echo "scancel $*" >> "$STUB_LOG"
+sig="${1#--signal=}"
+while read -r group; do kill -s "$sig" -- "-$group" 2>/dev/null; done < "$STUB_STEP_GROUPS"
+"""
+# Trains until SIGUSR1, then "saves" and exits 75, as cptron's ranks do.
+FAKE_TORCHRUN_UNTIL_SIGNAL = r"""#!/usr/bin/env bash
+trap 'exit 75' USR1
+touch "$STUB_READY-$SLURM_NODEID"
+while true; do sleep 0.05; done
+"""
+
+
+def test_sbatch_passes_a_batch_shell_signal_to_the_step_and_requeues(slurm, tmp_path):
+    """--signal=B:USR1@N signals the batch shell only: it must reach the ranks, or the job dies unsaved at its limit."""
+    bin_dir, fake = tmp_path / "bin", tmp_path / "fake_launch"
+    write_exe(bin_dir / "srun", STUB_SRUN_CONCURRENT)
+    write_exe(bin_dir / "scancel", STUB_SCANCEL)
+    write_exe(fake / "torchrun.sh", FAKE_TORCHRUN_UNTIL_SIGNAL)
+    groups, ready, log = tmp_path / "groups", tmp_path / "ready", tmp_path / "commands.log"
+    env = clean_env(
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        STUB_LOG=str(log),
+        STUB_STEP_GROUPS=str(groups),
+        STUB_READY=str(ready),
+        LAUNCH_DIR=str(fake),
+        RUN_DIR=str(tmp_path / "run"),
+    )
+    proc = subprocess.Popen(
+        ["sbatch", str(LAUNCH / "slurm.sbatch"), "cfg.yaml"], env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not all(Path(f"{ready}-{n}").exists() for n in (0, 1)):
+            assert time.monotonic() < deadline and proc.poll() is None, "the nodes did not start"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGUSR1)  # sbatch's stub execs the batch script: this is the batch shell
+        try:
+            _, err = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the batch shell's SIGUSR1 never reached the ranks: the job would run into its time limit")
+    finally:
+        for group in groups.read_text().split() if groups.exists() else []:
+            try:
+                os.killpg(int(group), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 75, err
+    lines = log.read_text().splitlines()
+    assert "scancel --signal=USR1 4242" in lines and "scontrol requeue 4242" in lines, lines
+    assert "node 0: 75 node 1: 75" in err
+
+
 def test_sbatch_starts_tasks_in_the_container(slurm):
     out, lines = slurm(
         "--nodes",
@@ -350,6 +418,7 @@ def test_deepspeed_sh_builds_the_launcher_command(stub_python, tmp_path):
     )
     for bad, message in [
         ({"NODE_RANK": "1", "MASTER_ADDR": ""}, "needs MASTER_ADDR"),
+        ({"HOSTFILE": ""}, "NODE_RANK=1 needs HOSTFILE"),  # deepspeed would run this node alone
         ({"HOSTFILE": str(tmp_path / "nope")}, "expected an existing hostfile"),
     ]:
         out = run([str(LAUNCH / "deepspeed.sh"), "cfg.yaml"], {**env, **bad})
