@@ -269,7 +269,7 @@ def test_sbatch_runs_one_torchrun_per_node_with_the_allocation(slurm, tmp_path):
     nodes = [line for line in lines if line.startswith("torchrun.sh ")]
     run_dir = tmp_path / "run"
     assert nodes == [
-        f"torchrun.sh node={n} master=node-0:29500 args=cfg.yaml --parallel.tp 2 --training.run_dir {run_dir}"
+        f"torchrun.sh node={n} master=node-0:24242 args=cfg.yaml --parallel.tp 2 --training.run_dir {run_dir}"
         for n in (0, 1)
     ]
     assert not any(line.startswith("scontrol requeue") for line in lines)
