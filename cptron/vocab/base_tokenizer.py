@@ -234,8 +234,12 @@ def read_base_tokenizer(base: str) -> BaseTokenizer:
 
     if proto is not None:
         _check_sentencepiece(proto, sp_file)
-        if tokenizer_json is not None and not isinstance(tokenizer_json, dict):
-            raise CptronError(f"{json_file} is not a tokenizers file: expected a JSON object")
+        if tokenizer_json is not None:
+            if not isinstance(tokenizer_json, dict):
+                raise CptronError(f"{json_file} is not a tokenizers file: expected a JSON object")
+            # Its added tokens, post-processor and padding go into the extended tokenizer.json: refused
+            # here, before the target model is trained, rather than as a traceback once they are used.
+            _load_tokenizers_json(tokenizer_json, json_file)
         tok = BaseTokenizer(SENTENCEPIECE, sp_file, proto=proto, tokenizer_json=tokenizer_json)
     else:
         _check_bpe_json(tokenizer_json, json_file)

@@ -80,11 +80,12 @@ class VocabExtendConfig:
         require(bool(self.text_field), "text_field", self.text_field, "a non-empty field name")
         require(self.new_tokens >= 1, "new_tokens", self.new_tokens, "an integer >= 1")
         require(bool(self.output), "output", self.output, "a directory path")
+        # --overwrite replaces the whole output directory: one holding the base would delete it.
         require(
-            Path(self.output).resolve() != Path(self.base).resolve(),
+            not Path(self.base).resolve().is_relative_to(Path(self.output).resolve()),
             "output",
             self.output,
-            "a directory other than the base",
+            "a directory other than the base and not one holding it",
         )
         require(self.max_documents >= 0, "max_documents", self.max_documents, "an integer >= 0 (0: all)")
         require(

@@ -116,11 +116,12 @@ class VocabInitConfig:
         require(self.method in methods, "method", self.method, f"one of {', '.join(methods)}")
         require(bool(self.output), "output", self.output, "a directory path")
         for field, other in (("base", self.base), ("tokenizer", self.tokenizer)):
+            # --overwrite replaces the whole output directory: one holding an input would delete it.
             require(
-                Path(self.output).resolve() != Path(other).resolve(),
+                not Path(other).resolve().is_relative_to(Path(self.output).resolve()),
                 "output",
                 self.output,
-                f"a directory other than {field}",
+                f"a directory other than {field} and not one holding it",
             )
         require(
             self.pad_vocab_to_multiple_of >= 1,

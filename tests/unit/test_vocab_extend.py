@@ -18,7 +18,7 @@ from cptron.testing.fixtures import bible_text, mistral_sentencepiece_path, trai
 from cptron.vocab.base_tokenizer import BYTE_LEVEL_BPE, SENTENCEPIECE, read_base_tokenizer
 from cptron.vocab.bpe_extend import parse_merges, partial_token_check, segment, token_label, token_text
 from cptron.vocab.extend import REPORT_FILE, VocabExtendConfig, run_vocab_extend
-from cptron.vocab.sentencepiece_extend import _choose, _scores_below
+from cptron.vocab.sentencepiece_extend import _choose, _scores_below, tokenizer_json_from_proto
 
 EN = bible_text("en", 600)
 DE = bible_text("de", 600)
@@ -80,6 +80,9 @@ def test_invalid_config_names_the_field(bpe_base, texts, tmp_path, change, needl
 def test_output_may_not_be_the_base(bpe_base, texts):
     with pytest.raises(ConfigError, match="output="):
         VocabExtendConfig(base=str(bpe_base), inputs=[str(texts / "de.txt")], output=str(bpe_base)).validate()
+    # --overwrite would replace a directory holding the base, and the base with it
+    with pytest.raises(ConfigError, match="not one holding it"):
+        VocabExtendConfig(base=str(bpe_base), inputs=[str(texts / "de.txt")], output=str(bpe_base.parent)).validate()
 
 
 def test_base_kinds_are_recognized(bpe_base, tmp_path):
@@ -129,6 +132,20 @@ def test_bad_bases_are_one_line_errors_naming_the_file(bpe_base, tmp_path):
     cases["broken.json"] = "is not a tokenizer the tokenizers library can load"
     _unigram_sentencepiece(tmp_path / "uni.model")
     cases["uni.model"] = "model_type UNIGRAM is not supported"
+    # A SentencePiece model's tokenizer.json lends the extension its added tokens, post-processor and padding
+    sp_base = read_base_tokenizer(str(mistral_sentencepiece_path()))
+    valid = tokenizer_json_from_proto(sp_base, sp_base.proto)
+    for name, edit in {
+        "sp_added": lambda d: d.update(added_tokens=5),
+        "sp_fields": lambda d: d["added_tokens"][0].pop("single_word"),
+        "sp_padding": lambda d: d.update(padding=5),
+    }.items():
+        companion = json.loads(json.dumps(valid))
+        edit(companion)
+        (tmp_path / name).mkdir()
+        shutil.copy(mistral_sentencepiece_path(), tmp_path / name / "tokenizer.model")
+        (tmp_path / name / "tokenizer.json").write_text(json.dumps(companion))
+        cases[name] = "tokenizer.json is not a tokenizer the tokenizers library can load"
     for name, needle in cases.items():
         with pytest.raises(CptronError, match=needle) as info:
             read_base_tokenizer(str(tmp_path / name))

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
 from cptron.cli import main
-from cptron.errors import CptronError
+from cptron.errors import ConfigError, CptronError
 from cptron.testing.fixtures import bible_text, mistral_sentencepiece_path, train_bpe_tokenizer
 from cptron.vocab.init import EMBED, HEAD, VocabInitConfig, run_vocab_init
 from cptron.vocab.init_methods import (
@@ -553,3 +553,17 @@ def test_invalid_fields_exit_2(field, value, toks, bases, tmp_path, capsys):
     args = {"base": str(bases["tied"]), "tokenizer": str(toks / "new"), "output": str(tmp_path / "out"), field: value}
     assert main(["vocab", "init"] + [x for k, v in args.items() for x in (f"--{k}", v)]) == 2
     assert f"{field}=" in _one_error_line(capsys)
+
+
+def test_output_may_not_hold_the_base_or_the_tokenizer(toks, bases, tmp_path):
+    """--overwrite replaces the whole output directory: one holding an input would delete it."""
+    inside = tmp_path / "model-de" / "tokenizer"
+    shutil.copytree(toks / "new", inside)
+    for base, tokenizer, output, field in (
+        (bases["tied"], inside, tmp_path / "model-de", "tokenizer"),
+        (bases["tied"], toks / "new", bases["tied"].parent, "base"),
+    ):
+        cfg = VocabInitConfig(base=str(base), tokenizer=str(tokenizer), output=str(output), overwrite=True)
+        with pytest.raises(ConfigError, match=f"output=.*a directory other than {field} and not one holding it"):
+            cfg.validate()
+    assert (inside / "tokenizer.json").is_file()
