@@ -174,6 +174,15 @@ def side_dirs(path: Path) -> tuple[Path, Path]:
     return path.parent / f".{path.name}.incomplete", path.parent / f".{path.name}.old"
 
 
+def check_replaceable(path: Path, overwrite: bool, error: type[CptronError] = CptronError) -> None:
+    """Refuse an existing output directory `path` unless `overwrite`, and a file there always:
+    `replace_dir` replaces directories only (moved aside, a file would be lost)."""
+    if path.exists() and not overwrite:
+        raise error(f"{path} already exists; pass --overwrite to replace it")
+    if path.exists() and not path.is_dir():
+        raise error(f"{path} is a file, not an output directory: --overwrite replaces directories only")
+
+
 def replace_dir(tmp: Path, path: Path) -> None:
     """Move the finished directory `tmp` to `path`, replacing what is there.
 

@@ -175,8 +175,7 @@ def convert_hf_to_cptron(
     `embedding_rank` the embedding (and with `factorize_head` the head) is stored factorized
     (see `hf_embedding_factors`)."""
     hf_dir, out = Path(hf_dir), Path(out)
-    if out.exists() and not overwrite:
-        raise ConversionError(f"{out} already exists; pass --overwrite to replace it")
+    ckpt.check_replaceable(out, overwrite, ConversionError)
     hf_config = _read_json(hf_dir / "config.json")
     cfg = model_config_from_hf(hf_config, pad_vocab_to_multiple_of)
     cfg = dataclasses.replace(cfg, embedding_rank=embedding_rank, factorize_head=factorize_head)
@@ -375,8 +374,7 @@ def convert_cptron_to_hf(
         len(shards),
     )
 
-    if out.exists() and not overwrite:
-        raise ConversionError(f"{out} already exists; pass --overwrite to replace it")
+    ckpt.check_replaceable(out, overwrite, ConversionError)
     tmp, _ = ckpt.side_dirs(out)
     if tmp.exists():
         shutil.rmtree(tmp)

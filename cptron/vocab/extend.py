@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from tqdm import tqdm
 
-from cptron.checkpoint import replace_dir, side_dirs
+from cptron.checkpoint import check_replaceable, replace_dir, side_dirs
 from cptron.data.readers import InputFormat, expand_inputs, read_documents
 from cptron.errors import CptronError, require
 from cptron.vocab.base_tokenizer import SENTENCEPIECE, BaseTokenizer, ExtendedTokenizer, read_base_tokenizer
@@ -186,14 +186,17 @@ def _round_trip(ext: ExtendedTokenizer, texts: list[str], before: list, after: l
 
 
 def _write(out: Path, files: dict[str, bytes], overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise CptronError(f"{out} already exists; pass --overwrite to replace it")
+    check_replaceable(out, overwrite)
     tmp, _ = side_dirs(out)
     if tmp.exists():
         shutil.rmtree(tmp)  # left by a killed run; never read
     tmp.mkdir(parents=True)
-    for name, data in files.items():
-        (tmp / name).write_bytes(data)
+    try:
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk leaves no half-written directory behind
+        raise
     replace_dir(tmp, out)
 
 
@@ -250,8 +253,7 @@ def run_vocab_extend(cfg: VocabExtendConfig) -> dict:
     """Extend `cfg.base` with tokens learned from `cfg.inputs`, check the result, write it and its report."""
     cfg.validate()
     out = Path(cfg.output)
-    if out.exists() and not cfg.overwrite:  # before any work: the check in _write repeats it at the end
-        raise CptronError(f"{out} already exists; pass --overwrite to replace it")
+    check_replaceable(out, cfg.overwrite)  # before any work: _write checks again at the end
     base = read_base_tokenizer(cfg.base)
     log.info("base tokenizer %s: %s", base.path, base.kind)
     texts = read_texts(cfg, "inputs")

@@ -405,8 +405,7 @@ def word_vector_plan(
 def run_vocab_init(cfg: VocabInitConfig) -> Path:
     """Write `cfg.output`: the base model with its vocabulary extended to `cfg.tokenizer`; returns the path."""
     base, tok_dir, out = Path(cfg.base), Path(cfg.tokenizer), Path(cfg.output)
-    if out.exists() and not cfg.overwrite:
-        raise CptronError(f"{out} already exists; pass --overwrite to replace it")
+    ckpt.check_replaceable(out, cfg.overwrite)
     config = _read_json(base / "config.json")
     files = hf_weight_map(base)
     outside = next((p for p in files.values() if p.parent != base), None)

@@ -135,3 +135,17 @@ def test_metadata_is_written_before_the_marker(tmp_path, monkeypatch):
     monkeypatch.setattr(ckpt, "_write_synced", lambda p, t: (order.append(p.name), real(p, t)))
     ckpt.write_checkpoint(tmp_path / "c", _state(), {"step": 0})
     assert order == [ckpt.META_FILE, ckpt.COMPLETE_MARKER]
+
+
+def test_check_replaceable_refuses_an_existing_output_and_always_a_file(tmp_path):
+    from cptron.checkpoint import check_replaceable
+    from cptron.errors import ConversionError, CptronError
+
+    check_replaceable(tmp_path / "new", overwrite=False)  # nothing there: fine
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(CptronError, match="already exists; pass --overwrite"):
+        check_replaceable(tmp_path / "dir", overwrite=False)
+    check_replaceable(tmp_path / "dir", overwrite=True)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConversionError, match="is a file, not an output directory"):
+        check_replaceable(tmp_path / "file", overwrite=True, error=ConversionError)

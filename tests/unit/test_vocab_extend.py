@@ -457,6 +457,22 @@ def test_existing_output_is_refused_unless_overwrite(bpe_base, texts, tmp_path):
     assert not any(p.name.startswith(".out") for p in tmp_path.iterdir())
 
 
+def test_a_file_at_the_output_or_a_failed_write_leaves_nothing_behind(bpe_base, texts, tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(CptronError, match="is a file, not an output directory"):
+        extend(bpe_base, texts, blocker, new_tokens=50, overwrite=True)
+    assert blocker.read_text() == "x"
+
+    def disk_full(self, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        extend(bpe_base, texts, tmp_path / "out", new_tokens=50)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"], "a half-written output was left behind"
+
+
 def test_cli_help_lists_the_fields(capsys):
     with pytest.raises(SystemExit) as info:
         main(["vocab", "extend", "--help"])
