@@ -1,13 +1,15 @@
 """`cptron plot`: the loss curves of one or more training runs, overlaid in one PNG.
 
 Reads each run directory's metrics.jsonl (`cptron.train.metrics`; the keys of its eval rows are
-`cptron.train.report`'s) and draws three panels, one colour per run and one line style per
+`cptron.train.report`'s) and draws four panels, one colour per run and one line style per
 source or set, so a run is compared with another at a glance:
   - training loss per source (`loss/<source>`; `loss` for a run with one source), smoothed by
     a debiased exponential moving average (`smoothing`; 0 draws the logged values);
   - validation loss per set (`val/<set>`), its domain named where the rows give it;
   - forgetting of the old domain and learning of the new one since step 0
-    (`domain/old/forgetting`, `domain/new/learning`).
+    (`domain/old/forgetting`, `domain/new/learning`);
+  - the learning rate each logged step actually ran with (`lr`): re-warming, branches and
+    resumed schedules as they happened, beside the curves they shaped.
 metrics.jsonl is untrusted: a truncated last line (a run killed mid-write) is skipped with a
 warning, any other malformed line is an error naming the file and line. matplotlib draws on a
 `Figure` of its own (the Agg canvas, no pyplot state, no display).
@@ -201,15 +203,15 @@ def _train_keys(run: RunCurves) -> dict[str, str]:
 
 
 def draw_curves(runs: list[RunCurves], smoothing: float = 0.0):
-    """The figure of `runs` (see the module docstring): a matplotlib Figure with three axes."""
+    """The figure of `runs` (see the module docstring): a matplotlib Figure with four axes (2 x 2)."""
     try:  # deferred: only this command needs matplotlib
         from matplotlib import colormaps
         from matplotlib.figure import Figure
     except ImportError as e:
         raise CptronError(f"cptron plot needs matplotlib (pip install matplotlib): {e}") from e
     colors = colormaps["tab10"].colors
-    fig = Figure(figsize=(16, 4.8), layout="constrained")
-    train_ax, val_ax, change_ax = fig.subplots(1, 3)
+    fig = Figure(figsize=(14, 9), layout="constrained")
+    (train_ax, val_ax), (change_ax, lr_ax) = fig.subplots(2, 2)
     sources = sorted({s for run in runs for s in _train_keys(run).values()})
     sets = sorted({k.split("/", 1)[1] for run in runs for k in run.eval if k.startswith("val/")})
     for i, run in enumerate(runs):
@@ -229,12 +231,15 @@ def draw_curves(runs: list[RunCurves], smoothing: float = 0.0):
                 steps, values = run.eval[key]
                 what = "forgetting (old)" if "old" in key else "learning (new)"
                 change_ax.plot(steps, values, style, color=color, marker="o", ms=3, label=f"{run.name}: {what}")
+        if "lr" in run.train:
+            lr_ax.plot(*run.train["lr"], "-", color=color, label=run.name)
     titles = (
         f"training loss per source (EMA {smoothing:g})" if smoothing else "training loss per source",
         "validation loss per set",
         "change since step 0 (positive: forgot / learned)",
+        "learning rate (as logged)",
     )
-    for ax, title in zip((train_ax, val_ax, change_ax), titles):
+    for ax, title in zip((train_ax, val_ax, change_ax, lr_ax), titles):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -245,6 +250,7 @@ def draw_curves(runs: list[RunCurves], smoothing: float = 0.0):
     train_ax.set_ylabel("loss (nats/token)")
     val_ax.set_ylabel("held-out loss (nats/token)")
     change_ax.set_ylabel("loss change (nats/token)")
+    lr_ax.set_ylabel("learning rate")
     return fig
 
 

@@ -61,8 +61,9 @@ def test_the_figure_of_two_runs_holds_one_line_per_run_and_curve(runs, tmp_path)
     fig = run_plot(PlotConfig(runs=[runs["replay25"], runs["replay50"]], output=str(output), smoothing=0.0))
     assert output.is_file() and output.stat().st_size > 20_000
     assert output.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    train_ax, val_ax, change_ax = fig.axes
+    train_ax, val_ax, change_ax, lr_ax = fig.axes
     assert len(train_ax.get_lines()) == 4 and len(val_ax.get_lines()) == 4 and len(change_ax.get_lines()) == 4
+    assert [line.get_label() for line in lr_ax.get_lines()] == ["replay25", "replay50"]
     labels = {line.get_label() for line in val_ax.get_lines()}
     assert labels == {"replay25: en (old)", "replay25: de (new)", "replay50: en (old)", "replay50: de (new)"}
     # The drawn values are metrics.jsonl's (no smoothing asked for).
@@ -74,12 +75,16 @@ def test_the_figure_of_two_runs_holds_one_line_per_run_and_curve(runs, tmp_path)
     assert list(line.get_ydata()) == [r["domain/old/forgetting"] for r in _records(runs["replay25"], "eval")]
     line = next(x for x in train_ax.get_lines() if x.get_label() == "replay25: de")
     assert list(line.get_ydata()) == [r["loss/de"] for r in _records(runs["replay25"], "train")]
+    # The LR panel draws each step's logged LR.
+    line = next(x for x in lr_ax.get_lines() if x.get_label() == "replay50")
+    train = _records(runs["replay50"], "train")
+    assert list(line.get_xdata()) == [r["step"] for r in train] and list(line.get_ydata()) == [r["lr"] for r in train]
 
 
 def test_a_run_with_one_source_draws_its_loss_and_labels_name_the_runs(runs, tmp_path):
     fig = run_plot(PlotConfig(runs=[runs["single"], runs["replay25"]], labels=["base", "cpt"],
                               output=str(tmp_path / "c.png")))
-    train_ax, val_ax, change_ax = fig.axes
+    train_ax, val_ax, change_ax, _ = fig.axes
     assert sorted(x.get_label() for x in train_ax.get_lines()) == ["base: all", "cpt: de", "cpt: en"]
     assert sorted(x.get_label() for x in val_ax.get_lines()) == ["base: heldout (new)", "cpt: de (new)",
                                                                  "cpt: en (old)"]
