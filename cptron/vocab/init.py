@@ -427,7 +427,9 @@ def run_vocab_init(cfg: VocabInitConfig) -> Path:
     matrices = [EMBED] if tied else [EMBED, HEAD]
     if not tied and HEAD not in files:
         raise ConversionError(
-            f"{base}: config.json says tie_word_embeddings=false, but no tensor {HEAD!r} is in the safetensors files"
+            f"{base}: config.json "
+            + ("says tie_word_embeddings=false" if "tie_word_embeddings" in config else "has no tie_word_embeddings")
+            + f" (untied, as transformers reads it), but no tensor {HEAD!r} is in the safetensors files"
         )
     shapes = {name: _check_matrix(files[name], name, vocab.n_old, config_vocab) for name in matrices}
     multiple = cfg.pad_vocab_to_multiple_of

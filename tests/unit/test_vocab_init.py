@@ -451,10 +451,14 @@ def _broken_base(bases, tmp_path, what):
         weights = tensors(base)
         del weights[EMBED]
         save_file(weights, base / "model.safetensors")
-    elif what == "no lm_head":
+    elif what in ("no lm_head", "no lm_head, no tie key"):
         weights = tensors(base)
         del weights[HEAD]
         save_file(weights, base / "model.safetensors")
+        if what == "no lm_head, no tie key":
+            config = json.loads((base / "config.json").read_text())
+            config.pop("tie_word_embeddings", None)
+            (base / "config.json").write_text(json.dumps(config))
     elif what == "no tokenizer":
         (base / "tokenizer.json").unlink()
     elif what == "shard outside":
@@ -476,7 +480,8 @@ def _broken_base(bases, tmp_path, what):
     ("weights garbled", "model.safetensors is not a readable safetensors file"),
     ("no weights", "neither model.safetensors nor model.safetensors.index.json"),
     ("no embedding", "no tensor 'model.embed_tokens.weight'"),
-    ("no lm_head", "no tensor 'lm_head.weight'"),
+    ("no lm_head", "config.json says tie_word_embeddings=false (untied, as transformers reads it), but no tensor"),
+    ("no lm_head, no tie key", "config.json has no tie_word_embeddings (untied, as transformers reads it), but no"),
     ("no tokenizer", "holds no tokenizer"),
     ("shard outside", "expected a file name in"),
     ("rows beyond the embedding", "has 290 rows, but the base tokenizer uses ids up to 299"),
