@@ -110,6 +110,8 @@ LAYOUTS = [
     pytest.param(2, ParallelConfig(dp_shard=2), id="dp_shard2"),
     pytest.param(2, ParallelConfig(tp=2), id="tp2_sp_lossparallel"),
     pytest.param(4, ParallelConfig(dp_shard=2, tp=2), id="dp_shard2_tp2"),  # FSDP2 over the TP-sharded rows
+    pytest.param(4, ParallelConfig(dp_replicate=2, dp_shard=2), id="hsdp2x2"),  # masks on replicated shards
+    pytest.param(1, ParallelConfig(compile=True), id="compiled"),  # masked rows through compiled blocks
     pytest.param(
         2, ParallelConfig(pp=2, dp_shard=1, pp_schedule="interleaved_1f1b", pp_stages_per_rank=2), id="pp2_interleaved"
     ),  # stages 1 and 2 hold only frozen blocks: empty optimizers
