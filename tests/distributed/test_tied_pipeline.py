@@ -105,7 +105,11 @@ def test_tied_embeddings_under_pipeline_parallelism_match_one_process(world_size
     assert embedding and output
     for w in embedding + output:  # after 3 AdamW steps the copies are still one parameter
         assert torch.equal(w, embedding[0])
-    assert (embedding[0] - ref_weights["tok_embeddings"]).abs().max().item() <= 1e-5
+    # Against one process, within 1% of one AdamW step: AdamW divides each update by sqrt(v), so an element
+    # whose gradients are ~1e-7 turns a 1e-9 gradient difference (the gradients are within 1e-5 above) into
+    # a few 1e-5 of weight (seen: 1.5e-5 under pp2 x tp2 + SP); copies out of sync are off by whole steps.
+    tolerance = 0.01 * tied_config(tmp_path / "lr", ParallelConfig()).optim.lr
+    assert (embedding[0] - ref_weights["tok_embeddings"]).abs().max().item() <= tolerance
 
 
 def test_summing_is_what_makes_the_layout_match(tmp_path, tmp_path_factory):
