@@ -74,3 +74,18 @@ def full_grads(parts) -> dict[str, torch.Tensor]:
                 continue
             out[canonical_param_name(name)] = (g.full_tensor() if isinstance(g, DTensor) else g).clone()
     return out
+
+
+def train_recording_grads(cfg: JobConfig):
+    """Train `cfg` on PackedSource windows of its seq_len and global batch, recording every step's full
+    gradients (`full_grads`, taken before the optimizer step). Returns (trainer, result, {step: {name: grad}})."""
+    from cptron.train.trainer import Trainer  # deferred: the trainer imports far more than these set-ups need
+
+    t, grads = cfg.training, {}
+    trainer = Trainer(
+        cfg,
+        data_factory=lambda rank, size: (PackedSource(t.seq_len, t.global_batch_size, rank, size), {}),
+        grad_hook=lambda step, parts: grads.__setitem__(step, full_grads(parts)),
+    )
+    result = trainer.run()
+    return trainer, result, grads

@@ -18,7 +18,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, loss_parallel, pa
 
 from cptron.parallel.dims import ParallelConfig
 from cptron.testing.distributed import run_distributed
-from cptron.testing.training import PackedSource, full_grads, make_train_config
+from cptron.testing.training import make_train_config, train_recording_grads
 from cptron.train.chunked_loss import ChunkedHeadLoss
 from cptron.train.loss import cross_entropy_sum
 from cptron.train.trainer import Trainer
@@ -34,14 +34,8 @@ def _train(rank, world_size, run_dir, parallel, model=None):
     cfg = make_train_config(run_dir, parallel, **CHUNKED)
     if model:
         cfg.model = dataclasses.replace(cfg.model, **model)
-    grads: dict[int, dict[str, torch.Tensor]] = {}
-    trainer = Trainer(
-        cfg,
-        data_factory=lambda r, n: (PackedSource(16, 8, r, n), {}),
-        grad_hook=lambda step, parts: grads.__setitem__(step, full_grads(parts)),
-    )
+    trainer, result, grads = train_recording_grads(cfg)
     assert trainer.module.loss_path.chunk_tokens == 5, trainer.module.loss_path
-    result = trainer.run()
     return result.losses, result.grad_norms, grads
 
 
@@ -82,13 +76,7 @@ def test_tied_embeddings_across_pipeline_stages(tmp_path):
     def plain(rank, world_size, run_dir):
         cfg = make_train_config(run_dir, ParallelConfig(), loss_impl="plain")
         cfg.model = dataclasses.replace(cfg.model, **tied)
-        grads: dict = {}
-        trainer = Trainer(
-            cfg,
-            data_factory=lambda r, n: (PackedSource(16, 8, r, n), {}),
-            grad_hook=lambda step, parts: grads.__setitem__(step, full_grads(parts)),
-        )
-        result = trainer.run()
+        _, result, grads = train_recording_grads(cfg)
         return result.losses, result.grad_norms, grads
 
     ref = run_distributed(plain, 1, str(tmp_path / "ref"))[0]

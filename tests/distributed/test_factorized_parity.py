@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-import torch
 
 from cptron import checkpoint as ckpt
 from cptron.config import config_to_dict
@@ -21,7 +20,7 @@ from cptron.hf import compare_export, convert_cptron_to_hf
 from cptron.models.llama import build_model
 from cptron.parallel.dims import ParallelConfig
 from cptron.testing.distributed import run_distributed
-from cptron.testing.training import PackedSource, full_grads, make_train_config
+from cptron.testing.training import PackedSource, make_train_config, train_recording_grads
 from cptron.train.checkpointer import CheckpointConfig
 from cptron.train.trainer import Trainer
 from tests.distributed.test_trainer_parity import STEPS, assert_matches, merge_ranks
@@ -39,13 +38,7 @@ def factorized_config(run_dir, parallel, **model):
 def train_and_record(rank, world_size, run_dir, parallel, init_from=None, **model):
     cfg = factorized_config(run_dir, parallel, **model)
     cfg.checkpoint.init_from = init_from
-    grads: dict[int, dict[str, torch.Tensor]] = {}
-    trainer = Trainer(
-        cfg,
-        data_factory=lambda r, n: (PackedSource(16, 8, r, n), {}),
-        grad_hook=lambda step, parts: grads.__setitem__(step, full_grads(parts)),
-    )
-    result = trainer.run()
+    _, result, grads = train_recording_grads(cfg)
     return result.losses, result.grad_norms, grads
 
 

@@ -18,7 +18,7 @@ from torch.distributed.tensor import DTensor
 from cptron import checkpoint as ckpt
 from cptron.parallel.dims import ParallelConfig
 from cptron.testing.distributed import run_distributed
-from cptron.testing.training import PackedSource, full_grads, make_train_config
+from cptron.testing.training import PackedSource, make_train_config, train_recording_grads
 from cptron.train.checkpointer import CheckpointConfig
 from cptron.train.trainer import Trainer
 
@@ -37,10 +37,7 @@ def _full(t):
 
 def train_and_record(rank, world_size, run_dir, parallel: ParallelConfig):
     cfg = tied_config(run_dir, parallel, steps=STEPS)
-    grads: dict[int, dict[str, torch.Tensor]] = {}
-    trainer = Trainer(cfg, data_factory=lambda r, n: (PackedSource(16, 8, r, n), {}),
-                      grad_hook=lambda step, parts: grads.__setitem__(step, full_grads(parts)))
-    result = trainer.run()
+    trainer, result, grads = train_recording_grads(cfg)
     weights = {}
     for part in trainer.parts:
         for name in ("tok_embeddings", "output"):

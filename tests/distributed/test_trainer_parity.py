@@ -13,7 +13,7 @@ import torch
 
 from cptron.parallel.dims import ParallelConfig
 from cptron.testing.distributed import run_distributed
-from cptron.testing.training import PackedSource, full_grads, make_train_config
+from cptron.testing.training import PackedSource, make_train_config, train_recording_grads
 from cptron.train.trainer import Trainer
 
 STEPS = 3
@@ -21,10 +21,7 @@ STEPS = 3
 
 def train_and_record(rank, world_size, run_dir, parallel: ParallelConfig):
     cfg = make_train_config(run_dir, parallel, steps=STEPS)
-    grads: dict[int, dict[str, torch.Tensor]] = {}
-    trainer = Trainer(cfg, data_factory=lambda r, n: (PackedSource(16, 8, r, n), {}),
-                      grad_hook=lambda step, parts: grads.__setitem__(step, full_grads(parts)))
-    result = trainer.run()
+    _, result, grads = train_recording_grads(cfg)
     return result.losses, result.grad_norms, grads
 
 

@@ -19,7 +19,7 @@ from cptron.models.flex import block_tile_flags, build_block_mask, check_attenti
 from cptron.models.llama import attention_mask_for, build_attention_mask, build_model, positions_and_segments
 from cptron.parallel.dims import ParallelConfig
 from cptron.testing.distributed import run_distributed
-from cptron.testing.training import PackedSource, full_grads, make_train_config
+from cptron.testing.training import PackedSource, make_train_config, train_recording_grads
 from cptron.train.trainer import Trainer, attention_description
 
 # Three rows with different document layouts (one document, several, a one-token one).
@@ -254,10 +254,8 @@ def _train(rank, world_size, run_dir, parallel, attention, window):
     cfg = make_train_config(run_dir, parallel, steps=STEPS, attention=attention)
     if window is not None:
         cfg.model.family, cfg.model.sliding_window = "mistral", window
-    grads = {}
-    trainer = Trainer(cfg, data_factory=lambda r, n: (PackedSource(16, 8, r, n), {}),
-                      grad_hook=lambda step, parts: grads.__setitem__(step, full_grads(parts)))
-    return trainer.run().losses, grads
+    _, result, grads = train_recording_grads(cfg)
+    return result.losses, grads
 
 
 _SINGLE: dict = {}
