@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from cptron.config import parse_config, validate_config
+from cptron.config.parse import command_line_options
 from cptron.errors import ConfigError, invalid, require
 
 log = logging.getLogger(__name__)
@@ -273,16 +274,8 @@ def _name(key: Any) -> str:
 def _cli_values(argv: list[str]) -> dict[str, str]:
     """Dotted field -> raw value (the last one; "" when bare) of each command-line option, dashes in
     the names read as underscores, as the config parser reads them."""
-    out, i = {}, 0
-    while i < len(argv):
-        token, i = argv[i], i + 1
-        if not token.startswith("--") or len(token) == 2:
-            continue
-        name, eq, value = token[2:].partition("=")
-        if not eq and i < len(argv) and not argv[i].startswith("--"):
-            value, i = argv[i], i + 1
-        out[name.replace("-", "_")] = value
-    return out
+    options = command_line_options(argv)
+    return {name.replace("-", "_"): raw if isinstance(raw, str) else "" for name, raw in options if name}
 
 
 # ---------------------------------------------------------------- translation

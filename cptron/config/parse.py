@@ -338,31 +338,43 @@ def _takes_an_argument(fn: Any) -> bool:
     return any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) for p in params)
 
 
-def _parse_argv(cls: type, argv: list[str], allow_positional_yaml: bool) -> tuple[str | None, dict]:
-    """(positional YAML path or None, nested dict of CLI overrides) from `argv`.
-
-    The tree holds a raw value per leaf field, a dict per section and an _Items
-    per mapping or list of sections.
-    """
-    yaml_path, tree, i = None, {}, 0
-    known = dotted_fields(cls)
+def command_line_options(argv: list[str]) -> list[tuple[str | None, Any]]:
+    """`argv` as the parser reads it, in order: (option name, raw value) for `--name value`, `--name=value`
+    and a bare `--flag` (whose value is not a string), and (None, token) for a positional token."""
+    out, i = [], 0
     while i < len(argv):
         token = argv[i]
         i += 1
         if not token.startswith("--") or token == "--":
-            if allow_positional_yaml and yaml_path is None and not tree:
-                yaml_path = token
-                continue
-            raise ConfigError(
-                f"unexpected positional argument {token!r}: expected --section.field value"
-                + (" (a YAML path may only come first)" if allow_positional_yaml else "")
-            )
+            out.append((None, token))
+            continue
         key, eq, raw = token[2:].partition("=")
         if not eq:
             if i < len(argv) and not argv[i].startswith("--"):
                 raw, i = argv[i], i + 1
             else:
                 raw = _BARE
+        out.append((key, raw))
+    return out
+
+
+def _parse_argv(cls: type, argv: list[str], allow_positional_yaml: bool) -> tuple[str | None, dict]:
+    """(positional YAML path or None, nested dict of CLI overrides) from `argv`.
+
+    The tree holds a raw value per leaf field, a dict per section and an _Items
+    per mapping or list of sections.
+    """
+    yaml_path, tree = None, {}
+    known = dotted_fields(cls)
+    for key, raw in command_line_options(argv):
+        if key is None:
+            if allow_positional_yaml and yaml_path is None and not tree:
+                yaml_path = raw
+                continue
+            raise ConfigError(
+                f"unexpected positional argument {raw!r}: expected --section.field value"
+                + (" (a YAML path may only come first)" if allow_positional_yaml else "")
+            )
         _place(cls, key.split("."), "", tree, raw, key, known)
     return yaml_path, tree
 
