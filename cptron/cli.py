@@ -458,13 +458,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         if forms is not None:
             rest = forms(rest)
         description = _description(path, cls)
+        _setup_logging()  # before parsing: a DeepSpeed config logs each value it sets
         if path in DEEPSPEED_COMMANDS:  # --deepspeed_config ds.json: its values between the YAML file and the options
-            _setup_logging()  # before parsing, which logs each value taken from the file
             description += "\n\n" + DEEPSPEED_HELP
             cfg = parse_with_deepspeed_config(cls, rest, prog=prog, description=description)
         else:
             cfg = parse_config(cls, rest, prog=prog, description=description, allow_positional_yaml=positional_yaml)
-        _setup_logging()
         runner(cfg)
     except CptronError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
